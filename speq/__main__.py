@@ -1,0 +1,5 @@
+import sys
+
+from speq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""The adapter for speq's own reference model."""
+
+from __future__ import annotations
+
+import torch
+
+from speq.frontend.spec import DTYPE_NAMES, ModelSpec
+from speq.models.model import MoEForCausalLM
+
+
+def from_reference(
+    model: MoEForCausalLM, dtype: torch.dtype | None = None
+) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The spec and the weights (detached, shared with the model unless ``dtype`` converts them)."""
+    if not isinstance(model, MoEForCausalLM):
+        raise TypeError(
+            f"speq.compile expects a speq.models.MoEForCausalLM, got {type(model).__name__}"
+        )
+    dtype = dtype or model.embed.dtype
+    if dtype not in DTYPE_NAMES or not dtype.is_floating_point:
+        raise ValueError(
+            f"unsupported compute dtype {dtype}: use float16, bfloat16, float32 or float64"
+        )
+    params = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    return ModelSpec(model.config, dtype), params

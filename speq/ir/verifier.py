@@ -1,0 +1,104 @@
+"""The graph verifier: run after every pass in tests and under SPEQ_DEBUG.
+
+It checks that every value is defined once and before its use with the type its producer gave it,
+that each op has the inputs, outputs and attributes its schema asks for, that the graph ends in
+one OUTPUT, and that no DATA_DEPENDENT node sits inside a replay region. Its error shows the IR
+around the faulty node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from speq.ir.graph import Graph, Node, Value
+from speq.ir.ops import Op, Tag
+from speq.ir.printer import format_graph
+
+FLOATS = frozenset({"f16", "bf16", "f32", "f64"})
+INTS = frozenset({"i32", "i64"})
+
+
+@dataclass(frozen=True)
+class Schema:
+    """``inputs``: dtype classes of the inputs (None: any number of any type); ``outputs``: count."""
+
+    inputs: tuple[str, ...] | None
+    outputs: int
+    attrs: tuple[str, ...] = ()
+
+
+SCHEMAS: dict[Op, Schema] = {
+    Op.INPUT: Schema((), 1, ("name",)),
+    Op.PARAM: Schema((), 1, ("name",)),
+    Op.EMBED: Schema(("int", "float"), 1),
+    Op.RMSNORM: Schema(("float", "float"), 1, ("eps",)),
+    Op.LINEAR: Schema(("float", "float"), 1),
+    Op.ROPE: Schema(("float", "int"), 1, ("heads", "theta")),
+    Op.KV_WRITE: Schema(("float", "float", "int"), 1, ("layer",)),
+    Op.ATTENTION: Schema(("float", "kv", "int"), 1, ("layer", "heads", "kv_heads")),
+    Op.ADD: Schema(("float", "float"), 1),
+    Op.SWIGLU: Schema(("float",), 1),
+    Op.ROUTER: Schema(("float",), 2, ("k", "mode", "renormalize")),
+    Op.GATHER: Schema(("float", "int"), 1),
+    Op.EXPERT_GEMM: Schema(("float", "int", "float"), 1, ("layer",)),
+    Op.SCATTER: Schema(("float", "float"), 1),
+    Op.FUSED_MOE: Schema(("float", "int", "float", "float", "float"), 1, ("layer",)),
+    Op.PREFETCH: Schema(None, 1, ("layer",)),
+    Op.WAIT: Schema(None, 1, ("layer",)),
+    Op.OUTPUT: Schema(None, 0),
+}
+
+_CLASSES = {"float": FLOATS, "int": INTS, "kv": frozenset({"kv"})}
+
+
+class VerificationError(ValueError):
+    pass
+
+
+def verify(graph: Graph) -> Graph:
+    """Check ``graph``; return it unchanged or raise ``VerificationError`` showing the fault."""
+    defined: dict[str, Value] = {}
+    outputs = 0
+    for i, node in enumerate(graph.nodes):
+        problem = _check_node(node, defined)
+        if problem is None and node.op is Op.OUTPUT:
+            outputs += 1
+            if i != len(graph.nodes) - 1:
+                problem = "output must be the last node"
+        if problem is not None:
+            raise VerificationError(f"{problem}\n{format_graph(graph, mark=i, window=3)}")
+        for v in node.outputs:
+            defined[v.name] = v
+    if outputs != 1:
+        raise VerificationError(f"graph {graph.name} has {outputs} output nodes, expected 1")
+    return graph
+
+
+def _check_node(node: Node, defined: dict[str, Value]) -> str | None:
+    name = node.op.name.lower()
+    for v in node.inputs:
+        if v.name not in defined:
+            return f"{name} uses %{v.name} before it is defined"
+        if defined[v.name] != v:
+            return (
+                f"{name} uses %{v.name} as {v.type_str} but it was defined as "
+                f"{defined[v.name].type_str}"
+            )
+    for v in node.outputs:
+        if v.name in defined:
+            return f"{name} redefines %{v.name}"
+    schema = SCHEMAS[node.op]
+    if schema.inputs is not None:
+        if len(node.inputs) != len(schema.inputs):
+            return f"{name} takes {len(schema.inputs)} inputs, got {len(node.inputs)}"
+        for pos, (v, cls) in enumerate(zip(node.inputs, schema.inputs)):
+            if v.dtype not in _CLASSES[cls]:
+                return f"{name} input {pos} (%{v.name}) must be {cls}, got {v.dtype}"
+    if len(node.outputs) != schema.outputs:
+        return f"{name} produces {schema.outputs} outputs, got {len(node.outputs)}"
+    missing = [a for a in schema.attrs if a not in node.attrs]
+    if missing:
+        return f"{name} is missing attribute(s) {missing}"
+    if node.meta.get("region") is not None and node.has(Tag.DATA_DEPENDENT):
+        return f"{name} is DATA_DEPENDENT but sits inside replay region {node.meta['region']}"
+    return None

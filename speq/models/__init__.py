@@ -1,0 +1,7 @@
+"""The reference MoE transformer and its configuration."""
+
+from speq.models.config import MoEConfig
+from speq.models.kv_cache import KVCache
+from speq.models.model import MoEForCausalLM
+
+__all__ = ["KVCache", "MoEConfig", "MoEForCausalLM"]

@@ -1,0 +1,140 @@
+"""`MoEConfig`: the architecture of a speq reference MoE decoder, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROUTER_MODES = ("softmax_topk", "topk_softmax")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A decoder-only MoE transformer (the Mixtral / Phi-3.5-MoE / Qwen-MoE / DeepSeek-V2 family).
+
+    Every layer is pre-norm attention then pre-norm MLP. The first ``first_dense_layers`` layers
+    use a dense SwiGLU MLP of width ``dense_intermediate_size``; the others route each token to
+    ``top_k`` of ``num_experts`` SwiGLU experts of width ``expert_intermediate_size``, plus a
+    shared expert of width ``shared_expert_intermediate_size`` when that is non-zero.
+
+    ``router_mode`` is ``"softmax_topk"`` (softmax over all experts, then the top k, renormalised
+    to sum 1 when ``norm_topk_prob``) or ``"topk_softmax"`` (top k logits, then softmax over them).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_expert_intermediate_size: int = 0
+    first_dense_layers: int = 0
+    dense_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    max_seq_len: int = 512
+    tie_word_embeddings: bool = False
+    router_mode: str = "softmax_topk"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "num_experts",
+            "top_k",
+            "expert_intermediate_size",
+            "max_seq_len",
+        ):
+            _require(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, ">= 1")
+        for name in ("shared_expert_intermediate_size", "first_dense_layers"):
+            _require(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, ">= 0")
+        _require(
+            "top_k",
+            self.top_k,
+            lambda v: v <= self.num_experts,
+            f"<= num_experts ({self.num_experts})",
+        )
+        _require(
+            "num_heads",
+            self.num_heads,
+            lambda v: self.hidden_size % v == 0,
+            f"a divisor of hidden_size ({self.hidden_size})",
+        )
+        _require(
+            "num_kv_heads",
+            self.num_kv_heads,
+            lambda v: self.num_heads % v == 0,
+            f"a divisor of num_heads ({self.num_heads})",
+        )
+        _require(
+            "hidden_size",
+            self.hidden_size,
+            lambda v: (v // self.num_heads) % 2 == 0,
+            f"such that the head size hidden_size/num_heads ({self.hidden_size}/{self.num_heads}) "
+            "is even (rotary embeddings rotate pairs)",
+        )
+        _require(
+            "first_dense_layers",
+            self.first_dense_layers,
+            lambda v: v <= self.num_layers,
+            f"<= num_layers ({self.num_layers})",
+        )
+        if self.first_dense_layers > 0:
+            _require(
+                "dense_intermediate_size",
+                self.dense_intermediate_size,
+                lambda v: isinstance(v, int) and v >= 1,
+                ">= 1 when first_dense_layers > 0",
+            )
+        _require(
+            "router_mode", self.router_mode, lambda v: v in ROUTER_MODES, f"one of {ROUTER_MODES}"
+        )
+        _require("rope_theta", self.rope_theta, lambda v: v > 0, "> 0")
+        _require("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "> 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MoEConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _require(name: str, value: object, ok, expected: str) -> None:
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ValueError(f"MoEConfig.{name} = {value!r} is invalid: expected {expected}")

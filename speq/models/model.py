@@ -1,0 +1,204 @@
+"""The reference MoE decoder: a plain eager torch module, the numerical ground truth of speq."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from speq.models import functional as fn
+from speq.models.config import MoEConfig
+from speq.models.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fn.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        self.cfg = cfg
+        self.wq = nn.Parameter(torch.empty(cfg.num_heads * d, cfg.hidden_size))
+        self.wk = nn.Parameter(torch.empty(cfg.num_kv_heads * d, cfg.hidden_size))
+        self.wv = nn.Parameter(torch.empty(cfg.num_kv_heads * d, cfg.hidden_size))
+        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_heads * d))
+
+    def forward(
+        self, x: torch.Tensor, layer: int, start: int, cache: KVCache | None
+    ) -> torch.Tensor:
+        cfg, (b, t, _) = self.cfg, x.shape
+        pos = torch.arange(start, start + t, device=x.device)
+        q = fn.rope((x @ self.wq.t()).view(b, t, cfg.num_heads, -1), pos, cfg.rope_theta)
+        k = fn.rope((x @ self.wk.t()).view(b, t, cfg.num_kv_heads, -1), pos, cfg.rope_theta)
+        v = (x @ self.wv.t()).view(b, t, cfg.num_kv_heads, -1)
+        if cache is not None:
+            cache.write(layer, k, v, start)
+            k, v = cache.view(layer, start + t)
+        o = fn.attention(q, k, v, start)
+        return o.reshape(b, t, -1) @ self.wo.t()
+
+
+class DenseMLP(nn.Module):
+    """A SwiGLU MLP; ``w13 [2I, H]`` stacks the gate rows then the up rows, ``w2 [H, I]``."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(hidden, intermediate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fn.swiglu(x @ self.w13.t()) @ self.w2.t()
+
+
+class MoEBlock(nn.Module):
+    """Routed experts ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, a router and an optional shared expert."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, i, h = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
+        self.router = nn.Parameter(torch.empty(e, h))
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.w2 = nn.Parameter(torch.empty(e, h, i))
+        si = cfg.shared_expert_intermediate_size
+        self.shared = DenseMLP(h, si) if si else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg, shape = self.cfg, x.shape
+        flat = x.reshape(-1, shape[-1])
+        y = fn.moe(
+            flat,
+            self.router,
+            self.w13,
+            self.w2,
+            cfg.top_k,
+            cfg.router_mode,
+            cfg.norm_topk_prob,
+        )
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp: nn.Module = MoEBlock(cfg)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), self.layer, start, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MoEForCausalLM(nn.Module):
+    """A decoder-only MoE language model with deterministic, seeded initialisation.
+
+    ``model(input_ids)`` runs the whole sequence causally and returns logits ``[B, T, vocab]``.
+    With a ``KVCache`` it runs T new tokens at ``start`` against the cached prefix instead.
+    """
+
+    def __init__(
+        self, config: MoEConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self._init_weights(seed)
+        self.to(dtype)
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in sorted(self.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "embed":
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        t = input_ids.shape[1]
+        if start + t > self.config.max_seq_len:
+            raise ValueError(
+                f"positions {start}..{start + t - 1} exceed max_seq_len = {self.config.max_seq_len}"
+            )
+        x = self.embed[input_ids]
+        for layer in self.layers:
+            x = layer(x, start, cache)
+        if cache is not None:
+            cache.length = start + t
+        return self.norm(x) @ self.head_weight.t()
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(self.config, batch, self.embed.dtype, self.embed.device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / "config.json")
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
+        """Load a folder written by ``save_pretrained`` (weights keep their stored dtype by default)."""
+        from safetensors import safe_open
+
+        folder = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} is missing: not a speq checkpoint folder")
+        config = MoEConfig.load(folder / "config.json")
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        stored = next(iter(state.values())).dtype
+        model = cls(config, seed=0, dtype=dtype or stored)
+        missing, unexpected = model.load_state_dict(
+            {k: v.to(dtype or stored) for k, v in state.items()}, strict=False
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{folder / 'model.safetensors'} does not match config.json: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        return model
+

@@ -1,0 +1,56 @@
+"""The record of a compilation: the graph after every pass, with timings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from speq.ir.graph import Graph
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    graph: Graph
+    seconds: float
+    changed: bool
+
+
+class PassHistory:
+    """The graphs a compilation went through, in order; prints as canonical IR text."""
+
+    def __init__(self, records: list[PassRecord]) -> None:
+        self.records = list(records)
+
+    def __iter__(self) -> Iterator[PassRecord]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | str) -> Graph:
+        if isinstance(key, int):
+            return self.records[key].graph
+        for r in self.records:
+            if r.name == key:
+                return r.graph
+        raise KeyError(f"no pass named {key!r}; passes run: {[r.name for r in self.records]}")
+
+    @property
+    def final(self) -> Graph:
+        return self.records[-1].graph
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    def __str__(self) -> str:
+        parts = []
+        for r in self.records:
+            note = "" if r.changed else ", unchanged"
+            parts.append(f"# after {r.name} ({r.seconds * 1e3:.1f} ms{note})\n{r.graph}")
+        return "\n\n".join(parts)
+
+    __repr__ = __str__
+
+
+Pass = Callable[[Graph], Graph]

@@ -1,0 +1,66 @@
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``do_sample=False`` is greedy (argmax; ties to the lowest token id). Otherwise sample from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and to the
+    smallest set whose probability reaches ``top_p``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generator(self) -> torch.Generator | None:
+        if not self.do_sample:
+            return None
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution that sampling draws from, over the last dimension (fp64 for exactness)."""
+    scaled = logits.to(torch.float64) / params.temperature
+    if params.top_k is not None and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p is not None and params.top_p < 1:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each token
+        keep_sorted = before < params.top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def greedy(logits: torch.Tensor) -> int:
+    return int(torch.argmax(logits, dim=-1))
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The next token for 1-D ``logits``."""
+    if not params.do_sample:
+        return greedy(logits)
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))

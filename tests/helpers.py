@@ -1,0 +1,47 @@
+"""Small model configurations shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from speq.models import MoEConfig, MoEForCausalLM
+
+BASE = dict(
+    vocab_size=61,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    num_experts=5,
+    top_k=2,
+    expert_intermediate_size=24,
+    max_seq_len=64,
+)
+
+# name -> overrides of BASE: the architecture variants every end-to-end invariant is checked on
+VARIANTS: dict[str, dict] = {
+    "top1": dict(top_k=1),
+    "top2_gqa": dict(),
+    "topE": dict(top_k=5),
+    "mha_shared": dict(num_kv_heads=4, shared_expert_intermediate_size=16),
+    "dense_first_topk_softmax": dict(
+        num_layers=3, first_dense_layers=1, dense_intermediate_size=40, router_mode="topk_softmax"
+    ),
+    "tied_no_renorm_mqa": dict(tie_word_embeddings=True, norm_topk_prob=False, num_kv_heads=1),
+}
+
+
+def tiny_config(**overrides) -> MoEConfig:
+    return MoEConfig(**{**BASE, **overrides})
+
+
+def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> MoEForCausalLM:
+    return MoEForCausalLM(tiny_config(**overrides), seed=seed, dtype=dtype)
+
+
+@torch.no_grad()
+def eager_greedy(model: MoEForCausalLM, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Target-only greedy decoding by full recomputation: argmax of model(ids)[:, -1], n times."""
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
