@@ -11,27 +11,15 @@ import torch
 from tqdm import tqdm
 
 import speq
-from speq.models import MoEConfig, MoEForCausalLM
-
-# Until a trained checkpoint ships, the demo runs this seeded random model.
-DEMO_CONFIG = MoEConfig(
-    vocab_size=512,
-    hidden_size=128,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    num_experts=8,
-    top_k=2,
-    expert_intermediate_size=256,
-    max_seq_len=256,
-)
+from speq.models import MoEForCausalLM
+from speq.models.demo import random_demo_model
 
 
 def _model(args: argparse.Namespace) -> tuple[MoEForCausalLM, str]:
     if args.checkpoint:
         return speq.load(args.checkpoint), f"checkpoint {args.checkpoint}"
     return (
-        MoEForCausalLM(DEMO_CONFIG, seed=args.seed),
+        random_demo_model(args.seed),
         f"a randomly initialised demo model (seed {args.seed}; untrained, so its text is noise)",
     )
 

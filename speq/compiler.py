@@ -1,5 +1,5 @@
 """`speq.compile`: capture a model's decode step, run the pass pipeline, and return a runnable
-`CompiledModel`."""
+`CompiledModel` whose experts are served by the offloading runtime."""
 
 from __future__ import annotations
 
@@ -15,25 +15,90 @@ from speq.frontend.capture import capture
 from speq.frontend.reference import from_reference
 from speq.frontend.spec import ModelSpec
 from speq.ir.graph import Graph
-from speq.ir.interpreter import RunContext, run_graph
+from speq.ir.interpreter import run_graph
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
 from speq.passes.history import PassHistory
 from speq.passes.pipeline import default_passes, run_passes
+from speq.runtime.budget import Budget, MemoryPlan, parse_budget, plan_memory
+from speq.runtime.cache import ALLOCATIONS, EVICTIONS, ExpertCache
+from speq.runtime.execute import BACKENDS as EXEC_BACKENDS
+from speq.runtime.execute import Session
+from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
+from speq.runtime.metrics import Metrics, Timeline
+from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
+from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident
 from speq.runtime.sampling import SamplingParams, pick
+from speq.runtime.store import ExpertStore
 
 log = logging.getLogger("speq")
+
+BACKENDS = ("cpu", "sim", "cuda")
 
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """How to compile. ``dtype``: the compute dtype (default: the model's own)."""
+    """How to compile and run.
 
+    - ``policy``: how experts reach the device: ``resident`` (all on the device), ``ondemand``
+      (LRU cache, fetch on miss), ``nextgate`` (also prefetch the next layer's predicted experts),
+      ``oracle`` (perfect knowledge of the run's routing: the I/O bound).
+    - ``device_memory``: the device budget, bytes or a string like ``"6GB"`` / ``"512MB"``; None
+      means room for every expert. Non-expert weights and the KV cache are always resident; the
+      rest becomes expert cache slots.
+    - ``backend``: ``cpu`` (real compute, copies over a link emulated on the wall clock), ``sim``
+      (real compute for the tokens, a virtual clock from the hardware ``profile`` for time),
+      ``cuda`` (a GPU: copy streams and events).
+    - ``link_gbps`` / ``link_latency_us``: the emulated host → device link (cpu and sim backends);
+      None takes the ``profile``'s.
+    - ``profile``: a hardware profile name from ``speq.sim.PROFILES``.
+    - ``cache_allocation``: ``global`` (any slot holds any layer's expert) or ``per_layer``.
+    - ``eviction``: ``lru``, ``lfu`` or ``lookahead``; None takes the policy's own.
+    - ``trace_path``: write a Chrome-trace timeline of compute and copies after each generate.
+    - ``dtype``: the compute dtype (default: the model's own).
+    """
+
+    policy: str = "resident"
+    device_memory: int | str | None = None
+    backend: str = "cpu"
+    link_gbps: float | None = None
+    link_latency_us: float | None = None
+    profile: str = "a100-40g-pcie4"
+    cache_allocation: str = "global"
+    eviction: str | None = None
+    trace_path: str | None = None
     dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("policy", self.policy, POLICIES),
+            ("backend", self.backend, BACKENDS),
+            ("cache_allocation", self.cache_allocation, ALLOCATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"CompileOptions.{name} = {value!r}: expected one of {allowed}")
+        if self.eviction is not None and self.eviction not in EVICTIONS:
+            raise ValueError(
+                f"CompileOptions.eviction = {self.eviction!r}: expected one of {EVICTIONS}"
+            )
+        if self.eviction == "lookahead" and self.policy != "oracle":
+            raise ValueError(
+                "CompileOptions.eviction = 'lookahead' needs a policy that knows the future (oracle)"
+            )
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise ValueError(f"CompileOptions.link_gbps must be > 0, got {self.link_gbps}")
+        if self.link_latency_us is not None and self.link_latency_us < 0:
+            raise ValueError(
+                f"CompileOptions.link_latency_us must be >= 0, got {self.link_latency_us}"
+            )
+        if self.backend == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CompileOptions.backend = 'cuda' but no CUDA device is available")
+        if self.device_memory is not None:
+            parse_budget(self.device_memory)
 
 
 class CompiledModel:
-    """A compiled model: the captured step graph after every pass, and `generate`."""
+    """A compiled model: the step graph after every pass, the expert store, and `generate`."""
 
     def __init__(
         self,
@@ -42,11 +107,20 @@ class CompiledModel:
         options: CompileOptions,
         graphs: PassHistory,
     ) -> None:
-        self.spec = spec
-        self.params = params
-        self.options = options
-        self.graphs = graphs
+        from speq.sim.profiles import get_profile
 
+        self.spec, self.options, self.graphs = spec, options, graphs
+        self.profile = get_profile(options.profile)
+        self.device = torch.device("cuda" if options.backend == "cuda" else "cpu")
+        self.store = ExpertStore(spec, params, pin=options.backend == "cuda")
+        self.params = {k: v.to(self.device) for k, v in self.store.resident.items()}
+        self.memory = self._plan_memory()
+        self.pool = None
+        if options.backend != "sim":
+            self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
+        self.metrics: Metrics | None = None
+
+    # ------------------------------------------------------------------ set-up
     @property
     def config(self):
         return self.spec.config
@@ -56,16 +130,122 @@ class CompiledModel:
         """The graph that runs: the output of the last pass."""
         return self.graphs.final
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config, 1, self.spec.dtype, "cpu")
+    def _plan_memory(self) -> MemoryPlan:
+        cfg, store = self.config, self.store
+        total = len(store.layers) * cfg.num_experts
+        if self.options.policy == "resident":
+            min_slots = total
+        elif self.options.cache_allocation == "per_layer":
+            min_slots = cfg.top_k * len(store.layers)
+        else:
+            min_slots = cfg.top_k
+        budget = (
+            None if self.options.device_memory is None else parse_budget(self.options.device_memory)
+        )
+        return plan_memory(
+            budget,
+            non_expert_bytes=store.resident_bytes,
+            kv_bytes=KVCache(cfg, 1, self.spec.dtype, "meta").nbytes,
+            draft_bytes=0,
+            expert_bytes=store.expert_bytes,
+            min_slots=min_slots,
+            max_slots=total,
+        )
 
-    def step(self, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """Run the step graph on ``tokens [T]`` at position ``pos``; returns logits ``[T, vocab]``."""
+    @property
+    def budget(self) -> Budget | None:
+        return self.memory.budget
+
+    def _link(self, virtual: bool) -> Link:
+        gbps = self.options.link_gbps or self.profile.link_gbps
+        lat = self.options.link_latency_us
+        lat = self.profile.link_latency_us if lat is None else lat
+        if virtual or self.options.backend == "sim":
+            return VirtualLink(gbps, lat)
+        if self.options.backend == "cuda":
+            return CudaLink(gbps, lat, self.device)
+        return EmulatedLink(gbps, lat)
+
+    def _session(self, policy: OffloadPolicy, virtual: bool = False) -> Session:
+        next_use = getattr(policy, "next_use", None)
+        eviction = self.options.eviction or policy.eviction
+        cache = ExpertCache(
+            self.memory.slots,
+            self.store.layers,
+            self.config.num_experts,
+            allocation=self.options.cache_allocation,
+            eviction=eviction,
+            next_use=next_use,
+            device=self.device,
+        )
+        timeline = Timeline() if self.options.trace_path and not virtual else None
+        link = self._link(virtual)
+        pool = None if virtual else self.pool
+        runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline)
+        if isinstance(policy, Resident):
+            self._preload(cache)
+        backend = "sim" if virtual else self.options.backend
+        return Session(self.spec, self.params, runtime, backend, self.profile, timeline)
+
+    def _preload(self, cache: ExpertCache) -> None:
+        """Every expert resident, in a fixed slot order (the pool is filled once)."""
+        fill = not getattr(self, "_pool_filled", False)
+        for slot, key in enumerate(self.store.keys()):
+            entry = cache.insert(key)
+            assert entry.slot == slot, "resident slots are assigned in order"
+            if fill and self.pool is not None:
+                self.pool.w13[slot].copy_(self.store.w13[key.layer][key.expert])
+                self.pool.w2[slot].copy_(self.store.w2[key.layer][key.expert])
+        self._pool_filled = True
+
+    def _policy(self, prompt: torch.Tensor, n: int, sampling: SamplingParams) -> OffloadPolicy:
+        name = self.options.policy
+        if name == "resident":
+            return Resident()
+        if name == "ondemand":
+            return OnDemand()
+        if name == "nextgate":
+            return NextGate()
+        # oracle: record the run's routing first (a virtual-clock pass; its cost is not measured)
+        session = self._session(OnDemand(), virtual=True)
+        self._decode(prompt, n, sampling, session)
+        session.finish("record", 0, 0)
+        cache = session.runtime.cache
+        return Oracle(session.runtime.needs_log, cache.group_of, cache.group_slots)
+
+    # ------------------------------------------------------------------ running
+    def _step(
+        self, tokens: torch.Tensor, cache: KVCache, pos: int, session: Session
+    ) -> torch.Tensor:
+        ctx = session.context(cache, pos, tokens.shape[0])
         (logits,) = run_graph(
-            self.graph, {"tokens": tokens, "pos": pos}, RunContext(self.params, cache, pos)
+            self.graph, {"tokens": tokens.to(self.device), "pos": pos}, ctx, EXEC_BACKENDS
         )
         cache.length = pos + tokens.shape[0]
         return logits
+
+    def _decode(
+        self,
+        prompt: torch.Tensor,
+        n: int,
+        sampling: SamplingParams,
+        session: Session,
+        callback: Callable[[int], None] | None = None,
+    ) -> list[int]:
+        gen = sampling.generator()
+        cache = KVCache(self.config, 1, self.spec.dtype, self.device)
+        out = prompt.tolist()
+        logits = self._step(prompt, cache, 0, session)[-1]
+        for i in range(n):
+            token = pick(logits.cpu(), sampling, gen)
+            out.append(token)
+            if i == 0:
+                session.prefill_done()
+            if callback is not None:
+                callback(token)
+            if i + 1 < n:
+                logits = self._step(torch.tensor([token]), cache, len(out) - 1, session)[-1]
+        return out
 
     @torch.no_grad()
     def generate(
@@ -84,7 +264,7 @@ class CompiledModel:
 
         Greedy by default; ``do_sample=True`` samples with ``temperature`` / ``top_k`` / ``top_p``,
         reproducibly for a given ``seed``. ``callback(token)`` is called after each new token.
-        Returns ``[1, T + max_new_tokens]`` int64.
+        Returns ``[1, T + max_new_tokens]`` int64; what was measured is in ``self.metrics``.
         """
         prompt = self.check_input_ids(input_ids)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -96,19 +276,16 @@ class CompiledModel:
                 f"exceeds the model's max_seq_len ({self.config.max_seq_len})"
             )
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
-        gen = sampling.generator()
-        cache = self.new_cache()
-        out = prompt.tolist()
         if max_new_tokens == 0:
-            return torch.tensor([out], dtype=torch.int64)
-        logits = self.step(prompt, cache, 0)[-1]
-        for i in range(max_new_tokens):
-            token = pick(logits, sampling, gen)
-            out.append(token)
-            if callback is not None:
-                callback(token)
-            if i + 1 < max_new_tokens:
-                logits = self.step(torch.tensor([token]), cache, len(out) - 1)[-1]
+            return prompt[None].clone()
+        policy = self._policy(prompt, max_new_tokens, sampling)
+        session = self._session(policy)
+        try:
+            out = self._decode(prompt, max_new_tokens, sampling, session, callback)
+        finally:
+            self.metrics = session.finish(self.options.policy, prompt.shape[0], max_new_tokens)
+        if session.timeline is not None:
+            session.timeline.write(self.options.trace_path)
         return torch.tensor([out], dtype=torch.int64)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -140,7 +317,7 @@ def compile(model: MoEForCausalLM, options: CompileOptions | None = None) -> Com
     spec, params = from_reference(model, options.dtype)
     t0 = time.perf_counter()
     graph = capture(spec)
-    history = run_passes(graph, default_passes(), time.perf_counter() - t0)
+    history = run_passes(graph, default_passes(options), time.perf_counter() - t0)
     if os.environ.get("SPEQ_DEBUG"):
         log.warning("speq.compile pass history:\n%s", history)
     return CompiledModel(spec, params, options, history)

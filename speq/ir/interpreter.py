@@ -7,8 +7,9 @@ without an implementation for the backend raises an error that names both.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,13 +22,15 @@ from speq.models.kv_cache import KVCache
 
 @dataclass
 class RunContext:
-    """What a graph reads besides its inputs: weights, the KV cache, the start position, and
-    ``hooks`` the runtime may set (e.g. to observe routing or make experts resident)."""
+    """What a graph reads besides its inputs: weights, the KV cache and the start position; the
+    offloading ``runtime`` when there is one; and an ``observer(node, args, outs, seconds)``
+    called after every node (the sim backend advances its clock there, timelines record)."""
 
     params: Mapping[str, torch.Tensor]
     cache: KVCache
     pos: int = 0
-    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    runtime: Any = None
+    observer: Callable[[Node, tuple[Any, ...], tuple[Any, ...], float], None] | None = None
 
 
 Impl = Callable[[Node, tuple[Any, ...], RunContext], tuple[Any, ...]]
@@ -42,23 +45,24 @@ def register(op: Op, backend: str = "eager") -> Callable[[Impl], Impl]:
     return deco
 
 
-def lookup(op: Op, backend: str) -> Impl:
-    try:
-        return _REGISTRY[(op, backend)]
-    except KeyError:
-        raise NotImplementedError(
-            f"no implementation of {op.name.lower()} for backend {backend!r}"
-        ) from None
+def lookup(op: Op, backends: tuple[str, ...]) -> Impl:
+    """The implementation of ``op`` from the first of ``backends`` that has one."""
+    for b in backends:
+        if (op, b) in _REGISTRY:
+            return _REGISTRY[(op, b)]
+    raise NotImplementedError(f"no implementation of {op.name.lower()} for backends {backends}")
 
 
 def run_graph(
     graph: Graph,
     inputs: Mapping[str, Any],
     ctx: RunContext,
-    backend: str = "eager",
+    backends: tuple[str, ...] = ("eager",),
 ) -> tuple[torch.Tensor, ...]:
     """Run ``graph`` and return the tensors of its OUTPUT node."""
     env: dict[str, Any] = {}
+    impls = {op: lookup(op, backends) for op in {n.op for n in graph} - {Op.INPUT, Op.OUTPUT}}
+    observer = ctx.observer
     for node in graph.nodes:
         if node.op is Op.INPUT:
             env[node.out.name] = inputs[node.attrs["name"]]
@@ -66,7 +70,10 @@ def run_graph(
         if node.op is Op.OUTPUT:
             return tuple(env[v.name] for v in node.inputs)
         args = tuple(env[v.name] for v in node.inputs)
-        outs = lookup(node.op, backend)(node, args, ctx)
+        t0 = time.perf_counter()
+        outs = impls[node.op](node, args, ctx)
+        if observer is not None:
+            observer(node, args, outs, time.perf_counter() - t0)
         for v, t in zip(node.outputs, outs, strict=True):
             env[v.name] = t
     raise ValueError(f"graph {graph.name} has no output node")
@@ -155,6 +162,7 @@ def _scatter(node, args, ctx):
 
 @register(Op.FUSED_MOE)
 def _fused_moe(node, args, ctx):
-    x, ids, weights, w13, w2 = args
-    h = fn.swiglu(fn.expert_gemm(fn.gather_pairs(x, ids), ids, w13))
-    return (fn.scatter_pairs(fn.expert_gemm(h, ids, w2), weights),)
+    from speq.kernels import fused_moe
+
+    x, ids, weights, w13, w2 = args[:5]
+    return (fused_moe(x, w13, w2, ids.to(torch.int32), weights),)

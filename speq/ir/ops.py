@@ -48,7 +48,7 @@ TAGS: dict[Op, frozenset[Tag]] = {
     Op.KV_WRITE: frozenset({Tag.STATEFUL}),
     Op.ATTENTION: frozenset({Tag.STATEFUL}),
     Op.ADD: frozenset({Tag.ELEMENTWISE}),
-    Op.SWIGLU: frozenset({Tag.ELEMENTWISE, Tag.MOE_CHAIN}),
+    Op.SWIGLU: frozenset({Tag.ELEMENTWISE}),
     Op.ROUTER: frozenset(),
     Op.GATHER: frozenset({Tag.MOE_CHAIN}),
     # The unfused grouped GEMM groups rows by expert on the host (one matmul per expert present).

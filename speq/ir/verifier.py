@@ -25,6 +25,7 @@ class Schema:
     inputs: tuple[str, ...] | None
     outputs: int
     attrs: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()  # trailing inputs that may be absent
 
 
 SCHEMAS: dict[Op, Schema] = {
@@ -42,13 +43,21 @@ SCHEMAS: dict[Op, Schema] = {
     Op.GATHER: Schema(("float", "int"), 1),
     Op.EXPERT_GEMM: Schema(("float", "int", "float"), 1, ("layer",)),
     Op.SCATTER: Schema(("float", "float"), 1),
-    Op.FUSED_MOE: Schema(("float", "int", "float", "float", "float"), 1, ("layer",)),
-    Op.PREFETCH: Schema(None, 1, ("layer",)),
-    Op.WAIT: Schema(None, 1, ("layer",)),
+    # the optional last input is the WAIT that made the layer's experts resident
+    Op.FUSED_MOE: Schema(
+        ("float", "int", "float", "float", "float"), 1, ("layer",), optional=("residency",)
+    ),
+    Op.PREFETCH: Schema(("float", "float"), 0, ("layer", "k", "mode", "renormalize", "source")),
+    Op.WAIT: Schema(("int",), 1, ("layer",)),
     Op.OUTPUT: Schema(None, 0),
 }
 
-_CLASSES = {"float": FLOATS, "int": INTS, "kv": frozenset({"kv"})}
+_CLASSES = {
+    "float": FLOATS,
+    "int": INTS,
+    "kv": frozenset({"kv"}),
+    "residency": frozenset({"residency"}),
+}
 
 
 class VerificationError(ValueError):
@@ -89,9 +98,11 @@ def _check_node(node: Node, defined: dict[str, Value]) -> str | None:
             return f"{name} redefines %{v.name}"
     schema = SCHEMAS[node.op]
     if schema.inputs is not None:
-        if len(node.inputs) != len(schema.inputs):
-            return f"{name} takes {len(schema.inputs)} inputs, got {len(node.inputs)}"
-        for pos, (v, cls) in enumerate(zip(node.inputs, schema.inputs)):
+        n, full = len(node.inputs), schema.inputs + schema.optional
+        if not len(schema.inputs) <= n <= len(full):
+            expected = f"{len(schema.inputs)}" + (f" to {len(full)}" if schema.optional else "")
+            return f"{name} takes {expected} inputs, got {n}"
+        for pos, (v, cls) in enumerate(zip(node.inputs, full)):
             if v.dtype not in _CLASSES[cls]:
                 return f"{name} input {pos} (%{v.name}) must be {cls}, got {v.dtype}"
     if len(node.outputs) != schema.outputs:

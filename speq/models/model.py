@@ -201,4 +201,3 @@ class MoEForCausalLM(nn.Module):
                 f"missing {missing}, unexpected {unexpected}"
             )
         return model
-

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 from speq.ir.graph import Graph
 from speq.ir.verifier import verify
+from speq.passes.fuse_moe import fuse_moe
 from speq.passes.history import Pass, PassHistory, PassRecord
+from speq.passes.insert_prefetch import insert_prefetch
 
 log = logging.getLogger("speq.passes")
 
@@ -31,6 +33,11 @@ def run_passes(
     return PassHistory(records)
 
 
-def default_passes() -> list[tuple[str, Pass]]:
-    """The passes `speq.compile` runs after capture."""
-    return []
+def default_passes(options) -> list[tuple[str, Pass]]:
+    """The passes `speq.compile` runs after capture, for ``options`` (a `CompileOptions`)."""
+    return [
+        # one kernel per routed-expert block: gather, both GEMMs, SwiGLU and combine fused
+        ("fuse_moe", fuse_moe),
+        # where experts must be resident (WAIT) and where copies start early (PREFETCH)
+        ("insert_prefetch", insert_prefetch(options.policy)),
+    ]

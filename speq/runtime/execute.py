@@ -1,0 +1,139 @@
+"""The offloading backend's op implementations, and `Session`: one generate call's runtime.
+
+Ops not listed here run with the eager implementations. Expert weights are not device tensors
+under offloading: their PARAM nodes yield nothing and FUSED_MOE reads the slot pool through the
+residency its WAIT returned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from speq.frontend.spec import ModelSpec
+from speq.ir.graph import Node
+from speq.ir.interpreter import RunContext, register
+from speq.ir.ops import Op
+from speq.models import functional as fn
+from speq.models.kv_cache import KVCache
+from speq.runtime.link import Link, Priority
+from speq.runtime.metrics import Counters, Metrics, Timeline
+from speq.runtime.offload import OffloadRuntime
+
+BACKENDS = ("offload", "eager")
+
+
+@register(Op.PARAM, "offload")
+def _param(node, args, ctx):
+    name = node.attrs["name"]
+    if ctx.runtime.store.is_expert_param(name):
+        return (None,)
+    return (ctx.params[name],)
+
+
+@register(Op.WAIT, "offload")
+def _wait(node, args, ctx):
+    return (ctx.runtime.need(node.attrs["layer"], args[0]),)
+
+
+@register(Op.FUSED_MOE, "offload")
+def _fused_moe(node, args, ctx):
+    x, ids, weights, _, _, residency = args
+    return (ctx.runtime.moe(x, ids, weights, residency),)
+
+
+@register(Op.PREFETCH, "offload")
+def _prefetch(node, args, ctx):
+    hidden, router = args
+    a = node.attrs
+    ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"])
+    ctx.runtime.prefetch(a["layer"], sorted(set(ids.reshape(-1).tolist())), Priority.NORMAL)
+    return ()
+
+
+class Session:
+    """The state of one generate call under offloading: runtime, clocks, timeline, metrics."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        params: dict[str, torch.Tensor],
+        runtime: OffloadRuntime,
+        backend: str,
+        profile: Any = None,
+        timeline: Timeline | None = None,
+    ) -> None:
+        self.spec, self.params, self.runtime = spec, params, runtime
+        self.backend, self.profile, self.timeline = backend, profile, timeline
+        self.link: Link = runtime.link
+        self._tokens = 1
+        self._context = 1
+        self._start = self.link.now()
+        self._prefill_end: float | None = None
+        self._prefill_counters = Counters()
+
+    def context(self, cache: KVCache, pos: int, tokens: int) -> RunContext:
+        self._tokens, self._context = tokens, pos + tokens
+        return RunContext(self.params, cache, pos, self.runtime, self._observe)
+
+    def _observe(self, node: Node, args: tuple, outs: tuple, seconds: float) -> None:
+        if self.backend == "sim":
+            from speq.sim.cost import node_cost, node_seconds
+
+            touched = None
+            if node.op is Op.FUSED_MOE:  # its last input is the WAIT's Residency
+                touched = sum(len(c) for c in args[5].chunks)
+            cost = node_cost(
+                node,
+                self.spec.config,
+                self._tokens,
+                self._context,
+                self.spec.dtype.itemsize,
+                experts_touched=touched,
+            )
+            seconds = node_seconds(cost, self.profile)
+            self.link.advance(seconds)
+        if self.timeline is not None and seconds > 0:
+            end = self.link.now()
+            label = node.op.name.lower() + (
+                f" L{node.attrs['layer']}" if "layer" in node.attrs else ""
+            )
+            self.timeline.span("compute", label, end - seconds, end)
+
+    def prefill_done(self) -> None:
+        self._prefill_end = self.link.now()
+        c = self.runtime.counters
+        self._prefill_counters = Counters(**vars(c))
+
+    def finish(self, policy: str, prompt_tokens: int, new_tokens: int) -> Metrics:
+        end = self.link.now()
+        self.link.close()
+        self.runtime._settle()
+        prefill_end = self._prefill_end if self._prefill_end is not None else end
+        d = self.runtime.counters.minus(self._prefill_counters)
+        decode_s = end - prefill_end
+        steps = max(new_tokens - 1, 0)
+        wasted = self.runtime.cache.evicted_prefetches + self.runtime.unused_prefetches()
+        return Metrics(
+            policy=policy,
+            backend=self.backend,
+            prompt_tokens=prompt_tokens,
+            tokens=new_tokens,
+            ttft_ms=(prefill_end - self._start) * 1e3,
+            tpot_ms=decode_s / steps * 1e3 if steps else 0.0,
+            decode_ms=decode_s * 1e3,
+            hit_rate=d.hits / d.needs if d.needs else 1.0,
+            needs=d.needs,
+            hits=d.hits,
+            late=d.late,
+            demand_fetches=d.demand_fetches,
+            experts_moved=d.experts_moved,
+            bytes_moved=d.bytes_moved,
+            prefetches_issued=self.runtime.counters.prefetches,
+            prefetches_used=self.runtime.counters.prefetches_used,
+            prefetches_wasted=wasted,
+            stall_ms=d.stall_s * 1e3,
+            prefill_bytes_moved=self._prefill_counters.bytes_moved,
+            cache_slots=self.runtime.cache.num_slots,
+        )

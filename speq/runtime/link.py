@@ -1,0 +1,231 @@
+"""Host → device transfer engines: one small interface, three backends.
+
+- `EmulatedLink` (cpu): a background thread serves copies one at a time over a link of a given
+  bandwidth and latency, emulated by the wall clock, so overlap and stalls are real.
+- `VirtualLink` (sim): the same queue discipline on a virtual clock; compute advances the clock.
+- `CudaLink` (cuda): non-blocking copies from pinned memory on a copy stream, with events.
+
+Copies are served highest priority first (demand fetches before prefetches), in issue order
+within a priority.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+
+class Priority(IntEnum):
+    DEMAND = 0  # a miss: the compute stream is waiting for it
+    HIGH = 1  # a prefetch that is needed soon (phase III of speculative prefetch)
+    NORMAL = 2  # an early prefetch
+
+
+@dataclass(eq=False)
+class Copy:
+    """One expert moving into one slot. Times are in the link's clock (seconds)."""
+
+    key: object
+    slot: int
+    nbytes: int
+    priority: Priority
+    issued_at: float
+    src: tuple[torch.Tensor, ...] = ()
+    dst: tuple[torch.Tensor, ...] = ()
+    started_at: float | None = None
+    done_at: float | None = None
+    event: object = field(default=None, repr=False)
+
+
+class Link(ABC):
+    """The copy engine of one backend."""
+
+    def __init__(self, gbps: float, latency_us: float) -> None:
+        if gbps <= 0 or latency_us < 0:
+            raise ValueError(f"link needs gbps > 0 and latency_us >= 0, got {gbps}, {latency_us}")
+        self.gbps = gbps
+        self.latency_us = latency_us
+
+    def cost(self, nbytes: int) -> float:
+        """Seconds one copy of ``nbytes`` occupies the link."""
+        return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
+
+    @abstractmethod
+    def now(self) -> float: ...
+
+    @abstractmethod
+    def submit(self, copy: Copy) -> None: ...
+
+    @abstractmethod
+    def done(self, copy: Copy) -> bool: ...
+
+    @abstractmethod
+    def wait(self, copies: Sequence[Copy]) -> float:
+        """Block until ``copies`` are complete; return the seconds spent blocked."""
+
+    def advance(self, seconds: float) -> None:
+        """Account ``seconds`` of compute (only the virtual clock needs this)."""
+
+    def close(self) -> None:
+        """Finish outstanding copies and release resources."""
+
+
+class EmulatedLink(Link):
+    """A link emulated by a background thread on the wall clock (the cpu backend)."""
+
+    def __init__(self, gbps: float, latency_us: float) -> None:
+        super().__init__(gbps, latency_us)
+        self._t0 = time.perf_counter()
+        self._heap: list[tuple[int, int, Copy]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="speq-link", daemon=True)
+        self._thread.start()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def submit(self, copy: Copy) -> None:
+        copy.event = threading.Event()
+        with self._cv:
+            heapq.heappush(self._heap, (int(copy.priority), next(self._seq), copy))
+            self._cv.notify()
+
+    def done(self, copy: Copy) -> bool:
+        return copy.event.is_set()
+
+    def wait(self, copies: Sequence[Copy]) -> float:
+        t0 = time.perf_counter()
+        for c in copies:
+            c.event.wait()
+        return time.perf_counter() - t0
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if not self._heap:
+                    return
+                _, _, c = heapq.heappop(self._heap)
+            c.started_at = self.now()
+            for s, d in zip(c.src, c.dst):
+                d.copy_(s)
+            end = c.started_at + self.cost(c.nbytes)
+            while (left := end - self.now()) > 0:
+                time.sleep(left)
+            c.done_at = self.now()
+            c.event.set()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+
+class VirtualLink(Link):
+    """The same link on a virtual clock (the sim backend): no thread, no copies unless given."""
+
+    def __init__(self, gbps: float, latency_us: float) -> None:
+        super().__init__(gbps, latency_us)
+        self._now = 0.0
+        self._free_at = 0.0
+        self._pending: list[tuple[int, int, Copy]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def submit(self, copy: Copy) -> None:
+        heapq.heappush(self._pending, (int(copy.priority), next(self._seq), copy))
+        self._schedule(self._now)
+
+    def done(self, copy: Copy) -> bool:
+        self._schedule(self._now)
+        return copy.done_at is not None and copy.done_at <= self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+        self._schedule(self._now)
+
+    def wait(self, copies: Sequence[Copy]) -> float:
+        while any(c.done_at is None for c in copies):
+            self._schedule(float("inf"), one=True)
+        t = max([self._now, *(c.done_at for c in copies)])
+        stall, self._now = t - self._now, t
+        self._schedule(self._now)
+        return stall
+
+    def _schedule(self, until: float, one: bool = False) -> None:
+        """Start, in priority order, every pending copy the link can start by ``until``."""
+        while self._pending:
+            start = max(self._free_at, min(c.issued_at for _, _, c in self._pending))
+            if start > until:
+                return
+            ready = [e for e in self._pending if e[2].issued_at <= start]
+            entry = min(ready)
+            self._pending.remove(entry)
+            heapq.heapify(self._pending)
+            c = entry[2]
+            c.started_at, c.done_at = start, start + self.cost(c.nbytes)
+            for s, d in zip(c.src, c.dst):
+                d.copy_(s)
+            self._free_at = c.done_at
+            if one:
+                return
+
+
+class CudaLink(Link):
+    """Asynchronous copies on CUDA streams from pinned host memory; events mark completion.
+
+    Bandwidth and latency are the hardware's own; ``gbps`` / ``latency_us`` are used only by the
+    cost model. Demand fetches go on a high-priority stream.
+    """
+
+    def __init__(self, gbps: float, latency_us: float, device: torch.device) -> None:
+        super().__init__(gbps, latency_us)
+        self.device = device
+        self._streams = {
+            Priority.DEMAND: torch.cuda.Stream(device, priority=-1),
+            Priority.HIGH: torch.cuda.Stream(device, priority=-1),
+            Priority.NORMAL: torch.cuda.Stream(device, priority=0),
+        }
+        self._t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def submit(self, copy: Copy) -> None:
+        stream = self._streams[copy.priority]
+        # the slot may still be read by kernels queued on the compute stream before its eviction
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for s, d in zip(copy.src, copy.dst):
+                d.copy_(s, non_blocking=True)
+            copy.event = torch.cuda.Event()
+            copy.event.record(stream)
+        copy.started_at = self.now()
+
+    def done(self, copy: Copy) -> bool:
+        return bool(copy.event.query())
+
+    def wait(self, copies: Sequence[Copy]) -> float:
+        t0 = time.perf_counter()
+        for c in copies:
+            c.event.synchronize()
+            if c.done_at is None:
+                c.done_at = self.now()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)

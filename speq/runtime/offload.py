@@ -1,0 +1,239 @@
+"""`OffloadRuntime`: serves a decode step's expert needs from a bounded device cache.
+
+At every MoE layer the step's WAIT node asks for the experts its tokens were routed to: resident
+ones are hits; missing ones are fetched on demand over the link while the compute waits (stall);
+a layer that needs more experts than its slots is computed in chunks. PREFETCH nodes and the
+policy's hooks start copies early. Every need, copy, byte and stall is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from speq.runtime.cache import Entry, ExpertCache, NoSlotError
+from speq.runtime.link import Copy, Link, Priority
+from speq.runtime.metrics import Counters, Timeline
+from speq.runtime.store import ExpertKey, ExpertStore
+
+
+@dataclass(frozen=True)
+class ExpertPool:
+    """Device slot tensors: slot s holds one expert's ``w13 [2I, H]`` and ``w2 [H, I]``."""
+
+    w13: torch.Tensor  # [slots, 2I, H]
+    w2: torch.Tensor  # [slots, H, I]
+
+    @classmethod
+    def allocate(cls, store: ExpertStore, slots: int, device: torch.device | str) -> ExpertPool:
+        i = store.layers[0]
+        w13, w2 = store.w13[i], store.w2[i]
+        return cls(
+            torch.empty((slots, *w13.shape[1:]), dtype=w13.dtype, device=device),
+            torch.empty((slots, *w2.shape[1:]), dtype=w2.dtype, device=device),
+        )
+
+
+@dataclass
+class Residency:
+    """What a WAIT made resident for one layer: the experts, split into chunks that fit."""
+
+    layer: int
+    chunks: list[list[int]]
+    entries: list[Entry]  # of the first chunk, pinned
+
+
+class OffloadPolicy:
+    """Hooks a policy adds to the runtime. The base class fetches on demand only."""
+
+    name = "ondemand"
+    eviction = "lru"
+
+    def before_ensure(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
+        """Called before each group of experts is made resident (a WAIT, or a later chunk)."""
+
+
+class OffloadRuntime:
+    def __init__(
+        self,
+        store: ExpertStore,
+        cache: ExpertCache,
+        link: Link,
+        pool: ExpertPool | None,
+        policy: OffloadPolicy,
+        timeline: Timeline | None = None,
+    ) -> None:
+        self.store, self.cache, self.link, self.pool = store, cache, link, pool
+        self.policy = policy
+        self.timeline = timeline
+        self.counters = Counters()
+        self.needs_log: list[tuple[int, frozenset[int]]] = []  # every ensure, in order
+        self._loading: set[Entry] = set()
+        self._prefetched: set[Entry] = set()
+        device = cache.slot_tables[store.layers[0]].device
+        self._identity = torch.arange(store.num_experts, dtype=torch.int32, device=device)
+
+    # ------------------------------------------------------------------ serving needs
+    def need(self, layer: int, ids: torch.Tensor) -> Residency:
+        """The WAIT of ``layer``: make the experts in ``ids`` resident (the first chunk now)."""
+        experts = sorted(set(ids.reshape(-1).tolist()))  # host sync: a DATA_DEPENDENT op
+        cap = self.cache.capacity(layer)
+        chunks = [experts[i : i + cap] for i in range(0, len(experts), cap)]
+        return Residency(layer, chunks, self.ensure(layer, chunks[0]))
+
+    def ensure(self, layer: int, experts: Sequence[int]) -> list[Entry]:
+        """Make ``experts`` of ``layer`` resident and loaded; pin them; count hits and stalls."""
+        self.needs_log.append((layer, frozenset(experts)))
+        self.policy.before_ensure(self, layer, experts)
+        self._settle()
+        keys = [ExpertKey(layer, e) for e in experts]
+        protect = frozenset(keys)
+        entries, waits = [], []
+        for key in keys:
+            c = self.counters
+            c.needs += 1
+            entry = self.cache.get(key)
+            if entry is None:
+                c.demand_fetches += 1
+                entry = self._fetch(key, Priority.DEMAND, protect)
+                waits.append(entry.copy)
+            else:
+                if entry.prefetched:
+                    c.prefetches_used += 1
+                    entry.prefetched = False
+                    self._prefetched.discard(entry)
+                if entry.loading:
+                    c.late += 1
+                    waits.append(entry.copy)
+                else:
+                    c.hits += 1
+            self.cache.pin(entry)
+            self.cache.touch(entry)
+            entries.append(entry)
+        if waits:
+            t0 = self.link.now()
+            stall = self.link.wait(waits)
+            self.counters.stall_s += stall
+            if self.timeline is not None and stall > 0:
+                self.timeline.span("compute", f"stall L{layer}", t0, t0 + stall, experts=len(waits))
+            self._settle()
+        return entries
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        for e in entries:
+            self.cache.unpin(e)
+
+    def prefetch(
+        self,
+        layer: int,
+        experts: Sequence[int],
+        priority: Priority = Priority.NORMAL,
+        before: float = math.inf,
+    ) -> int:
+        """Start copies of the ``experts`` of ``layer`` that are not cached, while a slot can be
+        had without evicting anything needed before ``before``. Returns the number issued."""
+        self._settle()
+        issued = 0
+        for e in experts:
+            key = ExpertKey(layer, e)
+            if key in self.cache:
+                continue
+            if not self.cache.evictable_for(key, before):
+                break
+            entry = self._fetch(key, priority)
+            entry.prefetched = True
+            self._prefetched.add(entry)
+            self.counters.prefetches += 1
+            issued += 1
+        return issued
+
+    def fetch_into(self, key: ExpertKey, victim: ExpertKey | None, priority: Priority) -> Entry:
+        """Prefetch ``key`` into a free slot (``victim`` None) or into ``victim``'s slot."""
+        self._settle()
+        entry = self._fetch(key, priority, victim=victim)
+        entry.prefetched = True
+        self._prefetched.add(entry)
+        self.counters.prefetches += 1
+        return entry
+
+    def _fetch(
+        self,
+        key: ExpertKey,
+        priority: Priority,
+        protect: frozenset[ExpertKey] = frozenset(),
+        victim: ExpertKey | None = None,
+    ) -> Entry:
+        while True:
+            try:
+                entry = self.cache.insert(key, protect, victim)
+                break
+            except NoSlotError:
+                # every slot is pinned or still loading: wait for the oldest copy in flight
+                if not self._loading:
+                    raise
+                oldest = min(self._loading, key=lambda e: e.copy.issued_at)
+                self.counters.stall_s += self.link.wait([oldest.copy])
+                self._settle()
+        self._prefetched = {e for e in self._prefetched if e.key in self.cache}
+        nbytes = self.store.expert_bytes
+        src: tuple[torch.Tensor, ...] = ()
+        dst: tuple[torch.Tensor, ...] = ()
+        if self.pool is not None:
+            src = (self.store.w13[key.layer][key.expert], self.store.w2[key.layer][key.expert])
+            dst = (self.pool.w13[entry.slot], self.pool.w2[entry.slot])
+        entry.copy = Copy(key, entry.slot, nbytes, priority, self.link.now(), src, dst)
+        entry.loading = True
+        self._loading.add(entry)
+        self.link.submit(entry.copy)
+        self.counters.experts_moved += 1
+        self.counters.bytes_moved += nbytes
+        return entry
+
+    def _settle(self) -> None:
+        for entry in [e for e in self._loading if self.link.done(e.copy)]:
+            entry.loading = False
+            self._loading.discard(entry)
+            if self.timeline is not None:
+                c = entry.copy
+                self.timeline.span(
+                    "copy", str(c.key), c.started_at, c.done_at, priority=c.priority.name
+                )
+
+    def unused_prefetches(self) -> int:
+        """Prefetched experts still cached and never needed (wasted if the run ends now)."""
+        return sum(1 for e in self._prefetched if e.key in self.cache and e.prefetched)
+
+    # ------------------------------------------------------------------ compute
+    def moe(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        residency: Residency,
+    ) -> torch.Tensor:
+        """The routed-expert block of one layer through the fused kernel, chunk by chunk."""
+        from speq.kernels import fused_moe
+
+        layer = residency.layer
+        out = None
+        for i, chunk in enumerate(residency.chunks):
+            entries = residency.entries if i == 0 else self.ensure(layer, chunk)
+            for e in entries:
+                if e.loading or (e.copy is not None and not self.link.done(e.copy)):
+                    raise RuntimeError(f"expert {e.key} read before its copy completed")
+            ids_c, w_c = ids, weights
+            if len(residency.chunks) > 1:
+                inside = torch.isin(ids, torch.tensor(chunk, device=ids.device))
+                ids_c = torch.where(inside, ids, torch.full_like(ids, chunk[0]))
+                w_c = weights * inside
+            if self.pool is None:  # sim: no real copies; compute from the host weights
+                w13, w2, slots = self.store.w13[layer], self.store.w2[layer], self._identity
+            else:
+                w13, w2, slots = self.pool.w13, self.pool.w2, self.cache.slot_tables[layer]
+            y = fused_moe(x, w13, w2, ids_c.to(torch.int32), w_c, slots)
+            out = y if out is None else out + y
+            self.release(entries)
+        return out

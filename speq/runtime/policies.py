@@ -1,0 +1,110 @@
+"""The baseline offloading policies, by name. Each says how experts get onto the device:
+
+- ``resident``: every expert is on the device from the start (the compute bound).
+- ``ondemand``: an LRU cache; a miss is fetched when the layer needs it (Mixtral-Offloading
+  without speculation).
+- ``nextgate``: ``ondemand`` plus, at each MoE layer, a prefetch of the experts that the *next*
+  layer's router picks for the current hidden state (Mixtral-Offloading's speculative loading).
+- ``oracle``: knows the run's routing from a first recording pass. It plans Belady's fetches
+  offline (each miss evicts the resident expert whose next use is farthest) and issues each one
+  as early as its slot allows: right after the last use of the expert it replaces. It moves the
+  fewest experts a demand-paged cache of that size can, each as early as possible: the I/O bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from speq.runtime.cache import next_use_from_schedule
+from speq.runtime.link import Priority
+from speq.runtime.offload import OffloadPolicy, OffloadRuntime
+from speq.runtime.store import ExpertKey
+
+POLICIES = ("resident", "ondemand", "nextgate", "oracle")
+
+Schedule = Sequence[tuple[int, frozenset[int]]]  # (layer, experts) of every need, in order
+
+
+class Resident(OffloadPolicy):
+    name = "resident"
+
+
+class OnDemand(OffloadPolicy):
+    name = "ondemand"
+
+
+class NextGate(OffloadPolicy):
+    """Prefetching happens at the PREFETCH nodes that insert_prefetch places for this policy."""
+
+    name = "nextgate"
+
+
+@dataclass(frozen=True)
+class PlannedFetch:
+    """Fetch ``key`` for need ``need``, into ``victim``'s slot (None: a free slot), once the
+    needs up to ``after`` (the victim's last use before ``need``) are done."""
+
+    need: int
+    key: ExpertKey
+    victim: ExpertKey | None
+    after: int
+
+
+def belady_plan(
+    schedule: Schedule, group_of: Mapping[int, int], capacity: Sequence[int]
+) -> list[PlannedFetch]:
+    """Belady's demand fetches for ``schedule`` in slot groups of the given capacities."""
+    at = next_use_from_schedule(list(schedule))
+    resident: dict[int, set[ExpertKey]] = {}
+    last_use: dict[ExpertKey, int] = {}
+    plan = []
+    for p, (layer, experts) in enumerate(schedule):
+        g = group_of[layer]
+        group = resident.setdefault(g, set())
+        keys = {ExpertKey(layer, e) for e in experts}
+        for key in sorted(keys - group, key=lambda k: k.expert):
+            victim, after = None, -1
+            if len(group) >= capacity[g]:
+                nxt = at(p + 1)
+                victim = max(group - keys, key=lambda k: (nxt(k), -last_use[k], k.expert))
+                group.remove(victim)
+                after = last_use[victim]
+            group.add(key)
+            plan.append(PlannedFetch(p, key, victim, after))
+        for key in keys:
+            last_use[key] = p
+    return plan
+
+
+class Oracle(OffloadPolicy):
+    name = "oracle"
+    eviction = "lookahead"
+
+    def __init__(
+        self, schedule: Schedule, group_of: Mapping[int, int], capacity: Sequence[int]
+    ) -> None:
+        self.schedule = list(schedule)
+        self.plan = belady_plan(self.schedule, group_of, capacity)
+        self._at = next_use_from_schedule(self.schedule)
+        self.position = -1
+        self._issued = 0
+
+    def next_use(self, key: ExpertKey) -> float:
+        return (
+            self._at(max(self.position, 0))(key) if self.position < len(self.schedule) else math.inf
+        )
+
+    def before_ensure(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
+        self.position += 1
+        p = self.position
+        if p >= len(self.schedule) or self.schedule[p] != (layer, frozenset(experts)):
+            raise RuntimeError(
+                f"oracle: need {p} (layer {layer}, experts {list(experts)}) differs from the recording"
+            )
+        # every planned fetch whose slot is free by now, in the order of need
+        while self._issued < len(self.plan) and self.plan[self._issued].after < p:
+            f = self.plan[self._issued]
+            rt.fetch_into(f.key, f.victim, Priority.NORMAL)
+            self._issued += 1

@@ -1,0 +1,76 @@
+"""`ExpertStore`: the routed experts' weights in host memory, and the weights that stay resident."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from speq.frontend.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    layer: int
+    expert: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}.E{self.expert}"
+
+
+class ExpertStore:
+    """Host-side expert weights: per MoE layer ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``.
+
+    Takes the stacked tensors out of a model's weights without copying them (pinned copies are
+    made when CUDA is available, so host → device copies can be asynchronous). Everything else
+    (``resident``) always lives on the device.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, params: Mapping[str, torch.Tensor], pin: bool = False
+    ) -> None:
+        self.spec = spec
+        cfg = spec.config
+        self.layers = cfg.moe_layers
+        names = {spec.expert_param(i, w) for i in self.layers for w in ("w13", "w2")}
+        missing = sorted(names - set(params))
+        if missing:
+            raise ValueError(f"expert weights missing from the model: {missing}")
+        self.w13: dict[int, torch.Tensor] = {}
+        self.w2: dict[int, torch.Tensor] = {}
+        for i in self.layers:
+            w13, w2 = params[spec.expert_param(i, "w13")], params[spec.expert_param(i, "w2")]
+            self.w13[i] = w13.pin_memory() if pin else w13
+            self.w2[i] = w2.pin_memory() if pin else w2
+        self.resident = {k: v for k, v in params.items() if k not in names}
+
+    def is_expert_param(self, name: str) -> bool:
+        return any(name == self.spec.expert_param(i, w) for i in self.layers for w in ("w13", "w2"))
+
+    @property
+    def num_experts(self) -> int:
+        return self.spec.config.num_experts
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert (gate, up and down projections)."""
+        i = self.layers[0]
+        return sum(t[0].numel() * t.element_size() for t in (self.w13[i], self.w2[i]))
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.expert_bytes * self.num_experts * len(self.layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in self.resident.values():
+            if t.data_ptr() not in seen:  # tied weights count once
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def keys(self) -> list[ExpertKey]:
+        return [ExpertKey(i, e) for i in self.layers for e in range(self.num_experts)]

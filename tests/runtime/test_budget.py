@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import speq
+from helpers import tiny_model
+from speq.runtime.budget import parse_budget
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [
+        ("64MB", 64 * 10**6),
+        ("1.5 GB", 1_500_000_000),
+        ("512MiB", 512 * 2**20),
+        ("100", 100),
+        (4096, 4096),
+    ],
+)
+def test_parse_budget(text, nbytes):
+    assert parse_budget(text).nbytes == nbytes
+
+
+@pytest.mark.parametrize("bad", ["", "12 parsecs", "-5MB", 0, -1, 3.5, True])
+def test_parse_budget_rejects_nonsense(bad):
+    with pytest.raises(ValueError, match="device_memory"):
+        parse_budget(bad)
+
+
+def test_budget_below_the_minimum_states_the_minimum_in_the_users_unit():
+    model = tiny_model(torch.float32)
+    with pytest.raises(ValueError, match=r"below the minimum [0-9.]+ KB \([0-9,]+ bytes\)") as e:
+        speq.compile(model, speq.CompileOptions(policy="ondemand", device_memory="10KB"))
+    assert "non-expert weights" in str(e.value) and "2 expert slots" in str(e.value)
+
+
+def test_resident_needs_room_for_every_expert():
+    model = tiny_model(torch.float32)
+    m = speq.compile(model).memory
+    need = m.non_expert_bytes + m.kv_bytes + 10 * m.expert_bytes  # 2 layers x 5 experts
+    speq.compile(model, speq.CompileOptions(device_memory=need))
+    with pytest.raises(ValueError, match="10 expert slots"):
+        speq.compile(model, speq.CompileOptions(device_memory=need - 1))
+
+
+def test_slots_follow_the_budget():
+    model = tiny_model(torch.float32)
+    m = speq.compile(model).memory
+    budget = m.non_expert_bytes + m.kv_bytes + 3 * m.expert_bytes + m.expert_bytes // 2
+    cm = speq.compile(model, speq.CompileOptions(policy="ondemand", device_memory=budget))
+    assert cm.memory.slots == 3 and cm.memory.used_bytes <= budget
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        (dict(policy="fastest"), "policy"),
+        (dict(backend="tpu"), "backend"),
+        (dict(cache_allocation="random"), "cache_allocation"),
+        (dict(eviction="fifo"), "eviction"),
+        (dict(link_gbps=0), "link_gbps"),
+        (dict(link_latency_us=-1), "link_latency_us"),
+    ],
+)
+def test_bad_options_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        speq.CompileOptions(**kw)
+
+
+def test_cuda_backend_without_cuda_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        speq.CompileOptions(backend="cuda")
