@@ -1,0 +1,293 @@
+"""Fused MoE kernel benchmark. Writes bench/results/kernels_{cpu|gpu}.json and prints a table.
+
+GPU (the default when CUDA is present): bfloat16 at the four preset models' real shapes, T in
+{1, 2, 4, 8, 16, 64}. The Triton ``fused_moe`` (dense, and INT4 g128 as the draft uses it) is
+timed as the median of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) that rotate
+through 8 routings, so the touched experts change between calls as in decoding. Achieved GB/s
+is measured against the bytes floor: the weights of the experts the batch touches, read once,
+plus the activations in and out; "% of HBM" compares that floor's time at the device's nominal
+bandwidth with the measured time. The torch reference (fp32 math) and the grouped torch path are
+timed with ``triton.testing.do_bench`` for comparison.
+
+CPU: float32 at the preset shapes with hidden and intermediate sizes divided by ``--divisor``
+(default 8, so it finishes in about a minute): the grouped torch path (fused_moe's CPU backend)
+against a Hugging Face-style eager loop (one iteration per expert hit, tokens found with
+``torch.where``, separate gate, up and down projections). Median wall-clock of repeated calls.
+
+    python bench/bench_kernels.py [--device auto|cpu|gpu] [--tokens 1 2 4 8 16 64]
+                                  [--models mixtral-8x7b ...] [--divisor 8] [--budget-s 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, environment, table, time_cpu_us, write_json
+
+from speq.kernels import PRESETS, fused_moe, fused_moe_torch, quantize_experts
+from speq.kernels.routing import route_topk_torch
+from speq.kernels.shapes import MoEShape
+
+TOKENS = (1, 2, 4, 8, 16, 64)
+NUM_ROUTINGS = 8
+# Nominal HBM bandwidth in bytes/s, matched as a substring of the device name.
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100": 1.555e12,
+    "L40S": 0.864e12,
+    "RTX 4090": 1.008e12,
+}
+
+
+def hf_eager_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts as Hugging Face's eager MoE blocks compute them (e.g. Mixtral's
+    SparseMoeBlock): a Python loop over the experts hit, tokens found with torch.where."""
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(topk_ids.long(), num_classes=num_experts).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit.flatten().tolist():
+        choice, token = torch.where(mask[e])
+        cur = x[token]
+        gate = torch.nn.functional.linear(cur, w13[e, :inter])
+        up = torch.nn.functional.linear(cur, w13[e, inter:])
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
+        y = y * topk_weights[token, choice, None].to(x.dtype)
+        out.index_add_(0, token, y)
+    return out
+
+
+def _weights(shape: MoEShape, dtype: torch.dtype, device: str, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    e, h, i = shape.num_experts, shape.hidden, shape.intermediate
+    w13 = torch.randn(e, 2 * i, h, device=device, generator=gen) / math.sqrt(h)
+    w2 = torch.randn(e, h, i, device=device, generator=gen) / math.sqrt(i)
+    return w13.to(dtype), w2.to(dtype)
+
+
+def _routings(shape: MoEShape, tokens: int, dtype: torch.dtype, device: str, count: int):
+    """``count`` batches (x, topk_ids, topk_weights) with softmax top-k routing of random logits."""
+    gen = torch.Generator(device=device).manual_seed(1000 + tokens)
+    out = []
+    for _ in range(count):
+        x = torch.randn(tokens, shape.hidden, device=device, generator=gen).to(dtype)
+        logits = torch.randn(tokens, shape.num_experts, device=device, generator=gen)
+        ids, weights = route_topk_torch(logits, shape.top_k)
+        out.append((x, ids, weights))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- CPU
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    # One thread by default: on a small shared machine, OpenMP workers waiting for a busy
+    # core turn microsecond matmuls into scheduler ticks, and the numbers into noise.
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32
+    rows = []
+    shapes = [PRESETS[m].scaled(args.divisor) for m in args.models]
+    bar = tqdm(total=len(shapes) * len(args.tokens), desc="bench_kernels[cpu]", file=sys.stderr)
+    for shape in shapes:
+        w13, w2 = _weights(shape, dtype, "cpu")
+        for tokens in args.tokens:
+            x, ids, weights = _routings(shape, tokens, dtype, "cpu", 1)[0]
+            fast = functools.partial(fused_moe, x, w13, w2, ids, weights, backend="torch")
+            hf = functools.partial(hf_eager_experts, x, w13, w2, ids, weights)
+            diff = (fast() - hf()).abs().max().item()
+            hf_us = time_cpu_us(hf, min_time_s=args.min_time_s)
+            fast_us = time_cpu_us(fast, min_time_s=args.min_time_s)
+            rows.append(
+                dict(
+                    model=shape.name,
+                    E=shape.num_experts,
+                    top_k=shape.top_k,
+                    H=shape.hidden,
+                    I=shape.intermediate,
+                    T=tokens,
+                    experts_hit=int(torch.unique(ids).numel()),
+                    hf_loop_us=hf_us,
+                    grouped_us=fast_us,
+                    speedup=hf_us / fast_us,
+                    max_abs_diff=diff,
+                )
+            )
+            bar.update()
+    bar.close()
+    setting = (
+        f"CPU, float32, preset shapes with H and I divided by {args.divisor}; grouped torch path "
+        f"(fused_moe backend='torch') vs a Hugging Face-style eager loop over experts; median "
+        f"wall-clock of >= {args.min_time_s} s of calls, {torch.get_num_threads()} torch thread(s)"
+    )
+    columns = {
+        "model": "model",
+        "T": "T (tokens)",
+        "experts_hit": "experts hit",
+        "hf_loop_us": "HF eager loop (µs)",
+        "grouped_us": "grouped torch (µs)",
+        "speedup": "speedup (×)",
+    }
+    return dict(setting=setting, rows=rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+def _peak_bandwidth(name: str) -> float | None:
+    for key, bw in PEAK_BANDWIDTH.items():
+        if key in name:
+            return bw
+    return None
+
+
+def _cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One call per invocation, rotating through ``fns`` (a graph capture records each)."""
+    state = {"i": 0}
+
+    def call() -> object:
+        fn = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return fn()
+
+    return call
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    import triton.testing
+
+    dtype, dev = torch.bfloat16, "cuda"
+    name = torch.cuda.get_device_name()
+    peak = _peak_bandwidth(name)
+    deadline = time.monotonic() + args.budget_s
+    rows, skipped = [], []
+    work = [(m, t) for m in args.models for t in args.tokens]
+    bar = tqdm(total=len(work), desc="bench_kernels[gpu]", file=sys.stderr)
+    for model in args.models:
+        shape = PRESETS[model]
+        if time.monotonic() > deadline:
+            skipped += [(model, t) for t in args.tokens]
+            continue
+        w13, w2 = _weights(shape, dtype, dev)
+        q13, q2 = quantize_experts(w13, 4, 128), quantize_experts(w2, 4, 128)
+        slots = torch.arange(shape.num_experts, dtype=torch.int32, device=dev)
+        dense_expert = shape.expert_bytes(2)
+        int4_expert = (q13.nbytes + q2.nbytes) / shape.num_experts
+        for tokens in args.tokens:
+            if time.monotonic() > deadline:
+                skipped.append((model, tokens))
+                bar.update()
+                continue
+            batches = _routings(shape, tokens, dtype, dev, NUM_ROUTINGS)
+            hit = sum(int(torch.unique(ids).numel()) for _, ids, _ in batches) / len(batches)
+            act_bytes = 2 * tokens * shape.hidden * 2  # x in, out back, bf16
+            x0, ids0, w0 = batches[0]
+            err = (
+                (fused_moe(x0, w13, w2, ids0, w0, slots) - fused_moe_torch(x0, w13, w2, ids0, w0))
+                .abs()
+                .max()
+                .item()
+            )
+            row: dict[str, Any] = dict(
+                model=model, T=tokens, experts_hit=hit, max_abs_err_vs_ref=err
+            )
+            for label, a, b, per_expert in (
+                ("bf16", w13, w2, dense_expert),
+                ("int4", q13, q2, int4_expert),
+            ):
+                fns = [functools.partial(fused_moe, x, a, b, i, w, slots) for x, i, w in batches]
+                fns[0]()  # compile outside the capture
+                us = 1e3 * triton.testing.do_bench_cudagraph(_cycle(fns), return_mode="median")
+                floor_bytes = hit * per_expert + act_bytes
+                row[f"{label}_us"] = us
+                row[f"{label}_gbps"] = floor_bytes / us / 1e3
+                row[f"{label}_pct_hbm"] = (
+                    100 * (floor_bytes / peak * 1e6) / us if peak is not None else None
+                )
+            grouped = functools.partial(fused_moe, x0, w13, w2, ids0, w0, slots, backend="torch")
+            ref = functools.partial(fused_moe_torch, x0, w13, w2, ids0, w0, slots)
+            row["torch_grouped_us"] = 1e3 * triton.testing.do_bench(grouped, return_mode="median")
+            row["torch_ref_us"] = 1e3 * triton.testing.do_bench(ref, return_mode="median")
+            row["speedup_vs_ref"] = row["torch_ref_us"] / row["bf16_us"]
+            rows.append(row)
+            bar.update()
+        del w13, w2, q13, q2
+        torch.cuda.empty_cache()
+    bar.close()
+    setting = (
+        f"GPU {name}, bfloat16 activations, real preset shapes; Triton timed as the median of "
+        f"CUDA-graph replays over {NUM_ROUTINGS} rotating routings; bytes floor = touched "
+        f"experts' weights once + activations; nominal HBM "
+        f"{'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}"
+    )
+    columns = {
+        "model": "model",
+        "T": "T (tokens)",
+        "experts_hit": "experts hit (mean)",
+        "bf16_us": "Triton bf16 (µs)",
+        "bf16_gbps": "bf16 (GB/s)",
+        "bf16_pct_hbm": "bf16 (% of HBM floor)",
+        "int4_us": "Triton int4 (µs)",
+        "int4_gbps": "int4 (GB/s)",
+        "torch_grouped_us": "torch grouped (µs)",
+        "torch_ref_us": "torch ref fp32 (µs)",
+        "speedup_vs_ref": "speedup vs ref (×)",
+    }
+    return dict(setting=setting, rows=rows, columns=columns, skipped=skipped, peak_bw=peak)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--models", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    parser.add_argument("--divisor", type=int, default=8, help="CPU: divide H and I by this")
+    parser.add_argument("--min-time-s", type=float, default=0.25, help="CPU: time per number")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="GPU: stop starting rows")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
+    if gpu and not torch.cuda.is_available():
+        print("bench_kernels: --device gpu needs a CUDA device; none found.")
+        return 0
+    start = time.perf_counter()
+    result = run_gpu(args) if gpu else run_cpu(args)
+    payload = dict(
+        benchmark="kernels",
+        device="gpu" if gpu else "cpu",
+        setting=result["setting"],
+        environment=environment(),
+        seconds=time.perf_counter() - start,
+        rows=result["rows"],
+        **{k: v for k, v in result.items() if k not in ("setting", "rows", "columns")},
+    )
+    path = write_json(args.out / f"kernels_{'gpu' if gpu else 'cpu'}.json", payload)
+    print(f"# {result['setting']}")
+    print(table(result["rows"], result["columns"]))
+    print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

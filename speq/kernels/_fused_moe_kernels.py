@@ -1,0 +1,316 @@
+"""Triton code for the fused MoE (see ``fused_moe.py`` for the contract).
+
+Kernel A (``_gate_up_kernel``): for one block of rows (pairs of one expert) and one tile of I,
+gather the token rows of x, multiply by the expert's gate and up rows of w13, and write
+``silu(gate) * up`` (fp32 accumulate) to the intermediate ``h[pair, :]``.
+Kernel B (``_down_kernel``): multiply ``h`` rows by the expert's w2, scale by the routing weight
+in fp32, and either atomically add into ``out[token]`` (fp32) or store per pair for a
+fixed-order sum (``_combine_kernel``).
+Weights are found through the slot table: expert e lives in slot ``slot_of_expert[e]`` of the
+pool. Padding rows (pair id == num_pairs) are masked out of every load and store.
+"""
+
+import triton
+import triton.language as tl
+
+# COMBINE values (fused_moe.py passes ``.value``)
+COMBINE_ATOMIC = tl.constexpr(0)  # out[token, :] += y   (fp32 atomics)
+COMBINE_STORE = tl.constexpr(1)  # out[pair, :] = y     (then a fixed-order sum over the k choices)
+
+
+@triton.jit
+def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (row block, column tile), walking GROUP_M row blocks per
+    column tile so programs running together reuse the same weight tile."""
+    per_group = GROUP_M * num_pid_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _weight_tile(
+    # pointers (already offset to the expert's slot)
+    w_ptr,
+    scale_ptr,
+    # offsets and masks
+    offs_n,
+    offs_k,
+    n_ok,
+    k_ok,
+    # strides
+    stride_wn,
+    stride_wk,
+    stride_sn,
+    stride_sg,
+    # meta-parameters
+    W_BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
+):
+    """The [BLOCK_K, BLOCK_N] tile ``W[n, k]^T``. W_BITS=0: the dense weights as stored.
+    W_BITS=8/4: the integer codes in fp32, scaled per element here unless SCALE_AFTER_DOT (the
+    tile lies in one scale group, and the caller scales the dot product's columns instead)."""
+    mask = k_ok[:, None] & n_ok[None, :]
+    if W_BITS == 0:
+        w = tl.load(
+            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=mask, other=0.0
+        )
+    else:
+        if W_BITS == 8:
+            q = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=mask,
+                other=0,
+            ).to(tl.float32)
+        else:
+            packed = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + (offs_k[:, None] // 2) * stride_wk,
+                mask=mask,
+                other=0x88,
+            )
+            shift = ((offs_k % 2) * 4).to(tl.uint8)
+            q = (((packed >> shift[:, None]) & 0xF).to(tl.int32) - 8).to(tl.float32)
+        if SCALE_AFTER_DOT:
+            w = q
+        else:
+            s = tl.load(
+                scale_ptr
+                + offs_n[None, :] * stride_sn
+                + (offs_k[:, None] // GROUP_SIZE) * stride_sg,
+                mask=mask,
+                other=0.0,
+            )
+            w = q * s
+    return w
+
+
+@triton.jit
+def _gate_up_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    h_ptr,
+    pair_ids_ptr,
+    block_expert_ptr,
+    num_valid_blocks_ptr,
+    slot_ptr,
+    # sizes
+    num_pairs,
+    I,
+    K,
+    num_blocks,
+    # strides
+    stride_xt,
+    stride_xk,
+    stride_ws,
+    stride_wn,
+    stride_wk,
+    stride_ss,
+    stride_sn,
+    stride_sg,
+    stride_hp,
+    stride_hn,
+    # meta-parameters
+    TOP_K: tl.constexpr,
+    W_BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """h[p, n] = silu(x[t] . Wg[n]) * (x[t] . Wu[n]) for the pairs p of one row block, where
+    t = p // TOP_K and Wg = w13[slot, :I], Wu = w13[slot, I:]."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(pid, num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(num_valid_blocks_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slot = tl.load(slot_ptr + expert).to(tl.int64)
+    w_base = w_ptr + slot * stride_ws
+    s_base = w_scale_ptr + slot * stride_ss
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ids_ptr + offs_m)
+    row_ok = pair < num_pairs
+    token = pair // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    dtype = x_ptr.dtype.element_ty
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(
+            x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wg = _weight_tile(
+            w_base, s_base, offs_n, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
+            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
+        ).to(dtype)  # fmt: skip
+        wu = _weight_tile(
+            w_base, s_base, offs_n + I, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
+            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
+        ).to(dtype)  # fmt: skip
+        if SCALE_AFTER_DOT:
+            group = k0 // GROUP_SIZE
+            sg = tl.load(s_base + offs_n * stride_sn + group * stride_sg, mask=n_ok, other=0.0)
+            su = tl.load(
+                s_base + (offs_n + I) * stride_sn + group * stride_sg, mask=n_ok, other=0.0
+            )
+            acc_g += tl.dot(a, wg, input_precision=DOT_PRECISION) * sg[None, :]
+            acc_u += tl.dot(a, wu, input_precision=DOT_PRECISION) * su[None, :]
+        else:
+            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PRECISION)
+
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(
+        h_ptr + pair[:, None] * stride_hp + offs_n[None, :] * stride_hn,
+        h.to(h_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _down_kernel(
+    # pointers
+    h_ptr,
+    w_ptr,
+    w_scale_ptr,
+    rw_ptr,
+    out_ptr,
+    pair_ids_ptr,
+    block_expert_ptr,
+    num_valid_blocks_ptr,
+    slot_ptr,
+    # sizes
+    num_pairs,
+    N,
+    K,
+    num_blocks,
+    k_per_split,
+    # strides
+    stride_hp,
+    stride_hk,
+    stride_ws,
+    stride_wn,
+    stride_wk,
+    stride_ss,
+    stride_sn,
+    stride_sg,
+    stride_rt,
+    stride_rj,
+    stride_or,
+    stride_on,
+    # meta-parameters
+    TOP_K: tl.constexpr,
+    W_BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    COMBINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[p, n] = rw[t, j] * (h[p] . W2[n]) over the K range of split ``program_id(1)``, with
+    t = p // TOP_K, j = p % TOP_K and W2 = w2[slot]; COMBINE_ATOMIC adds y into out[t] (fp32),
+    COMBINE_STORE writes it to out[p]."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(pid, num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(num_valid_blocks_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slot = tl.load(slot_ptr + expert).to(tl.int64)
+    w_base = w_ptr + slot * stride_ws
+    s_base = w_scale_ptr + slot * stride_ss
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ids_ptr + offs_m)
+    row_ok = pair < num_pairs
+    token = pair // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    dtype = h_ptr.dtype.element_ty
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        a = tl.load(
+            h_ptr + pair[:, None] * stride_hp + offs_k[None, :] * stride_hk,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = _weight_tile(
+            w_base, s_base, offs_n, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
+            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
+        ).to(dtype)  # fmt: skip
+        if SCALE_AFTER_DOT:
+            s = tl.load(
+                s_base + offs_n * stride_sn + (k0 // GROUP_SIZE) * stride_sg, mask=n_ok, other=0.0
+            )
+            acc += tl.dot(a, w, input_precision=DOT_PRECISION) * s[None, :]
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    rw = tl.load(rw_ptr + token * stride_rt + (pair % TOP_K) * stride_rj, mask=row_ok, other=0.0)
+    acc = acc * rw.to(tl.float32)[:, None]
+    mask = row_ok[:, None] & n_ok[None, :]
+    if COMBINE == COMBINE_ATOMIC:
+        tl.atomic_add(
+            out_ptr + token[:, None] * stride_or + offs_n[None, :] * stride_on,
+            acc,
+            mask=mask,
+            sem="relaxed",
+        )
+    else:
+        tl.store(out_ptr + pair[:, None] * stride_or + offs_n[None, :] * stride_on, acc, mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    # pointers
+    y_ptr,
+    out_ptr,
+    # sizes
+    N,
+    # strides
+    stride_yp,
+    stride_yn,
+    stride_ot,
+    stride_on,
+    # meta-parameters
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[t, n] = sum_{j = 0 .. TOP_K-1} y[t * TOP_K + j, n], summed in that fixed order."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + j) * stride_yp + offs_n * stride_yn, mask=n_ok)
+    tl.store(
+        out_ptr + t * stride_ot + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_ok
+    )

@@ -1,0 +1,87 @@
+"""Guarded Triton import and the choice between the Triton and torch backends.
+
+The package must import on machines without Triton (macOS, CPU-only CI images), so every other
+module asks this one whether Triton is there. The ``@triton.jit`` modules (``_*_kernels.py``) are
+imported lazily, at the first launch: Triton reads ``TRITON_INTERPRET`` when a function is
+decorated, so importing them late lets tests switch the interpreter on before that happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:  # pragma: no cover - exercised by whichever environment runs the tests
+    import triton
+
+    HAS_TRITON = True
+    TRITON_VERSION: str | None = triton.__version__
+except Exception as exc:  # ImportError, or a broken install that fails while importing
+    triton = None
+    HAS_TRITON = False
+    TRITON_VERSION = None
+    log.debug("Triton unavailable (%s); kernels use the torch backend", exc)
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if not HAS_TRITON:
+        return False
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def select_backend(
+    requested: str,
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
+    triton_dtypes: frozenset[torch.dtype],
+    op: str,
+) -> Literal["triton", "torch"]:
+    """Pick the backend that runs ``op`` on tensors of ``dtypes`` on ``device``.
+
+    ``"auto"`` takes Triton for CUDA tensors of a dtype the kernel supports and torch otherwise.
+    ``"triton"`` insists on Triton and raises a ValueError naming what is missing: Triton itself,
+    a CUDA device (or ``TRITON_INTERPRET=1`` for CPU tensors), or dtype support. ``"torch"`` always
+    takes the torch implementation, which runs on any device and supports float64.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    dtype_ok = all(d in triton_dtypes for d in dtypes)
+    device_ok = device.type == "cuda" or (device.type == "cpu" and interpreter_active())
+    if requested == "auto":
+        return "triton" if HAS_TRITON and device.type == "cuda" and dtype_ok else "torch"
+    if not HAS_TRITON:
+        raise ValueError(f"{op}: backend='triton' but Triton is not installed")
+    if not device_ok:
+        raise ValueError(
+            f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+            f"set before speq's kernels are first launched; got device {device}"
+        )
+    if not dtype_ok:
+        names = sorted(str(d).removeprefix("torch.") for d in triton_dtypes)
+        got = [str(d).removeprefix("torch.") for d in dtypes]
+        raise ValueError(f"{op}: the Triton kernel supports dtypes {names}, got {got}")
+    return "triton"
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)

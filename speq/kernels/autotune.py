@@ -1,0 +1,419 @@
+"""Kernel configurations for the fused MoE: the config type, an analytic default, tuned JSON
+lookups, the search space, and the offline tuner behind ``speq tune``.
+
+Tuned configs live in ``speq/kernels/configs/`` as one JSON file per
+(E, N, K, dtype, device name, Triton version), where N is the expert intermediate size I and K
+the hidden size H, with one entry per token-count bucket::
+
+    {"meta": {...}, "configs": {"1": {"block_m": 16, ...}, "2": {...}, ...}}
+
+A lookup takes the bucket nearest the actual token count (ties: the smaller bucket). Shapes
+without a file get :func:`default_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speq.kernels._triton import HAS_TRITON, TRITON_VERSION, cdiv, next_power_of_2
+from speq.kernels.alignment import ALIGN_METHODS
+from speq.kernels.shapes import PRESETS, MoEShape, get_shape
+
+__all__ = [
+    "CONFIG_DIR",
+    "DEFAULT_BUCKETS",
+    "KernelConfig",
+    "config_path",
+    "default_config",
+    "get_config",
+    "load_configs",
+    "nearest_bucket",
+    "search_space",
+    "tune_main",
+    "tune_shape",
+    "weight_format",
+    "write_configs",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on NVIDIA GPUs
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles and launch settings shared by the two GEMM kernels of the fused MoE.
+
+    Attributes:
+        block_m: rows (token, choice pairs) per block; the alignment pads each expert's pairs
+            to a multiple of it.
+        block_n: output columns per program (I for gate/up, H for down).
+        block_k: reduction depth per step (H for gate/up, I for down). With quantized weights,
+            a block_k dividing the group size lets the kernel scale after the dot.
+        group_m: row blocks that consecutive programs walk before the next column tile, so
+            programs running together share weight tiles in L2.
+        num_warps, num_stages: Triton launch settings (ignored by the interpreter).
+        split_k: programs splitting the down GEMM's reduction over I, combined by the atomic
+            adds; fills the device when T is tiny. The deterministic combine uses 1.
+        align: ``"sorted"`` or ``"direct"`` (see :class:`~speq.kernels.alignment.ExpertPlan`).
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+    align: str = "sorted"
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if not _is_pow2(value) or value < MIN_BLOCK:
+                raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+        if not _is_pow2(self.num_warps):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+        for name in ("group_m", "num_stages", "split_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.align not in ALIGN_METHODS:
+            raise ValueError(f"align must be one of {ALIGN_METHODS}, got {self.align!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KernelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown KernelConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def weight_format(dtype: torch.dtype, bits: int = 0, group_size: int | None = None) -> str:
+    """The dtype part of a config key: ``"bfloat16"``, or ``"bfloat16-int4g128"`` when quantized."""
+    name = str(dtype).removeprefix("torch.")
+    return name if not bits else f"{name}-int{bits}g{group_size}"
+
+
+def _expected_active_experts(num_pairs: int, num_experts: int) -> float:
+    """E[number of distinct experts] when P pairs pick experts uniformly."""
+    return num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** num_pairs)
+
+
+def default_config(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    intermediate: int,
+    hidden: int,
+    *,
+    group_size: int | None = None,
+    num_sms: int = 132,
+) -> KernelConfig:
+    """An analytic config for an untuned shape (a pure function of its arguments).
+
+    Few rows per expert (decode): the GEMMs are weight-streaming GEMVs, so take the smallest
+    block_m, a deep block_k, and split the down GEMM's reduction until the grid covers about
+    two waves of ``num_sms``. Many rows: square-ish 64/128 tiles with grouped ordering. Tiles
+    never exceed the problem (rounded up to a power of two, at least 16).
+    """
+    num_pairs = max(1, num_tokens * top_k)
+    active = max(1.0, _expected_active_experts(num_pairs, num_experts))
+    rows_per_expert = num_pairs / active
+    small_n = max(MIN_BLOCK, next_power_of_2(min(intermediate, hidden)))
+    small_k = max(MIN_BLOCK, next_power_of_2(min(intermediate, hidden)))
+    if rows_per_expert <= 16:
+        cfg = dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 48:
+        cfg = dict(block_m=32, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 96:
+        cfg = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    cfg["block_n"] = min(cfg["block_n"], small_n)
+    cfg["block_k"] = min(cfg["block_k"], small_k)
+    if group_size is not None and _is_pow2(group_size) and group_size >= MIN_BLOCK:
+        cfg["block_k"] = min(cfg["block_k"], group_size)
+    # Split the down GEMM (reduction over I) while the grid is short of two waves.
+    blocks = math.ceil(active) * max(1, cdiv(math.ceil(rows_per_expert), cfg["block_m"]))
+    programs = blocks * cdiv(hidden, cfg["block_n"])
+    split_k = 1
+    while (
+        programs * split_k * 2 <= 2 * num_sms
+        and intermediate // (split_k * 2) >= 4 * cfg["block_k"]
+    ):
+        split_k *= 2
+    align = "direct" if num_tokens == 1 else "sorted"
+    return KernelConfig(**cfg, split_k=split_k, align=align)
+
+
+def config_path(
+    num_experts: int,
+    intermediate: int,
+    hidden: int,
+    fmt: str,
+    device_name: str,
+    triton_version: str | None = TRITON_VERSION,
+    config_dir: Path | None = None,
+) -> Path:
+    """The JSON file for one (E, N=I, K=H, dtype, device, Triton version) key."""
+    device = re.sub(r"[^A-Za-z0-9.]+", "_", device_name).strip("_")
+    name = f"E={num_experts},N={intermediate},K={hidden},dtype={fmt},device={device},triton={triton_version}.json"
+    return (config_dir or CONFIG_DIR) / name
+
+
+@functools.lru_cache(maxsize=64)
+def _read_configs(path: str, mtime_ns: int) -> tuple[tuple[int, KernelConfig], ...]:
+    with open(path) as f:
+        raw = json.load(f)
+    return tuple(
+        sorted((int(t), KernelConfig.from_dict(c)) for t, c in raw.get("configs", {}).items())
+    )
+
+
+def load_configs(path: Path) -> dict[int, KernelConfig]:
+    """Bucket -> config from one tuned JSON file ({} when the file does not exist)."""
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    return dict(_read_configs(str(path), mtime))
+
+
+def nearest_bucket(buckets: Iterable[int], num_tokens: int) -> int:
+    """The bucket closest to ``num_tokens``; the smaller one on a tie."""
+    return min(buckets, key=lambda b: (abs(b - num_tokens), b))
+
+
+def get_config(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    intermediate: int,
+    hidden: int,
+    dtype: torch.dtype,
+    *,
+    bits: int = 0,
+    group_size: int | None = None,
+    device_name: str | None = None,
+    config_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> KernelConfig:
+    """The tuned config of the nearest bucket if a file exists for this key, else the analytic
+    default; ``overrides`` (field -> value) replace fields of the result."""
+    cfg = None
+    if device_name is not None:
+        path = config_path(
+            num_experts,
+            intermediate,
+            hidden,
+            weight_format(dtype, bits, group_size),
+            device_name,
+            config_dir=config_dir,
+        )
+        tuned = load_configs(path)
+        if tuned:
+            cfg = tuned[nearest_bucket(tuned, num_tokens)]
+    if cfg is None:
+        cfg = default_config(
+            num_tokens, num_experts, top_k, intermediate, hidden, group_size=group_size
+        )
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def search_space(
+    num_tokens: int, top_k: int, *, group_size: int | None = None
+) -> list[KernelConfig]:
+    """Candidate configs for one token count: tile shapes, grouping, warps, stages, split-K for
+    tiny T and the direct alignment for decode-sized T. Pruned by the rows a block can fill."""
+    num_pairs = num_tokens * top_k
+    max_m = max(MIN_BLOCK, min(128, next_power_of_2(num_pairs)))
+    block_ms = [m for m in (16, 32, 64, 128) if m <= max_m]
+    block_ks = (64, 128, 256)
+    if group_size is not None and _is_pow2(group_size):
+        block_ks = tuple(k for k in block_ks if k <= group_size) or (max(MIN_BLOCK, group_size),)
+    split_ks = (1, 2, 4, 8) if num_pairs <= 32 else (1,)
+    aligns = ("sorted", "direct") if num_tokens <= 4 else ("sorted",)
+    out = []
+    for m in block_ms:
+        for n in (32, 64, 128, 256):
+            for k in block_ks:
+                if m * n > 128 * 128 or n * k > 256 * 128:
+                    continue
+                for group_m in (1, 8) if m >= 64 else (1,):
+                    for warps in (4, 8):
+                        if warps == 8 and m * n < 64 * 128:
+                            continue
+                        for stages in (3, 4):
+                            for split in split_ks:
+                                for align in aligns:
+                                    out.append(
+                                        KernelConfig(m, n, k, group_m, warps, stages, split, align)
+                                    )
+    return out
+
+
+def write_configs(path: Path, configs: Mapping[int, KernelConfig], meta: Mapping[str, Any]) -> None:
+    """Write one tuned file (buckets sorted ascending)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "meta": dict(meta),
+        "configs": {str(t): configs[t].to_dict() for t in sorted(configs)},
+    }
+    path.write_text(json.dumps(body, indent=2) + "\n")
+
+
+def tune_shape(
+    shape: MoEShape,
+    dtype: torch.dtype,
+    buckets: Sequence[int],
+    *,
+    bits: int = 0,
+    group_size: int = 128,
+    max_candidates: int | None = None,
+    rep_ms: int = 20,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+) -> dict[int, tuple[KernelConfig, float]]:
+    """Time every candidate of :func:`search_space` for each bucket on the current CUDA device,
+    inside a CUDA graph (``triton.testing.do_bench_cudagraph``), and return bucket ->
+    (best config, its time in microseconds). Candidates that fail to compile or launch are
+    skipped."""
+    if not torch.cuda.is_available() or not HAS_TRITON:
+        raise RuntimeError("tuning needs a CUDA device and Triton")
+    import triton.testing
+
+    from speq.kernels.fused_moe import fused_moe
+    from speq.kernels.quant import quantize_experts
+    from speq.kernels.routing import route_topk
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    e, h, i = shape.num_experts, shape.hidden, shape.intermediate
+    w13 = torch.randn(e, 2 * i, h, device=dev, dtype=dtype, generator=gen) / math.sqrt(h)
+    w2 = torch.randn(e, h, i, device=dev, dtype=dtype, generator=gen) / math.sqrt(i)
+    if bits:
+        w13, w2 = quantize_experts(w13, bits, group_size), quantize_experts(w2, bits, group_size)
+    slots = torch.arange(e, dtype=torch.int32, device=dev)
+    best: dict[int, tuple[KernelConfig, float]] = {}
+    for tokens in buckets:
+        x = torch.randn(tokens, h, device=dev, dtype=dtype, generator=gen)
+        logits = torch.randn(tokens, e, device=dev, generator=gen)
+        ids, weights = route_topk(logits, shape.top_k)
+        candidates = search_space(tokens, shape.top_k, group_size=group_size if bits else None)
+        if max_candidates is not None and len(candidates) > max_candidates:
+            stride = len(candidates) / max_candidates  # an even sample across the space
+            candidates = [candidates[int(j * stride)] for j in range(max_candidates)]
+        for cfg in progress(candidates):
+            fn = functools.partial(fused_moe, x, w13, w2, ids, weights, slots, config=cfg)
+            try:
+                fn()
+                us = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+            except Exception as exc:  # out of shared memory, registers, ...
+                log.debug("config %s failed: %s", cfg, exc)
+                continue
+            if tokens not in best or us < best[tokens][1]:
+                best[tokens] = (cfg, us)
+        if tokens in best:
+            log.info(
+                "%s T=%d: %.1f us with %s", shape.name, tokens, best[tokens][1], best[tokens][0]
+            )
+    return best
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    table = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    table |= {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(table)}")
+    return table[name]
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    """``speq tune``: tune the fused MoE for model presets or an explicit shape and write JSON
+    configs. Without a CUDA device it says so and returns 0."""
+    parser = argparse.ArgumentParser(
+        prog="speq tune", description="Tune the fused MoE Triton kernel and write JSON configs."
+    )
+    parser.add_argument(
+        "--model", action="append", choices=sorted(PRESETS), help="model preset (repeatable)"
+    )
+    parser.add_argument("--E", type=int, help="number of experts (explicit shape)")
+    parser.add_argument("--N", type=int, help="expert intermediate size I (explicit shape)")
+    parser.add_argument("--K", type=int, help="hidden size H (explicit shape)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (explicit shape)")
+    parser.add_argument("--dtype", type=_parse_dtype, default=torch.bfloat16)
+    parser.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="0 = dense")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
+    parser.add_argument("--max-candidates", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=CONFIG_DIR, help="output directory")
+    args = parser.parse_args(argv)
+
+    shapes = [get_shape(m) for m in args.model or []]
+    explicit = (args.E, args.N, args.K)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            parser.error("--E, --N and --K go together")
+        shapes.append(MoEShape("custom", args.E, args.top_k, args.K, args.N))
+    if not shapes:
+        parser.error("give --model or --E/--N/--K")
+    if not torch.cuda.is_available() or not HAS_TRITON:
+        print("speq tune: tuning needs a CUDA device (and Triton); nothing to do on this machine.")
+        return 0
+
+    from tqdm import tqdm
+
+    device_name = torch.cuda.get_device_name()
+    group_size = args.group_size if args.bits else None
+    for shape in shapes:
+        start = time.perf_counter()
+        best = tune_shape(
+            shape,
+            args.dtype,
+            args.buckets,
+            bits=args.bits,
+            group_size=args.group_size,
+            max_candidates=args.max_candidates,
+            progress=lambda it, s=shape: tqdm(it, desc=s.name, leave=False),
+        )
+        path = config_path(
+            shape.num_experts,
+            shape.intermediate,
+            shape.hidden,
+            weight_format(args.dtype, args.bits, group_size),
+            device_name,
+            config_dir=args.out,
+        )
+        meta = {
+            "model": shape.name,
+            "top_k": shape.top_k,
+            "device": device_name,
+            "triton": TRITON_VERSION,
+            "torch": torch.__version__,
+            "us": {str(t): round(us, 2) for t, (_, us) in sorted(best.items())},
+        }
+        write_configs(path, {t: cfg for t, (cfg, _) in best.items()}, meta)
+        print(f"{shape.name}: {len(best)} buckets in {time.perf_counter() - start:.0f} s -> {path}")
+    return 0
