@@ -1,0 +1,47 @@
+"""Simulation: hardware profiles, model presets at paper scale, and the per-node cost model."""
+
+from speq.sim.cost import (
+    NodeCost,
+    expected_distinct_experts,
+    link_seconds,
+    node_cost,
+    node_seconds,
+    resolve_dim,
+    step_breakdown,
+    step_cost,
+    step_seconds,
+)
+from speq.sim.presets import (
+    MODEL_PRESETS,
+    active_params,
+    expert_bytes,
+    expert_params,
+    get_preset,
+    non_expert_bytes,
+    non_expert_params,
+    total_params,
+)
+from speq.sim.profiles import PROFILES, HardwareProfile, get_profile
+
+__all__ = [
+    "MODEL_PRESETS",
+    "PROFILES",
+    "HardwareProfile",
+    "NodeCost",
+    "active_params",
+    "expected_distinct_experts",
+    "expert_bytes",
+    "expert_params",
+    "get_preset",
+    "get_profile",
+    "link_seconds",
+    "node_cost",
+    "node_seconds",
+    "non_expert_bytes",
+    "non_expert_params",
+    "resolve_dim",
+    "step_breakdown",
+    "step_cost",
+    "step_seconds",
+    "total_params",
+]

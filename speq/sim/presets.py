@@ -1,0 +1,149 @@
+"""Model presets at the sizes of the paper's models (and two more), with parameter counts.
+
+Counts follow `speq.models.MoEForCausalLM`, the architecture every preset is expressed in: per layer
+two RMSNorms and attention (q, k, v, o without biases), then a dense SwiGLU MLP or a router, the
+routed experts (``w13 [E, 2I, H]``, ``w2 [E, H, I]``) and an optional shared expert; an embedding
+table, a final norm and an untied head. Small terms the real models have and this family lacks
+(attention biases, LayerNorm biases, Qwen's shared-expert gate) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from speq.models.config import MoEConfig
+
+_PRESETS = {
+    # Phi-3.5-MoE-instruct config.json: 16 experts (the paper's table says 8; 41.9B needs 16).
+    # Its router is SparseMixer and its norms LayerNorm; approximated by softmax-top-k and RMSNorm.
+    "phi-3.5-moe": MoEConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        num_experts=16,
+        top_k=2,
+        expert_intermediate_size=6400,
+        max_seq_len=4096,
+        rms_norm_eps=1e-5,
+    ),
+    # Qwen1.5-MoE-A2.7B config.json: one shared expert 4x as wide as a routed one, no renormalising.
+    "qwen1.5-moe-a2.7b": MoEConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        num_experts=60,
+        top_k=4,
+        expert_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        norm_topk_prob=False,
+        max_seq_len=4096,
+        rope_theta=1000000.0,
+    ),
+    # DeepSeek-V2-Lite config.json. It uses MLA attention (low-rank compressed KV), which MoEConfig
+    # does not model: attention is approximated by MHA of the same hidden size (16 heads of 128),
+    # which has ~3M more parameters per layer and a much larger KV cache than MLA's 576 per token.
+    # Its 2 shared experts of width 1408 are one shared expert of width 2 * 1408.
+    "deepseek-v2-lite": MoEConfig(
+        vocab_size=102400,
+        hidden_size=2048,
+        num_layers=27,
+        num_heads=16,
+        num_kv_heads=16,
+        num_experts=64,
+        top_k=6,
+        expert_intermediate_size=1408,
+        shared_expert_intermediate_size=2 * 1408,
+        first_dense_layers=1,
+        dense_intermediate_size=10944,
+        norm_topk_prob=False,
+        max_seq_len=4096,
+    ),
+    # Mixtral-8x7B-v0.1 config.json. Its router is top-k logits then softmax.
+    "mixtral-8x7b": MoEConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        num_experts=8,
+        top_k=2,
+        expert_intermediate_size=14336,
+        max_seq_len=4096,
+        router_mode="topk_softmax",
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+    ),
+    # Qwen3-30B-A3B config.json. Its head_dim is 128, so q and o are 2048 x 4096 there; MoEConfig
+    # derives head_dim = hidden / heads = 64, which halves the attention weights, the attention
+    # flops and the KV cache (about 0.45B fewer parameters in all; the experts are exact).
+    "qwen3-30b-a3b": MoEConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        num_experts=128,
+        top_k=8,
+        expert_intermediate_size=768,
+        max_seq_len=4096,
+        rope_theta=1000000.0,
+    ),
+}
+
+MODEL_PRESETS: Mapping[str, MoEConfig] = MappingProxyType(_PRESETS)
+
+
+def get_preset(name: str) -> MoEConfig:
+    """The named model preset; a ValueError lists the known names."""
+    try:
+        return MODEL_PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model preset {name!r}; known presets: {', '.join(sorted(MODEL_PRESETS))}"
+        ) from None
+
+
+def expert_params(cfg: MoEConfig) -> int:
+    """Parameters of one routed expert: gate and up ``[2I, H]`` plus down ``[H, I]``."""
+    return 3 * cfg.hidden_size * cfg.expert_intermediate_size
+
+
+def non_expert_params(cfg: MoEConfig) -> int:
+    """Everything but the routed experts: embeddings, head, attention, norms, routers, dense MLPs
+    of the leading dense layers and shared experts (the weights that stay on the device)."""
+    h = cfg.hidden_size
+    attn = 2 * h * h + 2 * h * cfg.num_kv_heads * cfg.head_dim  # q and o, k and v
+    per_layer = attn + 2 * h  # plus the two norms
+    n_moe = len(cfg.moe_layers)
+    n_dense = cfg.num_layers - n_moe
+    dense_mlp = 3 * h * (cfg.dense_intermediate_size or 0)
+    moe_rest = cfg.num_experts * h + 3 * h * cfg.shared_expert_intermediate_size
+    tables = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return tables + h + cfg.num_layers * per_layer + n_dense * dense_mlp + n_moe * moe_rest
+
+
+def total_params(cfg: MoEConfig) -> int:
+    """All parameters: the non-expert ones plus every routed expert of every MoE layer."""
+    return non_expert_params(cfg) + len(cfg.moe_layers) * cfg.num_experts * expert_params(cfg)
+
+
+def active_params(cfg: MoEConfig) -> int:
+    """Parameters one token uses: the non-expert ones (whole embedding table and head included)
+    plus ``top_k`` routed experts per MoE layer."""
+    return non_expert_params(cfg) + len(cfg.moe_layers) * cfg.top_k * expert_params(cfg)
+
+
+def expert_bytes(cfg: MoEConfig, bytes_per_param: float = 2) -> int:
+    """Bytes of one routed expert (what one host -> device expert copy moves)."""
+    return math.ceil(expert_params(cfg) * bytes_per_param)
+
+
+def non_expert_bytes(cfg: MoEConfig, bytes_per_param: float = 2) -> int:
+    """Bytes of the non-expert weights (see `non_expert_params`)."""
+    return math.ceil(non_expert_params(cfg) * bytes_per_param)
