@@ -12,13 +12,17 @@ from dataclasses import dataclass
 import torch
 
 from speq.frontend.capture import capture
+from speq.frontend.checkpoint import from_checkpoint
 from speq.frontend.reference import from_reference
 from speq.frontend.spec import ModelSpec
 from speq.ir.graph import Graph
 from speq.ir.interpreter import run_graph
+from speq.ir.ops import Op
+from speq.ir.program import Program
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
 from speq.passes.history import PassHistory
+from speq.passes.make_draft import DRAFT_PREFIX
 from speq.passes.pipeline import default_passes, run_passes
 from speq.runtime.budget import Budget, MemoryPlan, parse_budget, plan_memory
 from speq.runtime.cache import ALLOCATIONS, EVICTIONS, ExpertCache
@@ -29,6 +33,7 @@ from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident
 from speq.runtime.sampling import SamplingParams, pick
+from speq.runtime.speculative import DEFAULT_K, SpecPolicy, Speq, speculative_decode
 from speq.runtime.store import ExpertStore
 
 log = logging.getLogger("speq")
@@ -40,9 +45,11 @@ BACKENDS = ("cpu", "sim", "cuda")
 class CompileOptions:
     """How to compile and run.
 
-    - ``policy``: how experts reach the device: ``resident`` (all on the device), ``ondemand``
-      (LRU cache, fetch on miss), ``nextgate`` (also prefetch the next layer's predicted experts),
-      ``oracle`` (perfect knowledge of the run's routing: the I/O bound).
+    - ``policy``: how experts reach the device: ``speq`` (a quantized draft predicts them and they
+      are prefetched while it drafts; verification checks k drafted tokens at once),
+      ``resident`` (all on the device), ``ondemand`` (LRU cache, fetch on miss), ``nextgate``
+      (also prefetch the next layer's predicted experts), ``oracle`` (perfect knowledge of the
+      run's routing: the I/O bound).
     - ``device_memory``: the device budget, bytes or a string like ``"6GB"`` / ``"512MB"``; None
       means room for every expert. Non-expert weights and the KV cache are always resident; the
       rest becomes expert cache slots.
@@ -56,6 +63,10 @@ class CompileOptions:
     - ``eviction``: ``lru``, ``lfu`` or ``lookahead``; None takes the policy's own.
     - ``trace_path``: write a Chrome-trace timeline of compute and copies after each generate.
     - ``dtype``: the compute dtype (default: the model's own).
+    - ``k``: tokens drafted per cycle under ``policy="speq"``; None takes the default
+      (`speq.runtime.speculative.DEFAULT_K`).
+    - ``draft_bits`` / ``draft_group_size``: the draft's weight-only expert quantization (INT4 or
+      INT8, symmetric, one scale per group along the reduction dimension).
     """
 
     policy: str = "resident"
@@ -68,6 +79,9 @@ class CompileOptions:
     eviction: str | None = None
     trace_path: str | None = None
     dtype: torch.dtype | None = None
+    k: int | None = None
+    draft_bits: int = 4
+    draft_group_size: int = 128
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -95,6 +109,16 @@ class CompileOptions:
             raise ValueError("CompileOptions.backend = 'cuda' but no CUDA device is available")
         if self.device_memory is not None:
             parse_budget(self.device_memory)
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"CompileOptions.k must be an int >= 1 or None, got {self.k!r}")
+        if self.k is not None and self.policy != "speq":
+            raise ValueError("CompileOptions.k applies to policy='speq' only")
+        if self.draft_bits not in (4, 8):
+            raise ValueError(f"CompileOptions.draft_bits must be 4 or 8, got {self.draft_bits}")
+        if self.draft_group_size < 1:
+            raise ValueError(
+                f"CompileOptions.draft_group_size must be >= 1, got {self.draft_group_size}"
+            )
 
 
 class CompiledModel:
@@ -114,6 +138,9 @@ class CompiledModel:
         self.device = torch.device("cuda" if options.backend == "cuda" else "cpu")
         self.store = ExpertStore(spec, params, pin=options.backend == "cuda")
         self.params = {k: v.to(self.device) for k, v in self.store.resident.items()}
+        self.draft_bytes = 0
+        if "draft" in self.program:
+            self.params.update(self._quantize_draft())
         self.memory = self._plan_memory()
         self.pool = None
         if options.backend != "sim":
@@ -126,9 +153,29 @@ class CompiledModel:
         return self.spec.config
 
     @property
-    def graph(self) -> Graph:
-        """The graph that runs: the output of the last pass."""
+    def program(self) -> Program:
+        """The program that runs: the output of the last pass."""
         return self.graphs.final
+
+    @property
+    def graph(self) -> Graph:
+        """The target's step graph that runs."""
+        return self.program["step"]
+
+    def _quantize_draft(self) -> dict[str, object]:
+        """The draft's experts: weight-only quantized copies, resident on the device."""
+        from speq.kernels import quantize_experts
+
+        out = {}
+        for node in self.program["draft"].find(Op.PARAM):
+            name = node.attrs["name"]
+            if "bits" in node.attrs:
+                dense = self.store.dense_param(name.removeprefix(DRAFT_PREFIX))
+                bits, group = node.attrs["bits"], node.attrs["group_size"]
+                q = quantize_experts(dense, bits, group).to(self.device)
+                out[name] = q
+                self.draft_bytes += q.nbytes
+        return out
 
     def _plan_memory(self) -> MemoryPlan:
         cfg, store = self.config, self.store
@@ -146,7 +193,7 @@ class CompiledModel:
             budget,
             non_expert_bytes=store.resident_bytes,
             kv_bytes=KVCache(cfg, 1, self.spec.dtype, "meta").nbytes,
-            draft_bytes=0,
+            draft_bytes=self.draft_bytes,
             expert_bytes=store.expert_bytes,
             min_slots=min_slots,
             max_slots=total,
@@ -206,6 +253,8 @@ class CompiledModel:
             return OnDemand()
         if name == "nextgate":
             return NextGate()
+        if name == "speq":
+            return Speq(SpecPolicy(k=self.options.k or DEFAULT_K))
         # oracle: record the run's routing first (a virtual-clock pass; its cost is not measured)
         session = self._session(OnDemand(), virtual=True)
         self._decode(prompt, n, sampling, session)
@@ -215,12 +264,11 @@ class CompiledModel:
 
     # ------------------------------------------------------------------ running
     def _step(
-        self, tokens: torch.Tensor, cache: KVCache, pos: int, session: Session
+        self, graph: str, tokens: torch.Tensor, cache: KVCache, pos: int, session: Session
     ) -> torch.Tensor:
         ctx = session.context(cache, pos, tokens.shape[0])
-        (logits,) = run_graph(
-            self.graph, {"tokens": tokens.to(self.device), "pos": pos}, ctx, EXEC_BACKENDS
-        )
+        inputs = {"tokens": tokens.to(self.device), "pos": pos}
+        (logits,) = run_graph(self.program[graph], inputs, ctx, EXEC_BACKENDS)
         cache.length = pos + tokens.shape[0]
         return logits
 
@@ -232,19 +280,38 @@ class CompiledModel:
         session: Session,
         callback: Callable[[int], None] | None = None,
     ) -> list[int]:
+        """Process the prompt but its last token, then decode ``n`` tokens from there."""
         gen = sampling.generator()
         cache = KVCache(self.config, 1, self.spec.dtype, self.device)
+        if prompt.shape[0] > 1:
+            self._step("step", prompt[:-1], cache, 0, session)
+        session.prefill_done()
+        policy = session.runtime.policy
+        if isinstance(policy, Speq):
+
+            def emit(tokens: list[int]) -> None:
+                for t in tokens:
+                    if callback is not None:
+                        callback(t)
+
+            return speculative_decode(
+                lambda graph, tokens, pos: self._step(graph, tokens, cache, pos, session),
+                cache.truncate,
+                policy,
+                prompt.tolist(),
+                n,
+                self.config.max_seq_len,
+                sampling,
+                gen,
+                session.link.now,
+                emit,
+            )
         out = prompt.tolist()
-        logits = self._step(prompt, cache, 0, session)[-1]
-        for i in range(n):
-            token = pick(logits.cpu(), sampling, gen)
-            out.append(token)
-            if i == 0:
-                session.prefill_done()
+        for _ in range(n):
+            logits = self._step("step", torch.tensor([out[-1]]), cache, len(out) - 1, session)[-1]
+            out.append(pick(logits.cpu(), sampling, gen))
             if callback is not None:
-                callback(token)
-            if i + 1 < n:
-                logits = self._step(torch.tensor([token]), cache, len(out) - 1, session)[-1]
+                callback(out[-1])
         return out
 
     @torch.no_grad()
@@ -284,6 +351,8 @@ class CompiledModel:
             out = self._decode(prompt, max_new_tokens, sampling, session, callback)
         finally:
             self.metrics = session.finish(self.options.policy, prompt.shape[0], max_new_tokens)
+        if self.draft_bytes:
+            self.metrics.extra["draft_bytes"] = self.draft_bytes
         if session.timeline is not None:
             session.timeline.write(self.options.trace_path)
         return torch.tensor([out], dtype=torch.int64)
@@ -309,15 +378,24 @@ class CompiledModel:
         return input_ids.to(torch.int64).cpu()
 
 
-def compile(model: MoEForCausalLM, options: CompileOptions | None = None) -> CompiledModel:
-    """Capture ``model``'s decode step, run the pass pipeline and return a `CompiledModel`."""
+def compile(
+    model: MoEForCausalLM | str | os.PathLike, options: CompileOptions | None = None
+) -> CompiledModel:
+    """Capture ``model``'s decode step, run the pass pipeline and return a `CompiledModel`.
+
+    ``model`` is a `speq.models.MoEForCausalLM` or the path of a checkpoint folder, whose weights
+    are then memory-mapped rather than loaded.
+    """
     options = options or CompileOptions()
     if not isinstance(options, CompileOptions):
         raise TypeError(f"options must be a speq.CompileOptions, got {type(options).__name__}")
-    spec, params = from_reference(model, options.dtype)
+    if isinstance(model, (str, os.PathLike)):
+        spec, params = from_checkpoint(model, options.dtype)
+    else:
+        spec, params = from_reference(model, options.dtype)
     t0 = time.perf_counter()
-    graph = capture(spec)
-    history = run_passes(graph, default_passes(options), time.perf_counter() - t0)
+    program = Program((capture(spec),))
+    history = run_passes(program, default_passes(options), time.perf_counter() - t0)
     if os.environ.get("SPEQ_DEBUG"):
         log.warning("speq.compile pass history:\n%s", history)
     return CompiledModel(spec, params, options, history)
