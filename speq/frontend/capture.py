@@ -94,6 +94,7 @@ def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, w
         (logits,),
         [(f"{n}.expert_ids", ("T", k), "i64"), (f"{n}.expert_weights", ("T", k), wdt)],
         k=k,
+        layer=i,
         mode=cfg.router_mode,
         renormalize=cfg.norm_topk_prob,
     )

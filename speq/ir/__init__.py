@@ -4,6 +4,7 @@ from speq.ir.graph import Graph, Node, Value
 from speq.ir.interpreter import RunContext, register, run_graph
 from speq.ir.ops import TAGS, Op, Tag, has_tag
 from speq.ir.printer import format_graph
+from speq.ir.program import Program
 from speq.ir.verifier import VerificationError, verify
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Graph",
     "Node",
     "Op",
+    "Program",
     "RunContext",
     "Tag",
     "Value",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from speq.ir.graph import Graph, Node, Value
 from speq.ir.ops import Op, Tag
 from speq.ir.printer import format_graph
+from speq.ir.program import Program
 
 FLOATS = frozenset({"f16", "bf16", "f32", "f64"})
 INTS = frozenset({"i32", "i64"})
@@ -39,21 +40,23 @@ SCHEMAS: dict[Op, Schema] = {
     Op.ATTENTION: Schema(("float", "kv", "int"), 1, ("layer", "heads", "kv_heads")),
     Op.ADD: Schema(("float", "float"), 1),
     Op.SWIGLU: Schema(("float",), 1),
-    Op.ROUTER: Schema(("float",), 2, ("k", "mode", "renormalize")),
+    Op.ROUTER: Schema(("float",), 2, ("k", "layer", "mode", "renormalize")),
     Op.GATHER: Schema(("float", "int"), 1),
     Op.EXPERT_GEMM: Schema(("float", "int", "float"), 1, ("layer",)),
     Op.SCATTER: Schema(("float", "float"), 1),
     # the optional last input is the WAIT that made the layer's experts resident
     Op.FUSED_MOE: Schema(
-        ("float", "int", "float", "float", "float"), 1, ("layer",), optional=("residency",)
+        ("float", "int", "float", "weights", "weights"), 1, ("layer",), optional=("residency",)
     ),
-    Op.PREFETCH: Schema(("float", "float"), 0, ("layer", "k", "mode", "renormalize", "source")),
+    # source "nextgate": (hidden, next router weight); source "elb": (draft ids, draft weights)
+    Op.PREFETCH: Schema(None, 0, ("layer", "source")),
     Op.WAIT: Schema(("int",), 1, ("layer",)),
     Op.OUTPUT: Schema(None, 0),
 }
 
 _CLASSES = {
     "float": FLOATS,
+    "weights": FLOATS | {"i4", "i8"},  # dense, or weight-only quantized (the draft's experts)
     "int": INTS,
     "kv": frozenset({"kv"}),
     "residency": frozenset({"residency"}),
@@ -64,8 +67,17 @@ class VerificationError(ValueError):
     pass
 
 
-def verify(graph: Graph) -> Graph:
-    """Check ``graph``; return it unchanged or raise ``VerificationError`` showing the fault."""
+def _class_of(dtype: str) -> str | None:
+    return "float" if dtype in FLOATS else "int" if dtype in INTS else None
+
+
+def verify(graph: Graph | Program) -> Graph | Program:
+    """Check ``graph`` (or every graph of a program); return it unchanged or raise
+    ``VerificationError`` showing the fault."""
+    if isinstance(graph, Program):
+        for g in graph:
+            verify(g)
+        return graph
     defined: dict[str, Value] = {}
     outputs = 0
     for i, node in enumerate(graph.nodes):
@@ -110,6 +122,15 @@ def _check_node(node: Node, defined: dict[str, Value]) -> str | None:
     missing = [a for a in schema.attrs if a not in node.attrs]
     if missing:
         return f"{name} is missing attribute(s) {missing}"
+    if node.op is Op.PREFETCH:
+        source = node.attrs["source"]
+        want = {"nextgate": ("float", "float"), "elb": ("int", "float")}.get(source)
+        if want is None:
+            return f"prefetch has unknown source {source!r}"
+        if tuple(_class_of(v.dtype) for v in node.inputs) != want:
+            return (
+                f"prefetch from {source} takes inputs {want}, got {[v.dtype for v in node.inputs]}"
+            )
     if node.meta.get("region") is not None and node.has(Tag.DATA_DEPENDENT):
         return f"{name} is DATA_DEPENDENT but sits inside replay region {node.meta['region']}"
     return None

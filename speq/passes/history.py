@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from speq.ir.graph import Graph
+from speq.ir.program import Program
 
 
 @dataclass(frozen=True)
 class PassRecord:
     name: str
-    graph: Graph
+    program: Program
     seconds: float
     changed: bool
 
@@ -28,17 +28,17 @@ class PassHistory:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | str) -> Graph:
+    def __getitem__(self, key: int | str) -> Program:
         if isinstance(key, int):
-            return self.records[key].graph
+            return self.records[key].program
         for r in self.records:
             if r.name == key:
-                return r.graph
+                return r.program
         raise KeyError(f"no pass named {key!r}; passes run: {[r.name for r in self.records]}")
 
     @property
-    def final(self) -> Graph:
-        return self.records[-1].graph
+    def final(self) -> Program:
+        return self.records[-1].program
 
     def names(self) -> list[str]:
         return [r.name for r in self.records]
@@ -47,10 +47,10 @@ class PassHistory:
         parts = []
         for r in self.records:
             note = "" if r.changed else ", unchanged"
-            parts.append(f"# after {r.name} ({r.seconds * 1e3:.1f} ms{note})\n{r.graph}")
+            parts.append(f"# after {r.name} ({r.seconds * 1e3:.1f} ms{note})\n{r.program}")
         return "\n\n".join(parts)
 
     __repr__ = __str__
 
 
-Pass = Callable[[Graph], Graph]
+Pass = Callable[[Program], Program]

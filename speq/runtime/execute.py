@@ -13,7 +13,7 @@ import torch
 
 from speq.frontend.spec import ModelSpec
 from speq.ir.graph import Node
-from speq.ir.interpreter import RunContext, register
+from speq.ir.interpreter import RunContext, lookup, register
 from speq.ir.ops import Op
 from speq.models import functional as fn
 from speq.models.kv_cache import KVCache
@@ -39,14 +39,19 @@ def _wait(node, args, ctx):
 
 @register(Op.FUSED_MOE, "offload")
 def _fused_moe(node, args, ctx):
+    if len(args) == 5:  # no WAIT: resident weights (the draft's quantized experts)
+        return lookup(Op.FUSED_MOE, ("eager",))(node, args, ctx)
     x, ids, weights, _, _, residency = args
     return (ctx.runtime.moe(x, ids, weights, residency),)
 
 
 @register(Op.PREFETCH, "offload")
 def _prefetch(node, args, ctx):
-    hidden, router = args
     a = node.attrs
+    if a["source"] == "elb":  # the draft's routing, into the Expert Lookahead Buffer
+        ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
+        return ()
+    hidden, router = args
     ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"])
     ctx.runtime.prefetch(a["layer"], sorted(set(ids.reshape(-1).tolist())), Priority.NORMAL)
     return ()
@@ -82,7 +87,7 @@ class Session:
             from speq.sim.cost import node_cost, node_seconds
 
             touched = None
-            if node.op is Op.FUSED_MOE:  # its last input is the WAIT's Residency
+            if node.op is Op.FUSED_MOE and len(args) == 6:  # the WAIT's Residency is last
                 touched = sum(len(c) for c in args[5].chunks)
             cost = node_cost(
                 node,
@@ -113,15 +118,14 @@ class Session:
         prefill_end = self._prefill_end if self._prefill_end is not None else end
         d = self.runtime.counters.minus(self._prefill_counters)
         decode_s = end - prefill_end
-        steps = max(new_tokens - 1, 0)
         wasted = self.runtime.cache.evicted_prefetches + self.runtime.unused_prefetches()
         return Metrics(
             policy=policy,
             backend=self.backend,
             prompt_tokens=prompt_tokens,
             tokens=new_tokens,
-            ttft_ms=(prefill_end - self._start) * 1e3,
-            tpot_ms=decode_s / steps * 1e3 if steps else 0.0,
+            prefill_ms=(prefill_end - self._start) * 1e3,
+            tpot_ms=decode_s / new_tokens * 1e3 if new_tokens else 0.0,
             decode_ms=decode_s * 1e3,
             hit_rate=d.hits / d.needs if d.needs else 1.0,
             needs=d.needs,
@@ -136,4 +140,5 @@ class Session:
             stall_ms=d.stall_s * 1e3,
             prefill_bytes_moved=self._prefill_counters.bytes_moved,
             cache_slots=self.runtime.cache.num_slots,
+            extra=self.runtime.policy.extra_metrics(),
         )

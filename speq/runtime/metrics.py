@@ -34,8 +34,10 @@ class Counters:
 
 @dataclass
 class Metrics:
-    """The numbers of one `generate` call. Decode-phase figures exclude the prompt's forward pass
-    (``ttft_ms`` and ``prefill_bytes_moved`` cover it); the prefetch counts cover the whole run.
+    """The numbers of one `generate` call. The prompt but its last token is processed first
+    (``prefill_ms``, ``prefill_bytes_moved``); every other figure covers the decode phase that
+    produces the ``tokens`` new tokens from there, so ``tpot_ms = decode_ms / tokens``. The
+    prefetch counts cover the whole run.
     Times are wall-clock milliseconds on the
     cpu and cuda backends and virtual milliseconds on the sim backend. Readable as ``m.x`` or
     ``m["x"]``."""
@@ -44,8 +46,8 @@ class Metrics:
     backend: str
     prompt_tokens: int
     tokens: int  # new tokens generated
-    ttft_ms: float
-    tpot_ms: float  # decode time per output token after the first
+    prefill_ms: float
+    tpot_ms: float  # decode time per output token
     decode_ms: float
     hit_rate: float
     needs: int

@@ -52,8 +52,19 @@ class OffloadPolicy:
     name = "ondemand"
     eviction = "lru"
 
+    def extra_metrics(self) -> dict:
+        """Policy-specific numbers for `Metrics.extra`."""
+        return {}
+
+    def on_need(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
+        """Called at each WAIT with every expert the layer needs."""
+
     def before_ensure(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
         """Called before each group of experts is made resident (a WAIT, or a later chunk)."""
+
+    def on_draft_route(self, rt: OffloadRuntime, layer: int, ids, weights) -> None:
+        """Called by the draft graph's PREFETCH nodes with the draft router's choice."""
+        raise RuntimeError(f"policy {self.name} has no draft")
 
 
 class OffloadRuntime:
@@ -80,6 +91,7 @@ class OffloadRuntime:
     def need(self, layer: int, ids: torch.Tensor) -> Residency:
         """The WAIT of ``layer``: make the experts in ``ids`` resident (the first chunk now)."""
         experts = sorted(set(ids.reshape(-1).tolist()))  # host sync: a DATA_DEPENDENT op
+        self.policy.on_need(self, layer, experts)
         cap = self.cache.capacity(layer)
         chunks = [experts[i : i + cap] for i in range(0, len(experts), cap)]
         return Residency(layer, chunks, self.ensure(layer, chunks[0]))

@@ -22,7 +22,7 @@ from speq.runtime.link import Priority
 from speq.runtime.offload import OffloadPolicy, OffloadRuntime
 from speq.runtime.store import ExpertKey
 
-POLICIES = ("resident", "ondemand", "nextgate", "oracle")
+POLICIES = ("speq", "resident", "ondemand", "nextgate", "oracle")
 
 Schedule = Sequence[tuple[int, frozenset[int]]]  # (layer, experts) of every need, in order
 

@@ -45,6 +45,15 @@ class ExpertStore:
             self.w2[i] = w2.pin_memory() if pin else w2
         self.resident = {k: v for k, v in params.items() if k not in names}
 
+    def dense_param(self, name: str) -> torch.Tensor:
+        """The stacked host tensor of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``)."""
+        for i in self.layers:
+            if name == self.spec.expert_param(i, "w13"):
+                return self.w13[i]
+            if name == self.spec.expert_param(i, "w2"):
+                return self.w2[i]
+        raise KeyError(f"{name} is not a routed expert weight")
+
     def is_expert_param(self, name: str) -> bool:
         return any(name == self.spec.expert_param(i, w) for i in self.layers for w in ("w13", "w2"))
 

@@ -65,7 +65,9 @@ def test_wrong_input_dtype_class(graph):
 
 
 def test_missing_attribute(graph):
-    bad = _swap(graph, Op.ROUTER, lambda n: n.replace(attrs={"k": 2, "mode": "softmax_topk"}))
+    bad = _swap(
+        graph, Op.ROUTER, lambda n: n.replace(attrs={"k": 2, "layer": 0, "mode": "softmax_topk"})
+    )
     with pytest.raises(
         VerificationError, match=r"router is missing attribute\(s\) \['renormalize'\]"
     ):

@@ -5,9 +5,10 @@ import speq
 from golden import check_golden
 from helpers import tiny_model
 from speq.frontend import capture, from_reference
-from speq.ir import Graph, Node, Op, Tag, Value, VerificationError, verify
+from speq.ir import Graph, Node, Op, Program, Tag, Value, VerificationError, verify
 from speq.passes.fuse_moe import fuse_moe
 from speq.passes.insert_prefetch import insert_prefetch
+from speq.passes.make_draft import make_draft
 
 GOLDEN_VARIANT = dict(num_layers=3, first_dense_layers=1, dense_intermediate_size=40)
 
@@ -69,30 +70,57 @@ def test_fuse_moe_before_expected():
 
 
 def test_insert_prefetch_nextgate_golden(captured):
-    check_golden(
-        "insert_prefetch_nextgate", str(verify(insert_prefetch("nextgate")(fuse_moe(captured))))
-    )
+    program = insert_prefetch("nextgate")(Program((fuse_moe(captured),)))
+    check_golden("insert_prefetch_nextgate", str(verify(program)))
 
 
 def test_insert_prefetch_counts(captured):
-    fused = fuse_moe(captured)
+    fused = Program((fuse_moe(captured),))
     for policy in ("resident", "ondemand", "oracle", "nextgate"):
-        g = verify(insert_prefetch(policy)(fused))
+        g = verify(insert_prefetch(policy)(fused)["step"])
         assert len(g.find(Op.WAIT)) == 2
         assert all(n.inputs[-1].dtype == "residency" for n in g.find(Op.FUSED_MOE))
-        assert len(g.find(Op.PREFETCH)) == (
-            1 if policy == "nextgate" else 0
-        )  # all MoE layers but the last
+        # nextgate: a PREFETCH for every MoE layer but the first, issued one layer early
+        assert len(g.find(Op.PREFETCH)) == (1 if policy == "nextgate" else 0)
 
 
 def test_insert_prefetch_needs_fuse_moe_first(captured):
     with pytest.raises(VerificationError, match="fuse_moe first"):
-        insert_prefetch("ondemand")(captured)
+        insert_prefetch("ondemand")(Program((captured,)))
 
 
-def test_compile_keeps_every_pass():
-    cm = speq.compile(tiny_model(torch.float32), speq.CompileOptions(policy="nextgate"))
-    assert cm.graphs.names() == ["capture", "fuse_moe", "insert_prefetch"]
+def test_make_draft_and_elb_prefetch_golden(captured):
+    program = make_draft(4, 128)(Program((fuse_moe(captured),)))
+    assert program.names() == ["step", "draft"]
+    program = verify(insert_prefetch("speq")(program))
+    check_golden("speq_draft", str(program["draft"]))
+    draft = program["draft"]
+    assert not draft.find(Op.WAIT)  # the draft's experts are resident
+    assert len(draft.find(Op.PREFETCH)) == 2  # one ELB record per MoE layer
+    quantized = [n for n in draft.find(Op.PARAM) if "bits" in n.attrs]
+    assert len(quantized) == 4 and all(n.out.dtype == "i4" for n in quantized)
+    assert all(n.attrs["name"].startswith("draft.") for n in quantized)
+    # every other weight is the target's own tensor
+    target_params = {n.attrs["name"] for n in program["step"].find(Op.PARAM)}
+    assert {n.attrs["name"] for n in draft.find(Op.PARAM) if "bits" not in n.attrs} <= target_params
+
+
+def test_make_draft_needs_its_place_in_the_pipeline(captured):
+    with pytest.raises(VerificationError, match="after fuse_moe and before insert_prefetch"):
+        make_draft(4, 128)(Program((captured,)))
+
+
+@pytest.mark.parametrize(
+    ("policy", "names"),
+    [
+        ("nextgate", ["capture", "fuse_moe", "insert_prefetch"]),
+        ("speq", ["capture", "fuse_moe", "make_draft", "insert_prefetch"]),
+    ],
+)
+def test_compile_keeps_every_pass(policy, names):
+    cm = speq.compile(tiny_model(torch.float32), speq.CompileOptions(policy=policy))
+    assert cm.graphs.names() == names
     for record in cm.graphs:
-        verify(record.graph)
-    assert cm.graph is cm.graphs["insert_prefetch"]
+        verify(record.program)
+    assert cm.program is cm.graphs["insert_prefetch"]
+    assert cm.graph is cm.program["step"]

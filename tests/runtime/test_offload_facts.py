@@ -43,7 +43,7 @@ def test_counts_add_up(model):
     assert m.experts_moved == m.demand_fetches  # ondemand never prefetches
     assert m.prefetches_issued == 0
     # every decode step needs top_k experts in each of the 3 MoE layers (k distinct ids)
-    assert m.needs == (N - 1) * 3 * 2
+    assert m.needs == N * 3 * 2  # N one-token steps, 3 MoE layers, top-2
 
 
 @pytest.mark.parametrize("slots", [2, 4, 9])

@@ -1,0 +1,295 @@
+"""Speculative quantized decoding: the Expert Lookahead Buffer, the three-phase prefetch
+scheduler, acceptance (greedy and speculative sampling) and the decode cycle.
+
+One cycle, with ``last`` the newest committed token at position p:
+
+1. The draft (quantized experts, everything else the target's) runs k+1 one-token passes over
+   ``last, d_1, ..., d_k``, proposing ``d_1..d_k``; the extra pass over ``d_k`` only routes it.
+   Each draft router's choice is recorded in the ELB, so the ELB predicts the experts of exactly
+   the k+1 tokens that verification will process.
+2. While drafting, the scheduler copies predicted target experts: phase I holds the link and
+   protects what is resident, phase II starts a bandwidth-bounded few per pass, phase III starts
+   everything still missing at high priority. Eviction is lookahead-aware: experts predicted for
+   this window go last.
+3. The target verifies ``last, d_1..d_k`` in one pass, loading each layer's union of experts once.
+4. Greedy: accept the longest prefix of drafts the target agrees with, plus the target's next
+   token. Sampling: speculative sampling, which keeps the target's distribution. The KV cache is
+   truncated past the accepted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from speq.runtime.link import Priority
+from speq.runtime.offload import OffloadPolicy, OffloadRuntime
+from speq.runtime.sampling import SamplingParams, probabilities
+from speq.runtime.store import ExpertKey
+
+DEFAULT_K = 4  # drafted tokens per cycle when CompileOptions(k=None) and no governor chooses
+
+
+@dataclass(frozen=True)
+class SpecPolicy:
+    """The speculative policy: ``k`` drafted tokens per cycle, and the prefetch phases over the
+    k+1 draft passes of a cycle. Pass s is in phase I while ``s < phase2_start * (k+1)``, in phase
+    III from ``phase3_start * (k+1)`` on, in phase II between; phase II starts at most
+    ``phase2_width`` copies per draft pass."""
+
+    k: int = DEFAULT_K
+    phase2_start: float = 0.25
+    phase3_start: float = 0.75
+    phase2_width: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if not 0 <= self.phase2_start <= self.phase3_start <= 1:
+            raise ValueError("phase boundaries must satisfy 0 <= phase2_start <= phase3_start <= 1")
+        if self.phase2_width < 0:
+            raise ValueError(f"phase2_width must be >= 0, got {self.phase2_width}")
+
+    def phase(self, s: int, k: int) -> int:
+        """The phase (1, 2 or 3) of draft pass ``s`` of ``k + 1``; the last pass is always in
+        phase III, as drafting ends there."""
+        if s >= k or s >= self.phase3_start * (k + 1):
+            return 3
+        return 2 if s >= self.phase2_start * (k + 1) else 1
+
+
+class ExpertLookaheadBuffer:
+    """ELB[s][layer] = (expert ids, gate confidences) the draft chose for the s-th token of the
+    window, per MoE layer."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+
+    def record(self, s: int, layer: int, ids: list[int], weights: list[float]) -> None:
+        self.entries[(s, layer)] = (ids, weights)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def predicted(self, layer: int) -> set[int]:
+        return {e for (s, l_), (ids, _) in self.entries.items() if l_ == layer for e in ids}
+
+    def ranked(self) -> list[tuple[int, int]]:
+        """Predicted (layer, expert) pairs, most confident first (the highest gate weight any
+        token gave it), then by layer: the order copies are worth starting in."""
+        best: dict[tuple[int, int], float] = {}
+        for (_, layer), (ids, weights) in self.entries.items():
+            for e, w in zip(ids, weights):
+                best[(layer, e)] = max(best.get((layer, e), 0.0), w)
+        return sorted(best, key=lambda le: (-best[le], le[0], le[1]))
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    cycles: int = 0
+    position_tries: list[int] = field(default_factory=list)
+    position_accepts: list[int] = field(default_factory=list)
+    k_per_cycle: list[int] = field(default_factory=list)
+    elb_hit: dict[int, int] = field(default_factory=dict)  # per layer: predicted and used
+    elb_predicted: dict[int, int] = field(default_factory=dict)
+    elb_used: dict[int, int] = field(default_factory=dict)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add_position(self, i: int, accepted: bool) -> None:
+        while len(self.position_tries) <= i:
+            self.position_tries.append(0)
+            self.position_accepts.append(0)
+        self.position_tries[i] += 1
+        self.position_accepts[i] += int(accepted)
+
+
+class Speq(OffloadPolicy):
+    """The runtime side of the ``speq`` policy: fills the ELB from the draft's PREFETCH nodes,
+    schedules copies by phase, protects predicted experts from eviction, and scores the ELB
+    against what verification needs."""
+
+    name = "speq"
+    eviction = "lookahead"
+
+    def __init__(self, policy: SpecPolicy) -> None:
+        self.policy = policy
+        self.elb = ExpertLookaheadBuffer()
+        self.stats = SpecStats()
+        self.k = policy.k
+        self.draft_pass = 0
+        self.verifying = False
+
+    def extra_metrics(self) -> dict:
+        st = self.stats
+        hit, pred, used = (sum(d.values()) for d in (st.elb_hit, st.elb_predicted, st.elb_used))
+        return {
+            "acceptance_rate": st.accepted / st.drafted if st.drafted else 0.0,
+            "tokens_per_cycle": (st.accepted + st.cycles) / st.cycles if st.cycles else 0.0,
+            "acceptance_by_position": [
+                a / t for a, t in zip(st.position_accepts, st.position_tries)
+            ],
+            "cycles": st.cycles,
+            "k_per_cycle": list(st.k_per_cycle),
+            "elb_precision": hit / pred if pred else 0.0,
+            "elb_recall": hit / used if used else 0.0,
+            "elb_precision_by_layer": {
+                layer: st.elb_hit[layer] / n for layer, n in st.elb_predicted.items() if n
+            },
+            "elb_recall_by_layer": {
+                layer: st.elb_hit[layer] / n for layer, n in st.elb_used.items() if n
+            },
+            "draft_ms": st.draft_s * 1e3,
+            "verify_ms": st.verify_s * 1e3,
+        }
+
+    def next_use(self, key: ExpertKey) -> float:
+        """Predicted for this window: needed at its layer of the verification pass; else never."""
+        return key.layer if key.expert in self.elb.predicted(key.layer) else math.inf
+
+    def start_cycle(self, k: int) -> None:
+        self.elb.clear()
+        self.k = k
+        self.draft_pass = 0
+        self.verifying = False
+
+    def on_draft_route(
+        self, rt: OffloadRuntime, layer: int, ids: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """A PREFETCH of the draft graph: record the ELB row, then start this phase's copies."""
+        self.elb.record(
+            self.draft_pass, layer, ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
+        )
+        phase = self.policy.phase(self.draft_pass, self.k)
+        if phase == 1:
+            return
+        missing = [(lay, e) for lay, e in self.elb.ranked() if ExpertKey(lay, e) not in rt.cache]
+        if phase == 2:
+            budget = self.policy.phase2_width - self._issued_this_pass
+            missing = missing[: max(budget, 0)]
+        for lay, e in missing:
+            if rt.prefetch(lay, [e], Priority.HIGH if phase == 3 else Priority.NORMAL, before=lay):
+                self._issued_this_pass += 1
+
+    def begin_draft_pass(self, s: int) -> None:
+        self.draft_pass = s
+        self._issued_this_pass = 0
+
+    def on_need(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
+        if not self.verifying:
+            return
+        used, predicted = set(experts), self.elb.predicted(layer)
+        st = self.stats
+        st.elb_hit[layer] = st.elb_hit.get(layer, 0) + len(used & predicted)
+        st.elb_predicted[layer] = st.elb_predicted.get(layer, 0) + len(predicted)
+        st.elb_used[layer] = st.elb_used.get(layer, 0) + len(used)
+
+
+def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[int, int]:
+    """(accepted drafts, the target's next token): the longest prefix of ``draft`` equal to the
+    target's argmax at each position, then the target's argmax after it."""
+    choice = torch.argmax(target_logits, dim=-1).tolist()
+    n = 0
+    while n < len(draft) and draft[n] == choice[n]:
+        n += 1
+    return n, choice[n]
+
+
+def speculative_accept(
+    draft: Sequence[int],
+    q: Sequence[torch.Tensor],
+    p: torch.Tensor,
+    gen: torch.Generator,
+) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al., Chen et al.): draft token ``draft[i]`` was drawn
+    from ``q[i]``; ``p[i]`` is the target's distribution at that position (``p`` has one more
+    row). Accept it with probability min(1, p/q); at the first rejection draw from
+    norm(max(0, p - q)); if all are accepted draw the next token from ``p[len(draft)]``. The
+    output tokens are distributed exactly as the target's."""
+    for i, d in enumerate(draft):
+        pi, qi = p[i], q[i]
+        if torch.rand((), generator=gen, dtype=torch.float64) * qi[d] < pi[d]:
+            continue
+        residual = torch.clamp(pi - qi, min=0.0)
+        total = residual.sum()
+        dist = residual / total if total > 0 else pi
+        return i, int(torch.multinomial(dist, 1, generator=gen))
+    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=gen))
+
+
+def draft_token(
+    logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None
+) -> tuple[int, torch.Tensor | None]:
+    """A drafted token and, when sampling, the distribution it was drawn from."""
+    if not sampling.do_sample:
+        return int(torch.argmax(logits)), None
+    q = probabilities(logits, sampling)
+    return int(torch.multinomial(q, 1, generator=gen)), q
+
+
+StepFn = Callable[[str, torch.Tensor, int], torch.Tensor]
+
+
+def speculative_decode(
+    step: StepFn,
+    truncate: Callable[[int], None],
+    speq: Speq,
+    prompt: list[int],
+    n: int,
+    max_seq_len: int,
+    sampling: SamplingParams,
+    gen: torch.Generator | None,
+    clock: Callable[[], float],
+    on_tokens: Callable[[list[int]], None],
+) -> list[int]:
+    """Decode ``n`` tokens after ``prompt`` (whose last token is not yet in the KV cache).
+
+    ``step(graph, tokens, pos)`` runs the ``"step"`` (target) or ``"draft"`` graph and returns
+    its logits; ``truncate(length)`` rolls the KV cache back.
+    """
+    out = list(prompt)
+    st = speq.stats
+    while len(out) - len(prompt) < n:
+        p = len(out) - 1
+        remaining = n - (len(out) - len(prompt))
+        k = max(0, min(speq.policy.k, remaining - 1, max_seq_len - p - 1))
+        speq.start_cycle(k)
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        t0 = clock()
+        x = out[-1]
+        for s in range(k + 1 if k else 0):
+            speq.begin_draft_pass(s)
+            logits = step("draft", torch.tensor([x]), p + s)[-1].cpu()
+            if s == k:
+                break  # the extra pass routes d_k for the ELB; its proposal is not used
+            x, q = draft_token(logits, sampling, gen)
+            drafts.append(x)
+            if q is not None:
+                qs.append(q)
+        t1 = clock()
+        speq.verifying = True
+        target = step("step", torch.tensor([out[-1], *drafts]), p).cpu()
+        speq.verifying = False
+        st.draft_s += t1 - t0
+        st.verify_s += clock() - t1
+        if sampling.do_sample:
+            accepted, nxt = speculative_accept(drafts, qs, probabilities(target, sampling), gen)
+        else:
+            accepted, nxt = greedy_accept(drafts, target)
+        for i in range(min(accepted + 1, k)):
+            st.add_position(i, i < accepted)
+        st.drafted += k
+        st.accepted += accepted
+        st.cycles += 1
+        st.k_per_cycle.append(k)
+        new = [*drafts[:accepted], nxt]
+        out.extend(new)
+        truncate(p + accepted + 1)  # positions p .. p+accepted hold verified tokens
+        on_tokens(new)
+    return out
