@@ -1,118 +1,128 @@
-"""Offloading policies side by side on the cpu backend, on one prompt and one device budget.
+"""Offloading policies side by side on the cpu backend: one prompt, two device budgets.
 
 The emulated link is calibrated so that one expert copy costs as many decode-layer times on this
-CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (see speq.runtime.calibrate). Every
-policy generates the same tokens (checked); TPOT is wall-clock ms per output token after the
-first, the median of the repeats. Writes bench/results/offload_cpu.json and prints a table.
+CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (speq.runtime.calibrate). Each
+budget is the same total device memory for every policy; speq spends part of it on its resident
+INT4 draft, so it has fewer expert slots ("ondemand-same-cache" gets only speq's slots). Every
+run's tokens are checked against the resident greedy output. TPOT is wall-clock ms per output
+token (the median of the repeats). Writes bench/results/offload_cpu.json and prints a table.
 
-    python bench/bench_offload.py [--tokens 32] [--repeats 3] [--slots-fraction 0.25]
+    python bench/bench_offload.py [--tokens 32] [--repeats 3] [--budgets 0.375,0.75] [--ks 1,2,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
+from common import RESULTS, environment, table, write_json
 from tqdm import tqdm
 
 import speq
 from speq.models.demo import random_demo_model
 from speq.runtime.calibrate import calibrate_link
-from speq.runtime.policies import POLICIES
 
-RESULTS = Path(__file__).parent / "results"
+
+def _row(name: str, budget: str, k, runs: list) -> dict:
+    m = runs[len(runs) // 2]
+    return {
+        "budget": budget,
+        "policy": name,
+        "k": k,
+        "tpot_ms": statistics.median(r.tpot_ms for r in runs),
+        "tpot_ms_runs": [r.tpot_ms for r in runs],
+        "hit_rate": m.hit_rate,
+        "experts_moved": m.experts_moved,
+        "mb_moved": m.bytes_moved / 1e6,
+        "stall_ms": statistics.median(r.stall_ms for r in runs),
+        "cache_slots": m.cache_slots,
+        "acceptance_rate": m.extra.get("acceptance_rate"),
+        "elb_recall": m.extra.get("elb_recall"),
+        "elb_precision": m.extra.get("elb_precision"),
+        "tokens_per_cycle": m.extra.get("tokens_per_cycle"),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
     model = random_demo_model(0)
     cfg = model.config
-    prompt = torch.randint(
-        0, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1)
-    )
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens), generator=gen)
     resident = speq.compile(model)
     cal = calibrate_link(resident, prompt, reference=args.reference)
     print(cal.describe(), file=sys.stderr)
-    mem = resident.memory
-    total = len(cfg.moe_layers) * cfg.num_experts
-    slots = max(cfg.top_k, round(args.slots_fraction * total))
-    budget = mem.non_expert_bytes + mem.kv_bytes + slots * mem.expert_bytes
+    link = dict(backend="cpu", link_gbps=cal.link_gbps, link_latency_us=cal.link_latency_us)
     expected = resident.generate(prompt, args.tokens)
+    mem = resident.memory
+    fixed = mem.non_expert_bytes + mem.kv_bytes
+    total_expert_bytes = resident.store.total_expert_bytes
+
+    configs: list[tuple[str, str, int | None, speq.CompileOptions]] = []
+    for frac in args.budgets:
+        budget = fixed + int(frac * total_expert_bytes)
+        label = f"{frac:.3g} of expert bytes"
+        configs.append((label, "resident", None, speq.CompileOptions(policy="resident", **link)))
+        for policy in ("ondemand", "nextgate", "oracle"):
+            opts = speq.CompileOptions(policy=policy, device_memory=budget, **link)
+            configs.append((label, policy, None, opts))
+        for k in args.ks:
+            opts = speq.CompileOptions(policy="speq", k=k, device_memory=budget, **link)
+            configs.append((label, "speq", k, opts))
+        draft = speq.compile(model, configs[-1][3]).draft_bytes
+        same_cache = speq.CompileOptions(policy="ondemand", device_memory=budget - draft, **link)
+        configs.append((label, "ondemand-same-cache", None, same_cache))
+
     rows = []
-    bar = tqdm(
-        total=len(POLICIES) * args.repeats, desc="bench_offload", unit="run", file=sys.stderr
-    )
-    for policy in POLICIES:
-        opts = speq.CompileOptions(
-            policy=policy,
-            backend="cpu",
-            device_memory=None if policy == "resident" else budget,
-            link_gbps=cal.link_gbps,
-            link_latency_us=cal.link_latency_us,
-        )
+    bar = tqdm(total=len(configs) * args.repeats, desc="bench_offload", unit="run", file=sys.stderr)
+    for label, name, k, opts in configs:
         cm = speq.compile(model, opts)
         runs = []
         for _ in range(args.repeats):
             out = cm.generate(prompt, args.tokens)
             if not torch.equal(out, expected):
-                raise AssertionError(f"{policy} generated different tokens than resident")
+                raise AssertionError(f"{name} (k={k}) generated other tokens than resident")
             runs.append(cm.metrics)
             bar.update(1)
-        m = runs[len(runs) // 2]
-        rows.append(
-            {
-                "policy": policy,
-                "tpot_ms": statistics.median(r.tpot_ms for r in runs),
-                "tpot_ms_runs": [r.tpot_ms for r in runs],
-                "hit_rate": m.hit_rate,
-                "experts_moved": m.experts_moved,
-                "mb_moved": m.bytes_moved / 1e6,
-                "stall_ms": statistics.median(r.stall_ms for r in runs),
-                "prefetches_issued": m.prefetches_issued,
-                "prefetches_used": m.prefetches_used,
-                "cache_slots": m.cache_slots,
-            }
-        )
+        rows.append(_row(name, label, k, runs))
     bar.close()
-    base = next(r["tpot_ms"] for r in rows if r["policy"] == "ondemand")
-    for r in rows:
-        r["speedup_vs_ondemand"] = base / r["tpot_ms"]
+    for label in {r["budget"] for r in rows}:
+        group = [r for r in rows if r["budget"] == label]
+        base = next(r["tpot_ms"] for r in group if r["policy"] == "ondemand")
+        for r in group:
+            r["speedup_vs_ondemand"] = base / r["tpot_ms"]
     return {
         "setting": {
-            "backend": "cpu (emulated link, wall clock)",
-            "model": f"random demo model: {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden_size}",
+            "backend": "cpu, emulated link, wall clock",
+            "model": f"random demo model ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden_size}, fp32)",
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.tokens,
             "repeats": args.repeats,
-            "cache_slots": slots,
-            "total_experts": total,
-            "device_memory_bytes": budget,
             "link": cal.__dict__,
             "link_description": cal.describe(),
-            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "expert_bytes": mem.expert_bytes,
+            "total_expert_bytes": total_expert_bytes,
+            "environment": environment(),
         },
         "results": rows,
     }
 
 
-def table(report: dict) -> str:
-    cols = [
-        ("policy", "policy"),
-        ("tpot_ms", "TPOT (ms)"),
-        ("speedup_vs_ondemand", "speed-up vs ondemand (x)"),
-        ("hit_rate", "hit rate"),
-        ("experts_moved", "experts moved"),
-        ("mb_moved", "MB moved"),
-        ("stall_ms", "stall (ms)"),
-    ]
-    rows = [[r[k] for k, _ in cols] for r in report["results"]]
-    return tabulate(rows, headers=[h for _, h in cols], floatfmt=".3g", tablefmt="github")
+COLUMNS = {
+    "budget": "device budget",
+    "policy": "policy",
+    "k": "k",
+    "cache_slots": "expert slots",
+    "tpot_ms": "TPOT (ms)",
+    "speedup_vs_ondemand": "vs ondemand (x)",
+    "hit_rate": "hit rate",
+    "mb_moved": "MB moved",
+    "stall_ms": "stall (ms)",
+    "acceptance_rate": "acceptance",
+    "elb_recall": "ELB recall",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,27 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
-        "--slots-fraction", type=float, default=0.25, help="expert cache slots / all experts"
+        "--budgets",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.375, 0.75],
+        help="device budget beyond non-expert weights and KV cache, as fractions of all expert bytes",
     )
-    p.add_argument(
-        "--reference",
-        default="phi-3.5-moe",
-        help="preset whose compute:transfer ratio the link matches",
-    )
-    p.add_argument("--out", type=Path, default=RESULTS / "offload_cpu.json")
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--reference", default="phi-3.5-moe", help="preset whose ratio the link matches")
+    p.add_argument("--out", default=str(RESULTS / "offload_cpu.json"))
     args = p.parse_args(argv)
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_json(Path(args.out), report)
     s = report["setting"]
+    print(f"{s['model']}; {s['link_description']}")
     print(
-        f"{s['model']}; {s['cache_slots']} of {s['total_experts']} experts fit; {s['link_description']}"
+        f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, median of "
+        f"{s['repeats']} runs; {s['backend']}; every run's tokens equal resident greedy"
     )
-    print(
-        f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, median of {s['repeats']} runs, {s['backend']}"
-    )
-    print(table(report))
-    print(f"wrote {args.out}")
+    print(table(report["results"], COLUMNS))
+    print(f"wrote {path}")
     return 0
 
 

@@ -146,6 +146,7 @@ class CompiledModel:
         if options.backend != "sim":
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
         self.metrics: Metrics | None = None
+        self._node_seconds: dict = {}  # the sim backend's modelled node times, reused
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -232,7 +233,9 @@ class CompiledModel:
         if isinstance(policy, Resident):
             self._preload(cache)
         backend = "sim" if virtual else self.options.backend
-        return Session(self.spec, self.params, runtime, backend, self.profile, timeline)
+        return Session(
+            self.spec, self.params, runtime, backend, self.profile, timeline, self._node_seconds
+        )
 
     def _preload(self, cache: ExpertCache) -> None:
         """Every expert resident, in a fixed slot order (the pool is filled once)."""

@@ -68,8 +68,12 @@ class Session:
         backend: str,
         profile: Any = None,
         timeline: Timeline | None = None,
+        seconds_cache: dict | None = None,
     ) -> None:
+        """``seconds_cache``: modelled node times by (node, tokens, context, experts), kept by
+        the compiled model across calls (the sim backend's hot path)."""
         self.spec, self.params, self.runtime = spec, params, runtime
+        self._seconds = {} if seconds_cache is None else seconds_cache
         self.backend, self.profile, self.timeline = backend, profile, timeline
         self.link: Link = runtime.link
         self._tokens = 1
@@ -89,15 +93,18 @@ class Session:
             touched = None
             if node.op is Op.FUSED_MOE and len(args) == 6:  # the WAIT's Residency is last
                 touched = sum(len(c) for c in args[5].chunks)
-            cost = node_cost(
-                node,
-                self.spec.config,
-                self._tokens,
-                self._context,
-                self.spec.dtype.itemsize,
-                experts_touched=touched,
-            )
-            seconds = node_seconds(cost, self.profile)
+            key = (id(node), self._tokens, self._context, touched)
+            seconds = self._seconds.get(key)
+            if seconds is None:
+                cost = node_cost(
+                    node,
+                    self.spec.config,
+                    self._tokens,
+                    self._context,
+                    self.spec.dtype.itemsize,
+                    experts_touched=touched,
+                )
+                seconds = self._seconds[key] = node_seconds(cost, self.profile)
             self.link.advance(seconds)
         if self.timeline is not None and seconds > 0:
             end = self.link.now()

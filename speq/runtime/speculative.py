@@ -41,8 +41,8 @@ class SpecPolicy:
     ``phase2_width`` copies per draft pass."""
 
     k: int = DEFAULT_K
-    phase2_start: float = 0.25
-    phase3_start: float = 0.75
+    phase2_start: float = 0.0
+    phase3_start: float = 0.5
     phase2_width: int = 2
 
     def __post_init__(self) -> None:
@@ -67,24 +67,33 @@ class ExpertLookaheadBuffer:
 
     def __init__(self) -> None:
         self.entries: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+        self._confidence: dict[tuple[int, int], float] = {}  # (layer, expert) -> best gate weight
+        self._by_layer: dict[int, set[int]] = {}
 
     def record(self, s: int, layer: int, ids: list[int], weights: list[float]) -> None:
         self.entries[(s, layer)] = (ids, weights)
+        for e, w in zip(ids, weights):
+            self._confidence[(layer, e)] = max(self._confidence.get((layer, e), 0.0), w)
+            self._by_layer.setdefault(layer, set()).add(e)
 
     def clear(self) -> None:
         self.entries.clear()
+        self._confidence.clear()
+        self._by_layer.clear()
 
     def predicted(self, layer: int) -> set[int]:
-        return {e for (s, l_), (ids, _) in self.entries.items() if l_ == layer for e in ids}
+        return self._by_layer.get(layer, set())
 
-    def ranked(self) -> list[tuple[int, int]]:
-        """Predicted (layer, expert) pairs, most confident first (the highest gate weight any
-        token gave it), then by layer: the order copies are worth starting in."""
-        best: dict[tuple[int, int], float] = {}
-        for (_, layer), (ids, weights) in self.entries.items():
-            for e, w in zip(ids, weights):
-                best[(layer, e)] = max(best.get((layer, e), 0.0), w)
-        return sorted(best, key=lambda le: (-best[le], le[0], le[1]))
+    def by_confidence(self) -> list[tuple[int, int]]:
+        """Predicted (layer, expert) pairs, the most confident (highest gate weight any token
+        gave it) first: the order a bandwidth-bounded prefetch picks them in."""
+        c = self._confidence
+        return sorted(c, key=lambda le: (-c[le], le[0], le[1]))
+
+    def by_need(self) -> list[tuple[int, int]]:
+        """Predicted (layer, expert) pairs in the order verification will need them."""
+        c = self._confidence
+        return sorted(c, key=lambda le: (le[0], -c[le], le[1]))
 
 
 @dataclass
@@ -124,6 +133,7 @@ class Speq(OffloadPolicy):
         self.k = policy.k
         self.draft_pass = 0
         self.verifying = False
+        self.verify_layer = -1
 
     def extra_metrics(self) -> dict:
         st = self.stats
@@ -149,14 +159,18 @@ class Speq(OffloadPolicy):
         }
 
     def next_use(self, key: ExpertKey) -> float:
-        """Predicted for this window: needed at its layer of the verification pass; else never."""
-        return key.layer if key.expert in self.elb.predicted(key.layer) else math.inf
+        """Predicted for this window and its layer not yet verified: needed at that layer of the
+        verification pass; otherwise not known to be needed."""
+        if key.layer >= self.verify_layer and key.expert in self.elb.predicted(key.layer):
+            return key.layer
+        return math.inf
 
     def start_cycle(self, k: int) -> None:
         self.elb.clear()
         self.k = k
         self.draft_pass = 0
         self.verifying = False
+        self.verify_layer = -1
 
     def on_draft_route(
         self, rt: OffloadRuntime, layer: int, ids: torch.Tensor, weights: torch.Tensor
@@ -168,7 +182,8 @@ class Speq(OffloadPolicy):
         phase = self.policy.phase(self.draft_pass, self.k)
         if phase == 1:
             return
-        missing = [(lay, e) for lay, e in self.elb.ranked() if ExpertKey(lay, e) not in rt.cache]
+        order = self.elb.by_confidence() if phase == 2 else self.elb.by_need()
+        missing = [(lay, e) for lay, e in order if ExpertKey(lay, e) not in rt.cache]
         if phase == 2:
             budget = self.policy.phase2_width - self._issued_this_pass
             missing = missing[: max(budget, 0)]
@@ -183,6 +198,7 @@ class Speq(OffloadPolicy):
     def on_need(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
         if not self.verifying:
             return
+        self.verify_layer = layer
         used, predicted = set(experts), self.elb.predicted(layer)
         st = self.stats
         st.elb_hit[layer] = st.elb_hit.get(layer, 0) + len(used & predicted)

@@ -1,0 +1,159 @@
+"""Speculative quantized decoding: lossless greedy output, distribution-preserving sampling,
+metrics, and budget errors."""
+
+import pytest
+import torch
+
+import speq
+from helpers import VARIANTS, tiny_model
+from speq.runtime.speculative import SpecPolicy, greedy_accept, speculative_accept
+
+PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
+N = 14
+
+CONFIGS = {
+    "top1": VARIANTS["top1"],
+    "shared_expert": dict(shared_expert_intermediate_size=16),
+    "dense_first": VARIANTS["dense_first_topk_softmax"],
+    "top4_of_6": dict(num_experts=6, top_k=4),
+}
+
+
+def _tight(model, slots: int) -> int:
+    probe = speq.compile(model, speq.CompileOptions(policy="speq"))
+    m = probe.memory
+    return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request):
+    model = tiny_model(torch.float64, **CONFIGS[request.param])
+    return model, speq.compile(model).generate(PROMPT, N)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+def test_greedy_is_lossless_for_every_k(case, backend):
+    model, expected = case
+    budget = _tight(model, model.config.top_k + 2)
+    for k in range(1, 9):
+        opts = speq.CompileOptions(
+            policy="speq", k=k, backend=backend, device_memory=budget, link_gbps=8.0
+        )
+        cm = speq.compile(model, opts)
+        out = cm.generate(PROMPT, N)
+        assert torch.equal(out, expected), f"k={k}"
+        m = cm.metrics
+        assert m.tokens == N and 0.0 <= m["acceptance_rate"] <= 1.0
+        assert max(m["k_per_cycle"]) <= k
+
+
+def test_int8_draft_is_lossless_too(case):
+    model, expected = case
+    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=3, draft_bits=8, backend="sim"))
+    assert torch.equal(cm.generate(PROMPT, N), expected)
+
+
+def test_exact_draft_is_always_accepted_and_predicts_every_expert():
+    """INT8 with one scale per weight represents the target almost exactly: the draft then
+    proposes the target's own tokens and routes like it."""
+    model = tiny_model(torch.float64, num_layers=3)
+    opts = speq.CompileOptions(policy="speq", k=4, draft_bits=8, draft_group_size=1, backend="sim")
+    cm = speq.compile(model, opts)
+    cm.generate(PROMPT, 20)
+    m = cm.metrics
+    assert m["acceptance_rate"] == 1.0
+    assert m["elb_recall"] == 1.0 and m["elb_precision"] == 1.0
+    assert m["tokens_per_cycle"] == pytest.approx(20 / m["cycles"])
+    assert set(m["elb_recall_by_layer"]) == {0, 1, 2}
+
+
+def test_speculation_metrics_are_consistent():
+    model = tiny_model(torch.float64, num_layers=3)
+    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=4, backend="sim"))
+    cm.generate(PROMPT, 24)
+    m = cm.metrics
+    assert sum(m["k_per_cycle"]) >= m["cycles"]
+    drafted = sum(m["k_per_cycle"])
+    accepted = round(m["acceptance_rate"] * drafted)
+    assert accepted + m["cycles"] == 24  # every cycle commits its accepted drafts plus one
+    assert len(m["acceptance_by_position"]) <= 4
+    assert m["draft_bytes"] > 0 and m["draft_ms"] > 0 and m["verify_ms"] > 0
+    assert 0 < m["elb_recall"] <= 1 and 0 < m["elb_precision"] <= 1
+
+
+def test_greedy_accept_rule():
+    logits = torch.eye(5)[[2, 4, 1, 3]] * 3.0  # the target's argmax at each position: 2, 4, 1, 3
+    assert greedy_accept([2, 4, 1], logits) == (3, 3)
+    assert greedy_accept([2, 0, 1], logits) == (1, 4)
+    assert greedy_accept([0, 4, 1], logits) == (0, 2)
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """P-value of Pearson's chi-square goodness of fit (cells with expected count < 5 merged)."""
+    n = counts.sum()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
+
+
+def test_speculative_accept_keeps_the_target_distribution():
+    """Draws through the accept/resample rule follow p, not the draft's q (which the test would
+    reject: it has power)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    q = torch.tensor([0.3, 0.1, 0.3, 0.2, 0.1], dtype=torch.float64)
+    counts, draft_counts = torch.zeros(5), torch.zeros(5)
+    for _ in range(6000):
+        d = int(torch.multinomial(q, 1, generator=gen))
+        n, tok = speculative_accept([d], [q], p, gen)
+        counts[d if n == 1 else tok] += 1
+        draft_counts[d] += 1
+    assert _chi_square_p(counts, p[0]) > 1e-3
+    assert _chi_square_p(draft_counts, p[0]) < 1e-6
+
+
+def test_first_sampled_token_follows_the_targets_softmax():
+    """End to end on a 7-token vocabulary: the first token of speculative sampling, over many
+    seeds, is distributed as the target's softmax at the prompt."""
+    model = tiny_model(torch.float64, vocab_size=7, num_layers=2, seed=3)
+    prompt = torch.tensor([[1, 4, 2]])
+    with torch.no_grad():
+        probs = torch.softmax(model(prompt)[0, -1].double() / 0.9, -1)
+    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=1))
+    counts = torch.zeros(7)
+    for seed in range(800):
+        out = cm.generate(prompt, 2, do_sample=True, temperature=0.9, seed=seed)
+        counts[out[0, 3]] += 1
+    assert _chi_square_p(counts, probs) > 1e-3
+
+
+def test_sampling_is_reproducible_per_seed():
+    model = tiny_model(torch.float64)
+    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=3, backend="sim"))
+    a = cm.generate(PROMPT, 12, do_sample=True, seed=5)
+    assert torch.equal(a, cm.generate(PROMPT, 12, do_sample=True, seed=5))
+
+
+def test_draft_that_does_not_fit_names_the_sizes():
+    model = tiny_model(torch.float64)
+    budget = _tight(model, model.config.top_k) - 1
+    with pytest.raises(ValueError, match=r"quantized draft experts [0-9,]+ bytes") as e:
+        speq.compile(model, speq.CompileOptions(policy="speq", device_memory=budget))
+    assert "below the minimum" in str(e.value)
+
+
+def test_spec_policy_phases():
+    p = SpecPolicy(k=4, phase2_start=0.2, phase3_start=0.6, phase2_width=1)
+    assert [p.phase(s, 4) for s in range(5)] == [1, 2, 2, 3, 3]
+    late = SpecPolicy(k=1, phase2_start=0.6, phase3_start=1.0)
+    assert [late.phase(s, 1) for s in range(2)] == [1, 3]  # the last pass is always phase III
+    with pytest.raises(ValueError, match="phase boundaries"):
+        SpecPolicy(phase2_start=0.8, phase3_start=0.5)
+    with pytest.raises(ValueError, match="k must be"):
+        SpecPolicy(k=0)
