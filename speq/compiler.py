@@ -21,11 +21,13 @@ from speq.ir.ops import Op
 from speq.ir.program import Program
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
-from speq.passes.history import PassHistory
+from speq.passes.governor import Governor, HardwareModel, Policy, govern
+from speq.passes.history import PassHistory, PassRecord
 from speq.passes.make_draft import DRAFT_PREFIX
 from speq.passes.pipeline import default_passes, run_passes
 from speq.runtime.budget import Budget, MemoryPlan, parse_budget, plan_memory
 from speq.runtime.cache import ALLOCATIONS, EVICTIONS, ExpertCache
+from speq.runtime.calibrate import time_passes
 from speq.runtime.execute import BACKENDS as EXEC_BACKENDS
 from speq.runtime.execute import Session
 from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
@@ -33,7 +35,7 @@ from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident
 from speq.runtime.sampling import SamplingParams, pick
-from speq.runtime.speculative import DEFAULT_K, SpecPolicy, Speq, speculative_decode
+from speq.runtime.speculative import SpecPolicy, Speq, speculative_decode
 from speq.runtime.store import ExpertStore
 
 log = logging.getLogger("speq")
@@ -63,8 +65,9 @@ class CompileOptions:
     - ``eviction``: ``lru``, ``lfu`` or ``lookahead``; None takes the policy's own.
     - ``trace_path``: write a Chrome-trace timeline of compute and copies after each generate.
     - ``dtype``: the compute dtype (default: the model's own).
-    - ``k``: tokens drafted per cycle under ``policy="speq"``; None takes the default
-      (`speq.runtime.speculative.DEFAULT_K`).
+    - ``k``: tokens drafted per cycle under ``policy="speq"``; None lets the governor choose it
+      (and re-choose it every cycle) from a short calibration on the backend in use.
+    - ``ttft_budget_ms``: the governor keeps one cycle within this time (k_SLO).
     - ``draft_bits`` / ``draft_group_size``: the draft's weight-only expert quantization (INT4 or
       INT8, symmetric, one scale per group along the reduction dimension).
     """
@@ -82,6 +85,7 @@ class CompileOptions:
     k: int | None = None
     draft_bits: int = 4
     draft_group_size: int = 128
+    ttft_budget_ms: float = 500.0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -147,6 +151,14 @@ class CompiledModel:
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
         self.metrics: Metrics | None = None
         self._node_seconds: dict = {}  # the sim backend's modelled node times, reused
+        self.governed: Policy | None = None
+        if options.policy == "speq" and options.k is None:
+            t0 = time.perf_counter()
+            self.governed = self._govern()
+            note = "governor: " + self.governed.describe()
+            graphs.records.append(
+                PassRecord("governor", self.program, time.perf_counter() - t0, False, note)
+            )
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -237,6 +249,31 @@ class CompiledModel:
             self.spec, self.params, runtime, backend, self.profile, timeline, self._node_seconds
         )
 
+    def _govern(self, probe_k: int = 4, probe_tokens: int = 24) -> Policy:
+        """Calibrate on this backend (pass times, then a short speculative warm-up for the
+        acceptance and miss rates) and let the governor choose the policy."""
+        cfg = self.config
+        prompt = torch.arange(1, 17) % cfg.vocab_size
+        draft_s, verify = time_passes(self, prompt[None])
+        gbps = self.options.link_gbps or self.profile.link_gbps
+        lat = self.options.link_latency_us
+        lat = self.profile.link_latency_us if lat is None else lat
+        copy_s = VirtualLink(gbps, lat).cost(self.store.expert_bytes)
+        hw = HardwareModel(draft_s, verify, copy_s, source=f"measured ({self.options.backend})")
+        probe = Speq(SpecPolicy(k=probe_k))
+        session = self._session(probe)
+        n = min(probe_tokens, cfg.max_seq_len - prompt.shape[0] - probe_k - 1)
+        self._decode(prompt, max(n, 1), SamplingParams(), session)
+        session.finish("calibrate", prompt.shape[0], n)
+        extra = probe.extra_metrics()
+        return govern(
+            cfg,
+            hw,
+            extra["acceptance_by_position"] or [0.5],
+            extra["verify_miss_rate"],
+            ttft_budget_s=self.options.ttft_budget_ms / 1e3,
+        )
+
     def _preload(self, cache: ExpertCache) -> None:
         """Every expert resident, in a fixed slot order (the pool is filled once)."""
         fill = not getattr(self, "_pool_filled", False)
@@ -257,7 +294,9 @@ class CompiledModel:
         if name == "nextgate":
             return NextGate()
         if name == "speq":
-            return Speq(SpecPolicy(k=self.options.k or DEFAULT_K))
+            if self.governed is not None:
+                return Speq(self.governed.spec, Governor(self.governed, self.config))
+            return Speq(SpecPolicy(k=self.options.k))
         # oracle: record the run's routing first (a virtual-clock pass; its cost is not measured)
         session = self._session(OnDemand(), virtual=True)
         self._decode(prompt, n, sampling, session)

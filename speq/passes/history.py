@@ -14,6 +14,7 @@ class PassRecord:
     program: Program
     seconds: float
     changed: bool
+    note: str = ""  # what the pass decided, for passes that decide rather than rewrite
 
 
 class PassHistory:
@@ -47,7 +48,10 @@ class PassHistory:
         parts = []
         for r in self.records:
             note = "" if r.changed else ", unchanged"
-            parts.append(f"# after {r.name} ({r.seconds * 1e3:.1f} ms{note})\n{r.program}")
+            head = f"# after {r.name} ({r.seconds * 1e3:.1f} ms{note})"
+            if r.note:
+                head += "\n# " + r.note
+            parts.append(f"{head}\n{r.program}")
         return "\n\n".join(parts)
 
     __repr__ = __str__

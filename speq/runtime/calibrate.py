@@ -10,6 +10,7 @@ expert copy costs the same number of layer-times on the CPU as on the real devic
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +77,37 @@ def calibrate_link(
     return LinkCalibration(
         reference, profile, copy / gpu_layer, scale, cpu_layer * 1e3, nbytes, gbps, latency * 1e6
     )
+
+
+def time_passes(
+    compiled, prompt: torch.Tensor, tokens: Sequence[int] = (1, 2, 3, 5, 9), repeats: int = 3
+):
+    """Median seconds of one draft pass and of target passes over each of ``tokens`` new tokens,
+    compute only: experts are read where they are, no copies (wall clock, or the sim backend's
+    virtual clock)."""
+    import time
+
+    from speq.models.kv_cache import KVCache
+    from speq.runtime.speculative import SpecPolicy, Speq
+
+    session = compiled._session(Speq(SpecPolicy(k=1)), virtual=True)
+    cache = KVCache(compiled.config, 1, compiled.spec.dtype, compiled.device)
+    p = int(prompt.shape[-1])
+    ids = prompt.reshape(-1)
+    compiled._step("step", ids, cache, 0, session)
+    clock = session.link.now if compiled.options.backend == "sim" else time.perf_counter
+
+    def timed(graph: str, t: int) -> float:
+        samples = []
+        for _ in range(repeats):
+            x = ids[:t] if t <= p else ids.repeat(t // p + 1)[:t]
+            t0 = clock()
+            compiled._step(graph, x, cache, p, session)
+            samples.append(clock() - t0)
+            cache.truncate(p)
+        return statistics.median(samples)
+
+    draft = timed("draft", 1) if "draft" in compiled.program else 0.0
+    verify = {t: timed("step", t) for t in tokens}
+    session.finish("calibrate", 0, 0)
+    return draft, verify

@@ -109,6 +109,8 @@ class SpecStats:
     elb_used: dict[int, int] = field(default_factory=dict)
     draft_s: float = 0.0
     verify_s: float = 0.0
+    verify_needs: int = 0  # (layer, expert) needs at verification
+    verify_misses: int = 0  # of which not resident and loaded when needed
 
     def add_position(self, i: int, accepted: bool) -> None:
         while len(self.position_tries) <= i:
@@ -126,12 +128,17 @@ class Speq(OffloadPolicy):
     name = "speq"
     eviction = "lookahead"
 
-    def __init__(self, policy: SpecPolicy) -> None:
+    def __init__(self, policy: SpecPolicy, governor=None) -> None:
+        """``governor``: a `speq.passes.governor.Governor` that re-solves k after every cycle;
+        None keeps ``policy.k``."""
         self.policy = policy
+        self.governor = governor
+        self.next_k = policy.k
         self.elb = ExpertLookaheadBuffer()
         self.stats = SpecStats()
         self.k = policy.k
         self.draft_pass = 0
+        self._issued_this_pass = 0
         self.verifying = False
         self.verify_layer = -1
 
@@ -154,6 +161,7 @@ class Speq(OffloadPolicy):
             "elb_recall_by_layer": {
                 layer: st.elb_hit[layer] / n for layer, n in st.elb_used.items() if n
             },
+            "verify_miss_rate": st.verify_misses / st.verify_needs if st.verify_needs else 0.0,
             "draft_ms": st.draft_s * 1e3,
             "verify_ms": st.verify_s * 1e3,
         }
@@ -199,6 +207,10 @@ class Speq(OffloadPolicy):
         if not self.verifying:
             return
         self.verify_layer = layer
+        for e in experts:
+            entry = rt.cache.get(ExpertKey(layer, e))
+            self.stats.verify_misses += entry is None or entry.loading
+        self.stats.verify_needs += len(experts)
         used, predicted = set(experts), self.elb.predicted(layer)
         st = self.stats
         st.elb_hit[layer] = st.elb_hit.get(layer, 0) + len(used & predicted)
@@ -273,7 +285,8 @@ def speculative_decode(
     while len(out) - len(prompt) < n:
         p = len(out) - 1
         remaining = n - (len(out) - len(prompt))
-        k = max(0, min(speq.policy.k, remaining - 1, max_seq_len - p - 1))
+        k = max(0, min(speq.next_k, remaining - 1, max_seq_len - p - 1))
+        needs0, misses0 = st.verify_needs, st.verify_misses
         speq.start_cycle(k)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
@@ -298,8 +311,12 @@ def speculative_decode(
             accepted, nxt = speculative_accept(drafts, qs, probabilities(target, sampling), gen)
         else:
             accepted, nxt = greedy_accept(drafts, target)
-        for i in range(min(accepted + 1, k)):
-            st.add_position(i, i < accepted)
+        tries = [i < accepted for i in range(min(accepted + 1, k))]
+        for i, ok in enumerate(tries):
+            st.add_position(i, ok)
+        if speq.governor is not None and k:
+            needs, misses = st.verify_needs - needs0, st.verify_misses - misses0
+            speq.next_k = speq.governor.update(tries, needs, misses)
         st.drafted += k
         st.accepted += accepted
         st.cycles += 1

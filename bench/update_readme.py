@@ -1,0 +1,79 @@
+"""Regenerate the results tables in README.md from the benchmarks' JSON (between the
+``<!-- results:start -->`` and ``<!-- results:end -->`` markers).
+
+    python bench/update_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def offload_table(report: dict) -> str:
+    s = report["setting"]
+    lines = [
+        f"Decoding {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt on this "
+        f"project's CPU machine ({s['model']}), {s['backend']}: {s['link_description']}. "
+        f"Median of {s['repeats']} runs; every run's tokens equal the all-resident greedy output.",
+        "",
+        "| device budget (beyond weights + KV) | policy | k | expert slots | TPOT (ms) | vs ondemand | hit rate | MB moved | acceptance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['budget']} | {r['policy']} | {r['k'] or '-'} | {r['cache_slots']} | "
+            f"{r['tpot_ms']:.1f} | {r['speedup_vs_ondemand']:.2f}x | {r['hit_rate']:.2f} | "
+            f"{r['mb_moved']:.1f} | {_fmt(r['acceptance_rate'])} |"
+        )
+    return "\n".join(lines)
+
+
+def governor_table(report: dict) -> str:
+    s = report["setting"]
+    lines = [
+        f"The governor on {s['model']} ({s['backend']}, budget {s['budget_fraction_of_expert_bytes']:.0%} "
+        f"of expert bytes): {s['governor']}",
+        "",
+        "| k | measured TPOT (ms) | predicted TPOT (ms) | prediction error |",
+        "|---|---|---|---|",
+    ]
+    for r in report["sweep"]:
+        lines.append(
+            f"| {r['k']} | {r['measured_tpot_ms']:.1f} | {r['predicted_tpot_ms']:.1f} | {r['error']:+.0%} |"
+        )
+    g = report["governed"]
+    lines.append("")
+    lines.append(
+        f"Governed run: {g['measured_tpot_ms']:.1f} ms/token, {report['governed_over_best']:.2f}x the best "
+        f"swept TPOT ({report['best_swept']['tpot_ms']:.1f} ms at k={report['best_swept']['k']})."
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parts = []
+    for name, fn in (("offload_cpu.json", offload_table), ("governor_cpu.json", governor_table)):
+        path = RESULTS / name
+        if path.is_file():
+            parts.append(fn(json.loads(path.read_text())))
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    a, b = text.index(START) + len(START), text.index(END)
+    body = "\n\n".join(parts) if parts else "No benchmark results yet."
+    readme.write_text(text[:a] + "\n" + body + "\n" + text[b:])
+    print(f"updated {readme} from {len(parts)} result file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The governor: the Amortization Roofline cost model, and the policy it chooses.
+
+For a speculative cycle with k drafted tokens (PAPER.md, "The Amortization Roofline Model"):
+
+    tokens(k)  = 1 + sum_{i=1..k} prod_{j<=i} p_j        committed per cycle (the bonus included)
+    T_draft(k) = (k + 1) * t_draft                        k proposals and one routing-only pass
+    T_io(k)    = E_new(k) * t_copy                        experts verification needs that are not
+                                                          resident, each one copy
+    overlap(k) = (1 - phase2_start) * T_draft(k)          copies start with phase II
+    T_cycle(k) = T_draft(k) + max(0, T_io(k) - overlap(k)) + T_verify(k + 1)
+    Theta(k)   = tokens(k) / T_cycle(k)                   and TPOT(k) = 1 / Theta(k)
+
+E_new(k) = sum over MoE layers of E * (1 - (1 - top_k/E)^(k+1)) * miss: the expected distinct
+experts of k+1 tokens per layer (uniform routing) times the probability that a needed expert is
+not resident. The governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k
+whose cycle fits the time-to-first-token budget, and sizes phase II to the copies the link
+completes during one draft pass. It is a pure function of its inputs; `Governor` re-solves k from
+live acceptance and miss estimates (exponential moving averages) at run time with the same model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from speq.models.config import MoEConfig
+from speq.runtime.speculative import SpecPolicy
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """Seconds of the pieces of a cycle on the backend in use (measured, or from a profile)."""
+
+    draft_pass_s: float  # one one-token draft pass
+    verify_s: Mapping[int, float]  # target pass time by tokens T (interpolated between)
+    copy_s: float  # one expert over the link
+    source: str = "measured"
+
+    def verify(self, tokens: int) -> float:
+        pts = sorted(self.verify_s.items())
+        if tokens <= pts[0][0] or len(pts) == 1:
+            return pts[0][1]
+        for (t0, s0), (t1, s1) in itertools.pairwise(pts):
+            if tokens <= t1:
+                return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+        (t0, s0), (t1, s1) = pts[-2], pts[-1]
+        return s1 + (s1 - s0) / (t1 - t0) * (tokens - t1)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the model predicts for one k."""
+
+    k: int
+    tokens_per_cycle: float
+    cycle_s: float
+    draft_s: float
+    io_s: float
+    stall_s: float
+    verify_s: float
+
+    @property
+    def tpot_ms(self) -> float:
+        return self.cycle_s / self.tokens_per_cycle * 1e3
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The governor's choice and the estimates behind it."""
+
+    spec: SpecPolicy
+    estimates: tuple[Estimate, ...]
+    k_slo: int
+    acceptance: tuple[float, ...]
+    miss_rate: float
+    hardware: HardwareModel = field(repr=False)
+
+    @property
+    def chosen(self) -> Estimate:
+        return next(e for e in self.estimates if e.k == self.spec.k)
+
+    def describe(self) -> str:
+        c = self.chosen
+        p = ", ".join(f"{x:.2f}" for x in self.acceptance)
+        return (
+            f"k* = {c.k} (k_SLO = {self.k_slo}): predicted TPOT {c.tpot_ms:.2f} ms, "
+            f"{c.tokens_per_cycle:.2f} tokens per {c.cycle_s * 1e3:.2f} ms cycle; phases "
+            f"II from {self.spec.phase2_start:.2f}, III from {self.spec.phase3_start:.2f} of the "
+            f"draft, {self.spec.phase2_width} copies per pass in II; acceptance p_j = [{p}], "
+            f"miss rate {self.miss_rate:.2f}; {self.hardware.source} times: draft pass "
+            f"{self.hardware.draft_pass_s * 1e3:.3f} ms, expert copy {self.hardware.copy_s * 1e3:.3f} ms"
+        )
+
+
+def expected_tokens(p: Sequence[float], k: int) -> float:
+    """1 + sum_{i=1..k} prod_{j<=i} p_j (positions past ``len(p)`` reuse the last estimate)."""
+    total, run = 1.0, 1.0
+    for i in range(k):
+        run *= p[min(i, len(p) - 1)] if p else 0.0
+        total += run
+    return total
+
+
+def distinct_experts(cfg: MoEConfig, tokens: int) -> float:
+    """Expected distinct experts per MoE layer for ``tokens`` uniformly routed tokens."""
+    e, k = cfg.num_experts, cfg.top_k
+    return e * (1 - (1 - k / e) ** tokens)
+
+
+def estimate(
+    k: int,
+    cfg: MoEConfig,
+    hw: HardwareModel,
+    acceptance: Sequence[float],
+    miss_rate: float,
+    phase2_start: float,
+) -> Estimate:
+    draft = (k + 1) * hw.draft_pass_s
+    io = len(cfg.moe_layers) * distinct_experts(cfg, k + 1) * miss_rate * hw.copy_s
+    stall = max(0.0, io - (1 - phase2_start) * draft)
+    verify = hw.verify(k + 1)
+    return Estimate(
+        k, expected_tokens(acceptance, k), draft + stall + verify, draft, io, stall, verify
+    )
+
+
+def govern(
+    cfg: MoEConfig,
+    hw: HardwareModel,
+    acceptance: Sequence[float],
+    miss_rate: float,
+    *,
+    k_min: int = 1,
+    k_max: int = 8,
+    ttft_budget_s: float = math.inf,
+    phase2_start: float = 0.0,
+    phase3_start: float = 0.5,
+) -> Policy:
+    """The policy of highest modelled throughput (see the module docstring)."""
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    if not 0 <= miss_rate <= 1:
+        raise ValueError(f"miss_rate must be in [0, 1], got {miss_rate}")
+    ests = tuple(
+        estimate(k, cfg, hw, acceptance, miss_rate, phase2_start) for k in range(k_min, k_max + 1)
+    )
+    fitting = [e for e in ests if e.cycle_s <= ttft_budget_s] or [ests[0]]
+    k_slo = max(e.k for e in fitting)
+    best = max(fitting, key=lambda e: e.tokens_per_cycle / e.cycle_s)
+    width = max(1, int(hw.draft_pass_s // hw.copy_s)) if hw.copy_s > 0 else 1
+    spec = SpecPolicy(best.k, phase2_start, phase3_start, width)
+    return Policy(spec, ests, k_slo, tuple(acceptance), miss_rate, hw)
+
+
+class Governor:
+    """Re-solves k after every cycle from exponential moving averages of the per-position
+    acceptance and of the miss rate, with the same cost model."""
+
+    def __init__(self, policy: Policy, cfg: MoEConfig, alpha: float = 0.2) -> None:
+        self.policy, self.cfg, self.alpha = policy, cfg, alpha
+        self.acceptance = list(policy.acceptance) or [0.5]
+        self.miss_rate = policy.miss_rate
+        self.k_max = max(e.k for e in policy.estimates)
+        self.k_min = min(e.k for e in policy.estimates)
+
+    def update(self, tries: Sequence[bool], needs: int, misses: int) -> int:
+        """Fold one cycle in: ``tries[i]`` whether draft i was accepted (given the ones before
+        were); ``needs`` / ``misses`` at verification. Returns k for the next cycle."""
+        a = self.alpha
+        for i, ok in enumerate(tries):
+            while len(self.acceptance) <= i:
+                self.acceptance.append(self.acceptance[-1])
+            self.acceptance[i] += a * (float(ok) - self.acceptance[i])
+        if needs:
+            self.miss_rate += a * (misses / needs - self.miss_rate)
+        return self.best_k()
+
+    def best_k(self) -> int:
+        phase2 = self.policy.spec.phase2_start
+
+        def theta(k: int) -> float:
+            e = estimate(k, self.cfg, self.policy.hardware, self.acceptance, self.miss_rate, phase2)
+            return e.tokens_per_cycle / e.cycle_s
+
+        return max(range(self.k_min, self.policy.k_slo + 1), key=theta)

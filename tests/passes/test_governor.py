@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+import speq
+from helpers import tiny_config, tiny_model
+from speq.passes.governor import (
+    Governor,
+    HardwareModel,
+    distinct_experts,
+    estimate,
+    expected_tokens,
+    govern,
+)
+
+CFG = tiny_config(num_layers=4, num_experts=8, top_k=2)
+FLAT = HardwareModel(draft_pass_s=1e-3, verify_s={1: 4e-3, 9: 4e-3}, copy_s=10e-3)
+
+
+def test_expected_tokens():
+    assert expected_tokens([1.0], 4) == 5.0
+    assert expected_tokens([0.0], 4) == 1.0
+    assert expected_tokens([0.5, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_distinct_experts_grows_towards_all_experts():
+    assert distinct_experts(CFG, 1) == pytest.approx(2.0)
+    assert distinct_experts(CFG, 1000) == pytest.approx(8.0)
+    assert distinct_experts(CFG, 2) < distinct_experts(CFG, 3)
+
+
+def test_verify_time_is_interpolated_and_extrapolated():
+    hw = HardwareModel(1e-3, {1: 1.0, 3: 2.0, 5: 4.0}, 0.0)
+    assert (
+        hw.verify(2) == 1.5 and hw.verify(4) == 3.0 and hw.verify(7) == 6.0 and hw.verify(1) == 1.0
+    )
+
+
+def test_perfect_acceptance_and_free_io_take_the_largest_k():
+    p = govern(CFG, FLAT, [1.0], miss_rate=0.0)
+    assert p.spec.k == 8 and p.k_slo == 8
+
+
+def test_hopeless_draft_takes_the_smallest_k():
+    assert govern(CFG, FLAT, [0.0], miss_rate=0.5).spec.k == 1
+
+
+def test_ttft_budget_caps_k():
+    p = govern(CFG, FLAT, [1.0], miss_rate=0.0, ttft_budget_s=0.0085)
+    assert p.k_slo == 3 and p.spec.k == 3  # (k+1) ms of draft + 4 ms of verify <= 8.5 ms
+    assert all(e.cycle_s <= 0.0085 for e in p.estimates if e.k <= p.k_slo)
+
+
+def test_cycle_model_terms():
+    e = estimate(3, CFG, FLAT, [0.5], miss_rate=0.25, phase2_start=0.5)
+    io = 4 * distinct_experts(CFG, 4) * 0.25 * 10e-3
+    assert e.draft_s == pytest.approx(4e-3) and e.io_s == pytest.approx(io)
+    assert e.stall_s == pytest.approx(io - 0.5 * 4e-3)
+    assert e.cycle_s == pytest.approx(4e-3 + e.stall_s + 4e-3)
+    assert e.tpot_ms == pytest.approx(e.cycle_s / expected_tokens([0.5], 3) * 1e3)
+
+
+def test_phase_two_width_follows_the_link():
+    fast = HardwareModel(1e-3, {1: 1e-3}, copy_s=0.25e-3)
+    assert govern(CFG, fast, [0.9], 0.1).spec.phase2_width == 4
+    assert govern(CFG, FLAT, [0.9], 0.1).spec.phase2_width == 1
+
+
+def test_runtime_governor_follows_live_acceptance():
+    g = Governor(govern(CFG, FLAT, [1.0], 0.0), CFG, alpha=0.5)
+    assert g.best_k() == 8
+    k = 8
+    for _ in range(12):
+        k = g.update([False], needs=10, misses=5)
+    assert k == 1 and g.acceptance[0] < 0.01 and g.miss_rate == pytest.approx(0.5, abs=1e-3)
+
+
+def test_compile_without_k_runs_the_governor_and_stays_lossless():
+    model = tiny_model(torch.float64, num_layers=3)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    cm = speq.compile(model, speq.CompileOptions(policy="speq", backend="sim"))
+    assert cm.graphs.names()[-1] == "governor"
+    assert "k* = " in str(cm.graphs)
+    assert 1 <= cm.governed.spec.k <= cm.governed.k_slo <= 8
+    assert torch.equal(cm.generate(prompt, 20), speq.compile(model).generate(prompt, 20))
+    assert all(0 <= k <= 8 for k in cm.metrics["k_per_cycle"])
+    assert not math.isnan(cm.governed.chosen.tpot_ms)
