@@ -17,6 +17,10 @@ from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The benchmarked models are small: one intra-op thread is faster than two spinning threads,
+# and much faster when anything else is running. SPEQ_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("SPEQ_THREADS", "1")))
+
 
 def environment() -> dict[str, Any]:
     """What the numbers depend on: versions, device, threads, and the load when they were taken."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -67,7 +68,8 @@ class CompileOptions:
     - ``dtype``: the compute dtype (default: the model's own).
     - ``k``: tokens drafted per cycle under ``policy="speq"``; None lets the governor choose it
       (and re-choose it every cycle) from a short calibration on the backend in use.
-    - ``ttft_budget_ms``: the governor keeps one cycle within this time (k_SLO).
+    - ``ttft_budget_ms``: the governor keeps one cycle within this time (k_SLO); None: no limit.
+      (The paper's example is 500 ms on a GPU; on the cpu backend times are the CPU's own.)
     - ``draft_bits`` / ``draft_group_size``: the draft's weight-only expert quantization (INT4 or
       INT8, symmetric, one scale per group along the reduction dimension).
     """
@@ -85,7 +87,7 @@ class CompileOptions:
     k: int | None = None
     draft_bits: int = 4
     draft_group_size: int = 128
-    ttft_budget_ms: float = 500.0
+    ttft_budget_ms: float | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -271,7 +273,9 @@ class CompiledModel:
             hw,
             extra["acceptance_by_position"] or [0.5],
             extra["verify_miss_rate"],
-            ttft_budget_s=self.options.ttft_budget_ms / 1e3,
+            ttft_budget_s=math.inf
+            if self.options.ttft_budget_ms is None
+            else self.options.ttft_budget_ms / 1e3,
         )
 
     def _preload(self, cache: ExpertCache) -> None:

@@ -1,0 +1,101 @@
+"""The Amortization Roofline of a model on a hardware profile, and its plot.
+
+x: amortization intensity I(k) = tokens committed per cycle / bytes copied per cycle (tokens per
+GB); y: throughput Theta(k) (tokens/s). The I/O roof is Theta = B_link * I; each k has a compute
+roof tokens(k) / (T_draft(k) + T_verify(k+1)); the operating point of k is where the cost model
+puts Theta(k); the governor's k* is marked. Pass times come from the cost model (bf16 weights,
+INT4 draft experts), acceptance and miss rate from the caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from speq.frontend.capture import capture
+from speq.frontend.spec import ModelSpec
+from speq.ir.program import Program
+from speq.models.config import MoEConfig
+from speq.passes.fuse_moe import fuse_moe
+from speq.passes.governor import HardwareModel, Policy, distinct_experts, govern
+from speq.passes.make_draft import make_draft
+from speq.sim.cost import link_seconds, step_seconds
+from speq.sim.presets import expert_bytes
+from speq.sim.profiles import HardwareProfile
+
+
+def modelled_hardware(
+    cfg: MoEConfig, profile: HardwareProfile, context: int = 512
+) -> HardwareModel:
+    """Draft-pass, verify and copy times of ``cfg`` on ``profile`` from the cost model."""
+    program = make_draft(4, 128)(Program((fuse_moe(capture(ModelSpec(cfg, torch.bfloat16))),)))
+    draft = step_seconds(program["draft"], cfg, 1, context, profile)
+    verify = {t: step_seconds(program["step"], cfg, t, context, profile) for t in (1, 2, 3, 5, 9)}
+    return HardwareModel(
+        draft, verify, link_seconds(expert_bytes(cfg), profile), source=f"modelled ({profile.name})"
+    )
+
+
+def roofline(
+    cfg: MoEConfig, profile: HardwareProfile, acceptance: float, miss_rate: float
+) -> Policy:
+    return govern(cfg, modelled_hardware(cfg, profile), [acceptance], miss_rate)
+
+
+def plot(
+    policy: Policy, cfg: MoEConfig, profile: HardwareProfile, title: str, path: str | Path
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nbytes = expert_bytes(cfg)
+    layers = len(cfg.moe_layers)
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    xs, ys = [], []
+    for e in policy.estimates:
+        copied = layers * distinct_experts(cfg, e.k + 1) * policy.miss_rate * nbytes
+        xs.append(e.tokens_per_cycle / max(copied, 1.0) * 1e9)
+        ys.append(e.tokens_per_cycle / e.cycle_s)
+        roof = e.tokens_per_cycle / (e.draft_s + e.verify_s)
+        ax.hlines(roof, 0, 1, transform=ax.get_yaxis_transform(), colors="0.8", lw=0.8)
+        first, last = e.k == policy.estimates[0].k, e.k == policy.estimates[-1].k
+        if first or last:  # the roofs of the other k lie between these two
+            ax.annotate(
+                f"compute roof, k={e.k}",
+                (0.01 if first else 0.99, roof),
+                xycoords=("axes fraction", "data"),
+                ha="left" if first else "right",
+                va="bottom" if last else "top",
+                fontsize=7,
+                color="0.4",
+            )
+    lo, hi = min(xs) / 3, max(xs) * 3
+    io = [lo, hi]
+    ax.plot(
+        io,
+        [profile.link_gbps * x for x in io],
+        "k-",
+        lw=1.5,
+        label=f"I/O roof ({profile.link_gbps:g} GB/s)",
+    )
+    ax.plot(xs, ys, "o-", color="tab:blue", label="operating points, k = 1..8")
+    for x, y, e in zip(xs, ys, policy.estimates):
+        if e.k in (policy.estimates[0].k, policy.estimates[-1].k):
+            ax.annotate(f"k={e.k}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    c = policy.chosen
+    i = [e.k for e in policy.estimates].index(c.k)
+    ax.plot([xs[i]], [ys[i]], "*", color="tab:red", ms=16, label=f"governor's k* = {c.k}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("amortization intensity (tokens per GB copied)")
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
