@@ -141,8 +141,11 @@ def _swiglu(node, args, ctx):
 
 @register(Op.ROUTER)
 def _router(node, args, ctx):
+    from speq.kernels import route_topk
+
     a = node.attrs
-    return fn.route(args[0], a["k"], a["mode"], a["renormalize"])
+    ids, weights = route_topk(args[0], a["k"], a["mode"], a["renormalize"])
+    return ids.long(), weights
 
 
 @register(Op.GATHER)

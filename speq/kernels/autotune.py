@@ -357,7 +357,10 @@ def tune_main(argv: list[str] | None = None) -> int:
         prog="speq tune", description="Tune the fused MoE Triton kernel and write JSON configs."
     )
     parser.add_argument(
-        "--model", action="append", choices=sorted(PRESETS), help="model preset (repeatable)"
+        "--model",
+        action="append",
+        choices=sorted(PRESETS),
+        help="model preset (repeatable; default: every preset)",
     )
     parser.add_argument("--E", type=int, help="number of experts (explicit shape)")
     parser.add_argument("--N", type=int, help="expert intermediate size I (explicit shape)")
@@ -377,8 +380,8 @@ def tune_main(argv: list[str] | None = None) -> int:
         if any(v is None for v in explicit):
             parser.error("--E, --N and --K go together")
         shapes.append(MoEShape("custom", args.E, args.top_k, args.K, args.N))
-    if not shapes:
-        parser.error("give --model or --E/--N/--K")
+    if not shapes:  # no shape given: every preset
+        shapes = [get_shape(m) for m in sorted(PRESETS)]
     if not torch.cuda.is_available() or not HAS_TRITON:
         print("speq tune: tuning needs a CUDA device (and Triton); nothing to do on this machine.")
         return 0

@@ -57,25 +57,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -
 def route(
     logits: torch.Tensor, k: int, mode: str = "softmax_topk", renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits ``[T, E]`` to ``(ids int64 [T, k], weights [T, k])``.
+    """Router logits ``[T, E]`` to ``(ids int64 [T, k], weights [T, k])``: the routing kernel's
+    torch reference (ids in descending weight order, equal weights to the lower expert id,
+    weights in ``promote(logits.dtype, fp32)``)."""
+    from speq.kernels.routing import route_topk_torch
 
-    Ids are in descending weight order; equal weights go to the lower expert id first. Weights are
-    computed in ``promote(logits.dtype, fp32)``.
-    """
-    wdt = torch.promote_types(logits.dtype, torch.float32)
-    lf = logits.to(wdt)
-    if mode == "softmax_topk":
-        probs = torch.softmax(lf, dim=-1)
-        vals, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-        vals, ids = vals[..., :k], ids[..., :k]
-        if renormalize:
-            vals = vals / vals.sum(-1, keepdim=True)
-    elif mode == "topk_softmax":
-        vals, ids = torch.sort(lf, dim=-1, descending=True, stable=True)
-        vals, ids = torch.softmax(vals[..., :k], dim=-1), ids[..., :k]
-    else:
-        raise ValueError(f"unknown router mode {mode!r}: expected softmax_topk or topk_softmax")
-    return ids, vals
+    ids, weights = route_topk_torch(logits, k, mode, renormalize)
+    return ids.long(), weights
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

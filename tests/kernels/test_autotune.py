@@ -116,7 +116,7 @@ def test_tune_main_without_cuda(capsys) -> None:
     assert len(out) == 1 and "CUDA" in out[0]
 
 
-@pytest.mark.parametrize("argv", [[], ["--E", "8"], ["--model", "nope"]])
+@pytest.mark.parametrize("argv", [["--E", "8"], ["--model", "nope"]])
 def test_tune_main_rejects_bad_arguments(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         tune_main(argv)

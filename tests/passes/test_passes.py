@@ -114,11 +114,11 @@ def test_make_draft_needs_its_place_in_the_pipeline(captured):
     ("policy", "names"),
     [
         ("nextgate", ["capture", "fuse_moe", "insert_prefetch"]),
-        ("speq", ["capture", "fuse_moe", "make_draft", "insert_prefetch"]),
+        ("speq", ["capture", "fuse_moe", "make_draft", "insert_prefetch", "governor"]),
     ],
 )
 def test_compile_keeps_every_pass(policy, names):
-    cm = speq.compile(tiny_model(torch.float32), speq.CompileOptions(policy=policy))
+    cm = speq.compile(tiny_model(torch.float32), speq.CompileOptions(policy=policy, backend="sim"))
     assert cm.graphs.names() == names
     for record in cm.graphs:
         verify(record.program)
