@@ -45,6 +45,14 @@ def register(op: Op, backend: str = "eager") -> Callable[[Impl], Impl]:
     return deco
 
 
+def implementation_name(op: Op, backends: tuple[str, ...]) -> str:
+    """``"<backend>:<op>"`` of the first of ``backends`` that implements ``op``."""
+    for b in backends:
+        if (op, b) in _REGISTRY:
+            return f"{b}:{op.name.lower()}"
+    raise NotImplementedError(f"no implementation of {op.name.lower()} for backends {backends}")
+
+
 def lookup(op: Op, backends: tuple[str, ...]) -> Impl:
     """The implementation of ``op`` from the first of ``backends`` that has one."""
     for b in backends:
@@ -62,6 +70,12 @@ def run_graph(
     """Run ``graph`` and return the tensors of its OUTPUT node."""
     env: dict[str, Any] = {}
     impls = {op: lookup(op, backends) for op in {n.op for n in graph} - {Op.INPUT, Op.OUTPUT}}
+    planned = {n.meta["kernel"] for n in graph if "kernel" in n.meta}
+    expected = {implementation_name(op, backends) for op in impls}
+    if planned - expected:
+        raise ValueError(
+            f"the lowered plan names kernels {sorted(planned - expected)} that {backends} do not provide"
+        )
     observer = ctx.observer
     for node in graph.nodes:
         if node.op is Op.INPUT:

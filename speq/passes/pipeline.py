@@ -16,7 +16,9 @@ from speq.ir.verifier import verify
 from speq.passes.fuse_moe import fuse_moe
 from speq.passes.history import Pass, PassHistory, PassRecord
 from speq.passes.insert_prefetch import insert_prefetch
+from speq.passes.lower import lower
 from speq.passes.make_draft import make_draft
+from speq.runtime.execute import BACKENDS as EXEC_IMPLS  # the implementation sets that run
 
 log = logging.getLogger("speq.passes")
 
@@ -56,5 +58,7 @@ def default_passes(options) -> list[tuple[str, Pass]]:
     passes += [
         # where experts must be resident (WAIT) and where copies start early (PREFETCH)
         ("insert_prefetch", insert_prefetch(options.policy)),
+        # streams, replay regions between host syncs, and the kernel of every node
+        ("lower", lower(EXEC_IMPLS)),
     ]
     return passes

@@ -8,6 +8,7 @@ from speq.frontend import capture, from_reference
 from speq.ir import Graph, Node, Op, Program, Tag, Value, VerificationError, verify
 from speq.passes.fuse_moe import fuse_moe
 from speq.passes.insert_prefetch import insert_prefetch
+from speq.passes.lower import lower
 from speq.passes.make_draft import make_draft
 
 GOLDEN_VARIANT = dict(num_layers=3, first_dense_layers=1, dense_intermediate_size=40)
@@ -113,8 +114,8 @@ def test_make_draft_needs_its_place_in_the_pipeline(captured):
 @pytest.mark.parametrize(
     ("policy", "names"),
     [
-        ("nextgate", ["capture", "fuse_moe", "insert_prefetch"]),
-        ("speq", ["capture", "fuse_moe", "make_draft", "insert_prefetch", "governor"]),
+        ("nextgate", ["capture", "fuse_moe", "insert_prefetch", "lower"]),
+        ("speq", ["capture", "fuse_moe", "make_draft", "insert_prefetch", "lower", "governor"]),
     ],
 )
 def test_compile_keeps_every_pass(policy, names):
@@ -122,5 +123,25 @@ def test_compile_keeps_every_pass(policy, names):
     assert cm.graphs.names() == names
     for record in cm.graphs:
         verify(record.program)
-    assert cm.program is cm.graphs["insert_prefetch"]
+    assert cm.program is cm.graphs["lower"]
     assert cm.graph is cm.program["step"]
+
+
+def test_lower_places_every_node(captured):
+    program = insert_prefetch("nextgate")(Program((fuse_moe(captured),)))
+    lowered = verify(lower(("offload", "eager"))(program))["step"]
+    check_golden("lower_nextgate", str(lowered))
+    work = [n for n in lowered if n.op not in (Op.INPUT, Op.PARAM, Op.OUTPUT)]
+    assert all("kernel" in n.meta and "stream" in n.meta for n in work)
+    for n in lowered.find(Op.WAIT):
+        assert n.meta["stream"] == "host" and "region" not in n.meta
+    for n in lowered.find(Op.PREFETCH):
+        assert n.meta["stream"] == "copy" and "region" not in n.meta
+    assert lowered.find(Op.FUSED_MOE)[0].meta["kernel"] == "offload:fused_moe"
+    assert lowered.find(Op.RMSNORM)[0].meta["kernel"] == "eager:rmsnorm"
+    # regions are runs of compute between host syncs: layer 1's PREFETCH and WAIT stand
+    # together (nothing runs between them), layer 2's WAIT splits again: three regions
+    regions = [n.meta["region"] for n in work if "region" in n.meta]
+    assert regions == sorted(regions) and len(set(regions)) == 3
+    with pytest.raises(ValueError, match="after insert_prefetch"):
+        lower(("offload", "eager"))(Program((fuse_moe(captured),)))
