@@ -60,6 +60,38 @@ def governor_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def explain_excerpt() -> str:
+    """`speq explain` on the demo model: every pass header, the governor's decision, and layer 1
+    of the lowered target and draft graphs (the full output is hundreds of lines)."""
+    import contextlib
+    import io
+
+    from speq.cli import main as speq_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        speq_main(["explain"])
+    lines = buf.getvalue().splitlines()
+    heads = [ln for ln in lines if ln.startswith("#")]
+    last = max(i for i, ln in enumerate(lines) if ln.startswith("# after lower"))
+
+    def layer1(name: str) -> list[str]:
+        start = lines.index(f"graph {name} {{", last)
+        end = lines.index("}", start)
+        keep = ("%l1.", "prefetch(%l1.")
+        return [ln for ln in lines[start:end] if ln.strip().startswith(keep)]
+
+    out = ["$ speq explain", *heads, "...", "graph step {  # layer 1 of the lowered target step"]
+    out += [*layer1("step"), "  ...", "}", "graph draft {  # layer 1 of the lowered draft step"]
+    out += [*layer1("draft"), "  ...", "}"]
+    return "```\n" + "\n".join(out) + "\n```"
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + "\n" + body + "\n" + text[b:]
+
+
 def main() -> int:
     parts = []
     for name, fn in (("offload_cpu.json", offload_table), ("governor_cpu.json", governor_table)):
@@ -68,9 +100,12 @@ def main() -> int:
             parts.append(fn(json.loads(path.read_text())))
     readme = ROOT / "README.md"
     text = readme.read_text()
-    a, b = text.index(START) + len(START), text.index(END)
     body = "\n\n".join(parts) if parts else "No benchmark results yet."
-    readme.write_text(text[:a] + "\n" + body + "\n" + text[b:])
+    text = replace_between(text, START, END, body)
+    text = replace_between(
+        text, "<!-- explain:start -->", "<!-- explain:end -->", explain_excerpt()
+    )
+    readme.write_text(text)
     print(f"updated {readme} from {len(parts)} result file(s)")
     return 0
 

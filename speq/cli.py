@@ -1,4 +1,4 @@
-"""The ``speq`` command line: demo, generate, explain, tune."""
+"""The ``speq`` command line: demo, generate, explain, roofline, tune."""
 
 from __future__ import annotations
 
@@ -6,33 +6,46 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import speq
 from speq.models import MoEForCausalLM
-from speq.models.demo import random_demo_model
+from speq.models.demo import demo_model, random_demo_model
+from speq.models.tokenizer import Tokenizer
 
 
-def _model(args: argparse.Namespace) -> tuple[MoEForCausalLM, str]:
+def _model(args: argparse.Namespace) -> tuple[MoEForCausalLM, Tokenizer | None, str]:
+    """The model a command runs: a checkpoint folder, the random demo shape, or the shipped
+    demo model (the default)."""
     if args.checkpoint:
-        return speq.load(args.checkpoint), f"checkpoint {args.checkpoint}"
-    return (
-        random_demo_model(args.seed),
-        f"a randomly initialised demo model (seed {args.seed}; untrained, so its text is noise)",
-    )
-
-
-def _prompt_ids(args: argparse.Namespace) -> torch.Tensor:
-    if args.prompt is not None:
-        raise SystemExit(
-            "speq: this model has no tokenizer; give the prompt as token ids with --prompt-ids"
+        folder = Path(args.checkpoint)
+        tok = (
+            Tokenizer(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
         )
+        return speq.load(args.checkpoint), tok, f"checkpoint {args.checkpoint}"
+    if args.random:
+        what = f"a randomly initialised model (seed {args.seed}; untrained, so its output is noise)"
+        return random_demo_model(args.seed), None, what
+    model, tok = demo_model(dtype=torch.float32)
+    return model, tok, "the shipped demo MoE (docs/MODEL_CARD.md)"
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> torch.Tensor:
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer; give the prompt as --prompt-ids")
+        return torch.tensor([tokenizer.encode(args.prompt)])
     return torch.tensor([[int(t) for t in args.prompt_ids.replace(",", " ").split()]])
 
 
-def _generate(cm: speq.CompiledModel, ids: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tokenizer, what = _model(args)
+    print(f"model: {what}")
+    cm = speq.compile(model)
+    ids = _prompt_ids(args, tokenizer)
     bar = tqdm(total=args.max_new_tokens, desc="decoding", unit="tok", file=sys.stderr)
     t0 = time.perf_counter()
     out = cm.generate(
@@ -47,43 +60,117 @@ def _generate(cm: speq.CompiledModel, ids: torch.Tensor, args: argparse.Namespac
     )
     bar.close()
     seconds = time.perf_counter() - t0
-    n = max(args.max_new_tokens, 1)
     print(
-        f"{args.max_new_tokens} tokens in {seconds:.2f} s: {seconds / n * 1e3:.1f} ms/token "
-        "(wall clock, CPU, all experts resident, prompt included)"
+        f"{args.max_new_tokens} tokens in {seconds:.2f} s "
+        f"({seconds / max(args.max_new_tokens, 1) * 1e3:.1f} ms/token, wall clock, CPU, all "
+        "experts resident, prompt included)"
     )
-    return out
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    model, what = _model(args)
-    print(f"model: {what}")
-    cm = speq.compile(model)
-    out = _generate(cm, _prompt_ids(args), args)
-    print("tokens:", " ".join(str(t) for t in out[0].tolist()))
+    if tokenizer is not None:
+        print(tokenizer.decode(out[0].tolist()))
+    else:
+        print("tokens:", " ".join(str(t) for t in out[0].tolist()))
     return 0
+
+
+DEMO_PROMPT = "And it came to pass, when the king"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    model, what = _model(args)
+    from tabulate import tabulate
+
+    from speq.compare import compare
+
+    model, tokenizer = demo_model(dtype=torch.float64)  # float64: exact, batch-invariant argmax
     cfg = model.config
-    print(f"speq demo: {what}")
     print(
-        f"  {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden "
-        f"{cfg.hidden_size}, vocab {cfg.vocab_size}"
+        f"speq demo: the shipped demo MoE ({cfg.num_layers} layers, {cfg.num_experts} experts "
+        f"top-{cfg.top_k}, hidden {cfg.hidden_size}; see docs/MODEL_CARD.md), float64 on the CPU"
     )
-    cm = speq.compile(model)
-    print(f"compiled: {len(cm.graph)} IR nodes after passes {cm.graphs.names()}")
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
-    out = _generate(cm, ids, args)
-    print("generated token ids:", " ".join(str(t) for t in out[0, ids.shape[1] :].tolist()))
-    return 0
+    prompt = torch.tensor([tokenizer.encode(args.prompt)])
+    bars: dict[str, tqdm] = {}
+
+    def progress(label: str):
+        bar = bars[label] = tqdm(
+            total=args.max_new_tokens, desc=f"{label:>24}", unit="tok", file=sys.stderr
+        )
+        return lambda _: bar.update(1)
+
+    result = compare(
+        model, prompt, args.max_new_tokens, args.budget, ks=(args.k,), progress=progress
+    )
+    for bar in bars.values():
+        bar.close()
+    cal = result.calibration
+    print(f"\nlink: {cal.describe()}")
+    print(
+        f"device budget: {result.budget_bytes / 1e6:.2f} MB = non-expert weights + KV cache + "
+        f"{args.budget:.0%} of the expert bytes"
+    )
+    text = tokenizer.decode(result.expected[0, prompt.shape[1] :].tolist())
+    print(f"\n{args.prompt}|{text}\n")
+    rows = [
+        [
+            r["label"],
+            r["cache_slots"],
+            f"{r['tpot_ms']:.1f}",
+            f"{r['speq_speedup']:.2f}x",
+            f"{r['hit_rate']:.2f}",
+            "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+            "-" if r["elb_recall"] is None else f"{r['elb_recall']:.2f}",
+            "yes" if r["identical_to_resident"] else "NO",
+        ]
+        for r in result.rows
+    ]
+    headers = [
+        "policy",
+        "expert slots",
+        "TPOT (ms)",
+        "its TPOT / speq's",
+        "hit rate",
+        "acceptance",
+        "ELB recall",
+        "same tokens",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(
+        f"TPOT: wall-clock ms per output token on this CPU, {args.max_new_tokens} tokens after a "
+        f"{prompt.shape[1]}-token prompt, cpu backend with the emulated link above."
+    )
+    return 0 if all(r["identical_to_resident"] for r in result.rows) else 1
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    model, what = _model(args)
+    model, _, what = _model(args)
+    opts = speq.CompileOptions(
+        policy=args.policy,
+        k=args.k,
+        backend=args.backend,
+        profile=args.profile,
+        device_memory=args.device_memory,
+    )
     print(f"# model: {what}")
-    print(speq.compile(model).graphs)
+    print(f"# options: {opts}")
+    print(speq.compile(model, opts).graphs)
+    return 0
+
+
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from speq.sim import get_preset, get_profile
+    from speq.sim.roofline import plot, roofline
+
+    if args.model == "demo":
+        cfg = demo_model()[0].config
+    else:
+        cfg = get_preset(args.model)
+    profile = get_profile(args.profile)
+    policy = roofline(cfg, profile, args.acceptance, args.miss_rate)
+    title = (
+        f"{args.model} on {profile.name}: acceptance {args.acceptance:.2f} per position, "
+        f"{args.miss_rate:.0%} of needed experts not resident"
+    )
+    path = plot(policy, cfg, profile, title, args.out)
+    print(policy.describe())
+    print(f"wrote {path}")
     return 0
 
 
@@ -98,6 +185,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", help="a speq checkpoint folder (config.json + model.safetensors)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and of sampling")
+    p.add_argument("--random", action="store_true", help="a seeded random model of the demo shape")
 
 
 def _add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -111,11 +199,25 @@ def _add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speq", description=speq.__doc__)
     parser.add_argument("--version", action="version", version=f"speq {speq.__version__}")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the demo-size models gain nothing from more, and "
+        "spinning threads lose badly when a core is busy)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run the demo model and report speed")
-    _add_model_args(p)
-    _add_decode_args(p, 48)
+    p = sub.add_parser("demo", help="speq against every baseline on the shipped demo model")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.375,
+        help="device memory for experts (and the draft), as a fraction of all expert bytes",
+    )
+    p.add_argument("--k", type=int, default=4, help="tokens drafted per cycle")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate tokens from a prompt")
@@ -126,9 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt-ids", help='prompt token ids, e.g. "1 2 3"')
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("explain", help="print the IR after every compiler pass")
+    p = sub.add_parser("explain", help="print the IR after every compiler pass, and the policy")
     _add_model_args(p)
+    p.add_argument("--policy", default="speq", help="speq, resident, ondemand, nextgate, oracle")
+    p.add_argument("--k", type=int, default=None, help="drafted tokens (speq; default: governor)")
+    p.add_argument("--backend", default="sim", help="cpu, sim or cuda (sim: modelled hardware)")
+    p.add_argument("--profile", default="a100-40g-pcie4", help="hardware profile (sim backend)")
+    p.add_argument("--device-memory", default=None, help='device budget, e.g. "12MB"')
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("roofline", help="plot the Amortization Roofline (PNG) from the cost model")
+    p.add_argument("--model", default="phi-3.5-moe", help="a preset name (speq.sim) or 'demo'")
+    p.add_argument("--profile", default="a100-40g-pcie4")
+    p.add_argument("--acceptance", type=float, default=0.9, help="p_j, the same at every position")
+    p.add_argument("--miss-rate", type=float, default=0.5, help="needed experts not resident")
+    p.add_argument("--out", default="roofline.png")
+    p.set_defaults(func=cmd_roofline)
 
     p = sub.add_parser("tune", help="autotune the fused MoE kernels on this GPU", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -138,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

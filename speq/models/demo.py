@@ -1,9 +1,16 @@
-"""The demo model: until a trained checkpoint ships, a seeded random MoE of this shape."""
+"""The demo models: the trained checkpoint shipped in the package, and a seeded random MoE."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from speq.models.config import MoEConfig
 from speq.models.model import MoEForCausalLM
+from speq.models.tokenizer import Tokenizer
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "demo-moe"
 
 DEMO_CONFIG = MoEConfig(
     vocab_size=512,
@@ -21,3 +28,14 @@ DEMO_CONFIG = MoEConfig(
 def random_demo_model(seed: int = 0) -> MoEForCausalLM:
     """A randomly initialised model of the demo's shape (untrained: its text is noise)."""
     return MoEForCausalLM(DEMO_CONFIG, seed=seed)
+
+
+def demo_model(dtype: torch.dtype | None = None) -> tuple[MoEForCausalLM, Tokenizer]:
+    """The trained demo MoE shipped in the package and its tokenizer (see docs/MODEL_CARD.md).
+
+    A 4-layer, 8-expert, top-2 model of about 8.3 M parameters trained for a few minutes on a
+    CPU on public-domain and freely licensed text; a test and demo model, not for any real use.
+    Weights are stored in bf16 and keep that dtype unless ``dtype`` is given.
+    """
+    model = MoEForCausalLM.from_pretrained(DEMO_CHECKPOINT, dtype=dtype)
+    return model.eval(), Tokenizer(DEMO_CHECKPOINT / "tokenizer.json")
