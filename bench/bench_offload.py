@@ -22,7 +22,7 @@ from common import RESULTS, environment, table, write_json
 from tqdm import tqdm
 
 import speq
-from speq.models.demo import random_demo_model
+from speq.models.demo import demo_model, random_demo_model
 from speq.runtime.calibrate import calibrate_link
 
 
@@ -46,11 +46,28 @@ def _row(name: str, budget: str, k, runs: list) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
-    model = random_demo_model(0)
-    cfg = model.config
+def load(name: str, prompt_tokens: int):
+    """The shipped demo MoE (float64: batch-invariant argmax) with a prompt of real text, or
+    the random model of the demo's shape with random prompt ids."""
+    if name == "demo":
+        model, tok = demo_model(dtype=torch.float64)
+        ids = tok.encode(PROMPT)[:prompt_tokens]
+        return model, torch.tensor([ids]), "the shipped demo MoE, float64"
+    model = random_demo_model(0).to(torch.float64)
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens), generator=gen)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=gen)
+    return model, ids, "a random MoE of the demo's first shape, float64"
+
+
+PROMPT = (
+    "And it came to pass, when the king of Israel had read the letter, that he rent his clothes,"
+    " and said, Am I God, to kill and to make alive"
+)
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, prompt, what = load(args.model, args.prompt_tokens)
+    cfg = model.config
     resident = speq.compile(model)
     cal = calibrate_link(resident, prompt, reference=args.reference)
     print(cal.describe(), file=sys.stderr)
@@ -96,8 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "setting": {
             "backend": "cpu, emulated link, wall clock",
-            "model": f"random demo model ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden_size}, fp32)",
-            "prompt_tokens": args.prompt_tokens,
+            "model": f"{what} ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden_size})",
+            "prompt_tokens": int(prompt.shape[1]),
             "new_tokens": args.tokens,
             "repeats": args.repeats,
             "link": cal.__dict__,
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         help="device budget beyond non-expert weights and KV cache, as fractions of all expert bytes",
     )
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--model", choices=["demo", "random"], default="demo")
     p.add_argument("--reference", default="phi-3.5-moe", help="preset whose ratio the link matches")
     p.add_argument("--out", default=str(RESULTS / "offload_cpu.json"))
     args = p.parse_args(argv)
