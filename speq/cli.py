@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.375,
         help="device memory for experts (and the draft), as a fraction of all expert bytes",
     )
-    p.add_argument("--k", type=int, default=4, help="tokens drafted per cycle")
+    p.add_argument(
+        "--k", type=int, default=None, help="tokens drafted per cycle (default: the governor)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate tokens from a prompt")

@@ -7,6 +7,7 @@ memory, and every run's tokens are compared with the all-resident greedy output.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,12 +34,14 @@ class Comparison:
     rows: list[dict] = field(default_factory=list)
 
 
-def contenders(model, budget_bytes: int, link: dict, ks: tuple[int, ...] = (4,)) -> list[Contender]:
+def contenders(
+    model, budget_bytes: int, link: dict, ks: tuple[int | None, ...] = (None,)
+) -> list[Contender]:
     """speq at each k, and the baselines, all under ``budget_bytes`` of device memory; plus
     ``ondemand`` with speq's own (smaller) expert cache, and everything resident."""
     out = [
         Contender(
-            f"speq k={k}",
+            "speq (governor)" if k is None else f"speq k={k}",
             speq.CompileOptions(policy="speq", k=k, device_memory=budget_bytes, **link),
         )
         for k in ks
@@ -46,7 +49,7 @@ def contenders(model, budget_bytes: int, link: dict, ks: tuple[int, ...] = (4,))
     for policy in ("ondemand", "nextgate", "oracle"):
         opts = speq.CompileOptions(policy=policy, device_memory=budget_bytes, **link)
         out.append(Contender(policy, opts))
-    draft = speq.compile(model, out[0].options).draft_bytes
+    draft = speq.compile(model, dataclasses.replace(out[0].options, k=1)).draft_bytes
     same_cache = speq.CompileOptions(policy="ondemand", device_memory=budget_bytes - draft, **link)
     out.append(Contender("ondemand (speq's cache)", same_cache))
     out.append(Contender("resident (no budget)", speq.CompileOptions(policy="resident", **link)))
@@ -59,7 +62,7 @@ def compare(
     new_tokens: int,
     budget_fraction: float,
     *,
-    ks: tuple[int, ...] = (4,),
+    ks: tuple[int | None, ...] = (None,),
     repeats: int = 1,
     reference: str = "phi-3.5-moe",
     progress: Callable[[str], Callable[[int], None]] | None = None,
@@ -87,7 +90,9 @@ def compare(
         m = runs[len(runs) // 2][0]
         result.rows.append(
             {
-                "label": c.label,
+                "label": c.label
+                if cm.governed is None
+                else f"speq (governor, k*={cm.governed.spec.k})",
                 "policy": c.options.policy,
                 "k": c.options.k,
                 "tpot_ms": statistics.median(r.tpot_ms for r, _ in runs),
