@@ -145,3 +145,39 @@ def test_lower_places_every_node(captured):
     assert regions == sorted(regions) and len(set(regions)) == 3
     with pytest.raises(ValueError, match="after insert_prefetch"):
         lower(("offload", "eager"))(Program((fuse_moe(captured),)))
+
+
+def test_insert_prefetch_before_expected():
+    """Before: router -> fused_moe. Expected: a WAIT on the routing ids right before the
+    FUSED_MOE, which takes the WAIT's residency as its last input."""
+    f = lambda n, *s: Value(n, tuple(s), "f32")
+    x, lg, w13, w2, y = (
+        f("x", "T", 8),
+        f("logits", "T", 4),
+        f("w13", 4, 6, 8),
+        f("w2", 4, 8, 3),
+        f("y", "T", 8),
+    )
+    ids, w = Value("ids", ("T", 2), "i64"), f("w", "T", 2)
+    src = [Node(Op.INPUT, (), (v,), {"name": v.name}) for v in (x, lg, w13, w2)]
+    router = Node(
+        Op.ROUTER,
+        (lg,),
+        (ids, w),
+        {"k": 2, "layer": 0, "mode": "softmax_topk", "renormalize": True},
+    )
+    moe = Node(Op.FUSED_MOE, (x, ids, w, w13, w2), (y,), {"layer": 0})
+    before = Graph("step", [*src, router, moe, Node(Op.OUTPUT, (y,), ())])
+    ready = Value("l0.resident", (), "residency")
+    expected = Graph(
+        "step",
+        [
+            *src,
+            router,
+            Node(Op.WAIT, (ids,), (ready,), {"layer": 0}),
+            moe.replace(inputs=(x, ids, w, w13, w2, ready)),
+            Node(Op.OUTPUT, (y,), ()),
+        ],
+    )
+    got = insert_prefetch("ondemand")(Program((verify(before),)))["step"]
+    assert str(verify(got)) == str(verify(expected))
