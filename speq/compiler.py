@@ -218,10 +218,17 @@ class CompiledModel:
     def budget(self) -> Budget | None:
         return self.memory.budget
 
-    def _link(self, virtual: bool) -> Link:
-        gbps = self.options.link_gbps or self.profile.link_gbps
+    @property
+    def link_params(self) -> tuple[float, float]:
+        """(GB/s, latency in us) of the host -> device link: the options', else the profile's."""
         lat = self.options.link_latency_us
-        lat = self.profile.link_latency_us if lat is None else lat
+        return (
+            self.options.link_gbps or self.profile.link_gbps,
+            self.profile.link_latency_us if lat is None else lat,
+        )
+
+    def _link(self, virtual: bool) -> Link:
+        gbps, lat = self.link_params
         if virtual or self.options.backend == "sim":
             return VirtualLink(gbps, lat)
         if self.options.backend == "cuda":
@@ -257,10 +264,7 @@ class CompiledModel:
         cfg = self.config
         prompt = torch.arange(1, 17) % cfg.vocab_size
         draft_s, verify = time_passes(self, prompt[None])
-        gbps = self.options.link_gbps or self.profile.link_gbps
-        lat = self.options.link_latency_us
-        lat = self.profile.link_latency_us if lat is None else lat
-        copy_s = VirtualLink(gbps, lat).cost(self.store.expert_bytes)
+        copy_s = VirtualLink(*self.link_params).cost(self.store.expert_bytes)
         hw = HardwareModel(draft_s, verify, copy_s, source=f"measured ({self.options.backend})")
         probe = Speq(SpecPolicy(k=probe_k))
         session = self._session(probe)

@@ -155,10 +155,7 @@ class OffloadRuntime:
                 continue
             if not self.cache.evictable_for(key, before):
                 break
-            entry = self._fetch(key, priority)
-            entry.prefetched = True
-            self._prefetched.add(entry)
-            self.counters.prefetches += 1
+            self.fetch_into(key, None, priority)
             issued += 1
         return issued
 
