@@ -149,6 +149,7 @@ class CompiledModel:
             self.params.update(self._quantize_draft())
         self.memory = self._plan_memory()
         self.pool = None
+        self._pool_filled = False  # the resident policy's pool holds every expert once filled
         if options.backend != "sim":
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
         self.metrics: Metrics | None = None
@@ -284,7 +285,7 @@ class CompiledModel:
 
     def _preload(self, cache: ExpertCache) -> None:
         """Every expert resident, in a fixed slot order (the pool is filled once)."""
-        fill = not getattr(self, "_pool_filled", False)
+        fill = not self._pool_filled
         for slot, key in enumerate(self.store.keys()):
             entry = cache.insert(key)
             assert entry.slot == slot, "resident slots are assigned in order"

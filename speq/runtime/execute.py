@@ -20,6 +20,7 @@ from speq.models.kv_cache import KVCache
 from speq.runtime.link import Link, Priority
 from speq.runtime.metrics import Counters, Metrics, Timeline
 from speq.runtime.offload import OffloadRuntime
+from speq.sim.cost import node_cost, node_seconds
 
 BACKENDS = ("offload", "eager")
 
@@ -88,8 +89,6 @@ class Session:
 
     def _observe(self, node: Node, args: tuple, outs: tuple, seconds: float) -> None:
         if self.backend == "sim":
-            from speq.sim.cost import node_cost, node_seconds
-
             touched = None
             if node.op is Op.FUSED_MOE and len(args) == 6:  # the WAIT's Residency is last
                 touched = sum(len(c) for c in args[5].chunks)
@@ -121,7 +120,7 @@ class Session:
     def finish(self, policy: str, prompt_tokens: int, new_tokens: int) -> Metrics:
         end = self.link.now()
         self.link.close()
-        self.runtime._settle()
+        self.runtime.settle()
         prefill_end = self._prefill_end if self._prefill_end is not None else end
         d = self.runtime.counters.minus(self._prefill_counters)
         decode_s = end - prefill_end

@@ -100,7 +100,7 @@ class OffloadRuntime:
         """Make ``experts`` of ``layer`` resident and loaded; pin them; count hits and stalls."""
         self.needs_log.append((layer, frozenset(experts)))
         self.policy.before_ensure(self, layer, experts)
-        self._settle()
+        self.settle()
         keys = [ExpertKey(layer, e) for e in experts]
         protect = frozenset(keys)
         entries, waits = [], []
@@ -131,7 +131,7 @@ class OffloadRuntime:
             self.counters.stall_s += stall
             if self.timeline is not None and stall > 0:
                 self.timeline.span("compute", f"stall L{layer}", t0, t0 + stall, experts=len(waits))
-            self._settle()
+            self.settle()
         return entries
 
     def release(self, entries: Sequence[Entry]) -> None:
@@ -147,7 +147,7 @@ class OffloadRuntime:
     ) -> int:
         """Start copies of the ``experts`` of ``layer`` that are not cached, while a slot can be
         had without evicting anything needed before ``before``. Returns the number issued."""
-        self._settle()
+        self.settle()
         issued = 0
         for e in experts:
             key = ExpertKey(layer, e)
@@ -161,7 +161,7 @@ class OffloadRuntime:
 
     def fetch_into(self, key: ExpertKey, victim: ExpertKey | None, priority: Priority) -> Entry:
         """Prefetch ``key`` into a free slot (``victim`` None) or into ``victim``'s slot."""
-        self._settle()
+        self.settle()
         entry = self._fetch(key, priority, victim=victim)
         entry.prefetched = True
         self._prefetched.add(entry)
@@ -185,7 +185,7 @@ class OffloadRuntime:
                     raise
                 oldest = min(self._loading, key=lambda e: e.copy.issued_at)
                 self.counters.stall_s += self.link.wait([oldest.copy])
-                self._settle()
+                self.settle()
         self._prefetched = {e for e in self._prefetched if e.key in self.cache}
         nbytes = self.store.expert_bytes
         src: tuple[torch.Tensor, ...] = ()
@@ -201,7 +201,8 @@ class OffloadRuntime:
         self.counters.bytes_moved += nbytes
         return entry
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
+        """Mark entries whose copies have completed as loaded (and record them on the timeline)."""
         for entry in [e for e in self._loading if self.link.done(e.copy)]:
             entry.loading = False
             self._loading.discard(entry)

@@ -30,7 +30,7 @@ from speq.runtime.offload import OffloadPolicy, OffloadRuntime
 from speq.runtime.sampling import SamplingParams, probabilities
 from speq.runtime.store import ExpertKey
 
-DEFAULT_K = 4  # drafted tokens per cycle when CompileOptions(k=None) and no governor chooses
+DEFAULT_K = 4  # SpecPolicy's default k (speq.compile with k=None lets the governor choose)
 
 
 @dataclass(frozen=True)
