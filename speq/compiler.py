@@ -22,7 +22,7 @@ from speq.ir.ops import Op
 from speq.ir.program import Program
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
-from speq.passes.governor import Governor, HardwareModel, Policy, govern
+from speq.passes.governor import CacheModel, Governor, HardwareModel, Policy, govern
 from speq.passes.history import PassHistory, PassRecord
 from speq.passes.make_draft import DRAFT_PREFIX
 from speq.passes.pipeline import default_passes, run_passes
@@ -34,7 +34,7 @@ from speq.runtime.execute import Session
 from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
 from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
-from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident
+from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident, RoutingRecorder
 from speq.runtime.sampling import SamplingParams, pick
 from speq.runtime.speculative import SpecPolicy, Speq, speculative_decode
 from speq.runtime.store import ExpertStore
@@ -42,6 +42,7 @@ from speq.runtime.store import ExpertStore
 log = logging.getLogger("speq")
 
 BACKENDS = ("cpu", "sim", "cuda")
+PREDICTORS = ("draft", "oracle")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class CompileOptions:
       (The paper's example is 500 ms on a GPU; on the cpu backend times are the CPU's own.)
     - ``draft_bits`` / ``draft_group_size``: the draft's weight-only expert quantization (INT4 or
       INT8, symmetric, one scale per group along the reduction dimension).
+    - ``predictor``: what fills speq's Expert Lookahead Buffer: the draft's routers (``draft``),
+      or ``oracle``: the target's own routing of the output, recorded in a first pass (perfect
+      prediction, the best any predictor can do; a benchmark bound, since it needs the output
+      first). The draft still proposes the tokens either way.
     """
 
     policy: str = "resident"
@@ -88,6 +93,7 @@ class CompileOptions:
     draft_bits: int = 4
     draft_group_size: int = 128
     ttft_budget_ms: float | None = None
+    predictor: str = "draft"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -119,6 +125,12 @@ class CompileOptions:
             raise ValueError(f"CompileOptions.k must be an int >= 1 or None, got {self.k!r}")
         if self.k is not None and self.policy != "speq":
             raise ValueError("CompileOptions.k applies to policy='speq' only")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(
+                f"CompileOptions.predictor = {self.predictor!r}: expected one of {PREDICTORS}"
+            )
+        if self.predictor != "draft" and self.policy != "speq":
+            raise ValueError("CompileOptions.predictor applies to policy='speq' only")
         if self.draft_bits not in (4, 8):
             raise ValueError(f"CompileOptions.draft_bits must be 4 or 8, got {self.draft_bits}")
         if self.draft_group_size < 1:
@@ -252,8 +264,8 @@ class CompiledModel:
         link = self._link(virtual)
         pool = None if virtual else self.pool
         runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline)
-        if isinstance(policy, Resident):
-            self._preload(cache)
+        if isinstance(policy, Resident) or self.memory.slots >= len(self.store.keys()):
+            self._preload(cache)  # every expert fits: all are resident from the start
         backend = "sim" if virtual else self.options.backend
         return Session(
             self.spec, self.params, runtime, backend, self.profile, timeline, self._node_seconds
@@ -272,12 +284,15 @@ class CompiledModel:
         n = min(probe_tokens, cfg.max_seq_len - prompt.shape[0] - probe_k - 1)
         self._decode(prompt, max(n, 1), SamplingParams(), session)
         session.finish("calibrate", prompt.shape[0], n)
-        extra = probe.extra_metrics()
+        extra, st = probe.extra_metrics(), probe.stats
+        cache = CacheModel(1.0, self.memory.slots)
+        per_cycle = st.verify_needs / max(st.cycles, 1)
+        reuse = cache.observed_reuse(per_cycle, st.verify_new / max(st.cycles, 1))
         return govern(
             cfg,
             hw,
             extra["acceptance_by_position"] or [0.5],
-            extra["verify_miss_rate"],
+            CacheModel(reuse, self.memory.slots),
             ttft_budget_s=math.inf
             if self.options.ttft_budget_ms is None
             else self.options.ttft_budget_ms / 1e3,
@@ -303,15 +318,34 @@ class CompiledModel:
         if name == "nextgate":
             return NextGate()
         if name == "speq":
+            routing = (
+                self._record_routing(prompt, n, sampling)
+                if self.options.predictor == "oracle"
+                else None
+            )
             if self.governed is not None:
-                return Speq(self.governed.spec, Governor(self.governed, self.config))
-            return Speq(SpecPolicy(k=self.options.k))
+                return Speq(self.governed.spec, Governor(self.governed, self.config), routing)
+            return Speq(SpecPolicy(k=self.options.k), routing=routing)
         # oracle: record the run's routing first (a virtual-clock pass; its cost is not measured)
         session = self._session(OnDemand(), virtual=True)
         self._decode(prompt, n, sampling, session)
         session.finish("record", 0, 0)
         cache = session.runtime.cache
         return Oracle(session.runtime.needs_log, cache.group_of, cache.group_slots)
+
+    def _record_routing(
+        self, prompt: torch.Tensor, n: int, sampling: SamplingParams
+    ) -> dict[tuple[int, int], frozenset[int]]:
+        """The target's experts at each (position, MoE layer) of the output, from a one-token-
+        at-a-time virtual-clock pass (not measured)."""
+        recorder = RoutingRecorder()
+        session = self._session(recorder, virtual=True)
+        self._decode(prompt, n, sampling, session)
+        session.finish("record", 0, 0)
+        layers = len(self.store.layers)
+        needs = recorder.needs[layers if prompt.shape[0] > 1 else 0 :]  # past the prefill pass
+        first = prompt.shape[0] - 1  # the position of the first one-token step
+        return {(first + i // layers, layer): experts for i, (layer, experts) in enumerate(needs)}
 
     # ------------------------------------------------------------------ running
     def _step(

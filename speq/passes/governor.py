@@ -5,21 +5,24 @@ For a speculative cycle with k drafted tokens (PAPER.md, "The Amortization Roofl
     tokens(k)  = 1 + sum_{i=1..k} prod_{j<=i} p_j        committed per cycle (the bonus included)
     T_draft(k) = (k + 1) * t_draft                        k proposals and one routing-only pass
     T_io(k)    = E_new(k) * t_copy                        experts verification needs that are not
-                                                          resident, each one copy
+                                                          resident when the cycle starts, one copy each
     overlap(k) = (1 - phase2_start) * T_draft(k)          copies start with phase II
     T_cycle(k) = T_draft(k) + max(0, T_io(k) - overlap(k)) + T_verify(k + 1)
     Theta(k)   = tokens(k) / T_cycle(k)                   and TPOT(k) = 1 / Theta(k)
 
-E_new(k) = sum over MoE layers of E * (1 - (1 - top_k/E)^(k+1)) * miss: the expected distinct
-experts of k+1 tokens per layer (uniform routing) times the probability that a needed expert is
-not resident. The governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k
-whose cycle fits the time-to-first-token budget, and sizes phase II to the copies the link
-completes during one draft pass. It is a pure function of its inputs; `Governor` re-solves k from
-live acceptance and miss estimates (exponential moving averages) at run time with the same model.
+E_new(k) = W(k) - reuse * min(W(k), slots) (`CacheModel`): the window needs W(k) = layers * E *
+(1 - (1 - top_k/E)^(k+1)) experts (distinct experts of k+1 uniformly routed tokens per layer); at
+most ``slots`` of them can be resident when the cycle starts, and a measured fraction ``reuse`` of
+that many are. A constant miss rate would not do: a window larger than the cache misses more. The
+governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k whose cycle fits the
+time-to-first-token budget, and sizes phase II to the copies the link completes during one draft
+pass. It is a pure function of its inputs; `Governor` re-solves k from live acceptance and reuse
+estimates (exponential moving averages) at run time with the same model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -50,6 +53,46 @@ class HardwareModel:
 
 
 @dataclass(frozen=True)
+class CacheModel:
+    """How many of the experts a window needs are already resident when its cycle starts:
+    ``reuse`` times the most that can be, min(W(k), ``slots``)."""
+
+    reuse: float  # in [0, 1]
+    slots: float = math.inf  # expert cache slots
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reuse <= 1:
+            raise ValueError(f"CacheModel.reuse must be in [0, 1], got {self.reuse}")
+        if not self.slots > 0:
+            raise ValueError(f"CacheModel.slots must be > 0, got {self.slots}")
+
+    @classmethod
+    def from_miss_rate(cls, miss_rate: float) -> CacheModel:
+        """An unbounded cache missing ``miss_rate`` of every window's experts."""
+        if not 0 <= miss_rate <= 1:
+            raise ValueError(f"miss_rate must be in [0, 1], got {miss_rate}")
+        return cls(1 - miss_rate)
+
+    def observed_reuse(self, needs: float, new: float) -> float:
+        """The reuse a cycle showed: ``needs`` experts at verification, ``new`` of them copied
+        during the cycle."""
+        return min(1.0, max(0.0, (needs - new) / min(needs, self.slots))) if needs else self.reuse
+
+    def window(self, cfg: MoEConfig, k: int) -> float:
+        """W(k): expected experts the k+1 tokens of a window need, over all MoE layers."""
+        return len(cfg.moe_layers) * distinct_experts(cfg, k + 1)
+
+    def new_experts(self, cfg: MoEConfig, k: int) -> float:
+        """E_new(k): expected experts copied during a cycle of k drafts."""
+        w = self.window(cfg, k)
+        return w - self.reuse * min(w, self.slots)
+
+    def describe(self) -> str:
+        slots = "unbounded" if math.isinf(self.slots) else f"{self.slots:g} slots"
+        return f"reuse {self.reuse:.2f} of the cache ({slots})"
+
+
+@dataclass(frozen=True)
 class Estimate:
     """What the model predicts for one k."""
 
@@ -74,7 +117,7 @@ class Policy:
     estimates: tuple[Estimate, ...]
     k_slo: int
     acceptance: tuple[float, ...]
-    miss_rate: float
+    cache: CacheModel
     hardware: HardwareModel = field(repr=False)
 
     @property
@@ -89,7 +132,7 @@ class Policy:
             f"{c.tokens_per_cycle:.2f} tokens per {c.cycle_s * 1e3:.2f} ms cycle; phases "
             f"II from {self.spec.phase2_start:.2f}, III from {self.spec.phase3_start:.2f} of the "
             f"draft, {self.spec.phase2_width} copies per pass in II; acceptance p_j = [{p}], "
-            f"miss rate {self.miss_rate:.2f}; {self.hardware.source} times: draft pass "
+            f"{self.cache.describe()}; {self.hardware.source} times: draft pass "
             f"{self.hardware.draft_pass_s * 1e3:.3f} ms, expert copy {self.hardware.copy_s * 1e3:.3f} ms"
         )
 
@@ -114,11 +157,11 @@ def estimate(
     cfg: MoEConfig,
     hw: HardwareModel,
     acceptance: Sequence[float],
-    miss_rate: float,
+    cache: CacheModel,
     phase2_start: float,
 ) -> Estimate:
     draft = (k + 1) * hw.draft_pass_s
-    io = len(cfg.moe_layers) * distinct_experts(cfg, k + 1) * miss_rate * hw.copy_s
+    io = cache.new_experts(cfg, k) * hw.copy_s
     stall = max(0.0, io - (1 - phase2_start) * draft)
     verify = hw.verify(k + 1)
     return Estimate(
@@ -130,7 +173,7 @@ def govern(
     cfg: MoEConfig,
     hw: HardwareModel,
     acceptance: Sequence[float],
-    miss_rate: float,
+    cache: CacheModel,
     *,
     k_min: int = 1,
     k_max: int = 8,
@@ -141,47 +184,49 @@ def govern(
     """The policy of highest modelled throughput (see the module docstring)."""
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
-    if not 0 <= miss_rate <= 1:
-        raise ValueError(f"miss_rate must be in [0, 1], got {miss_rate}")
     ests = tuple(
-        estimate(k, cfg, hw, acceptance, miss_rate, phase2_start) for k in range(k_min, k_max + 1)
+        estimate(k, cfg, hw, acceptance, cache, phase2_start) for k in range(k_min, k_max + 1)
     )
     fitting = [e for e in ests if e.cycle_s <= ttft_budget_s] or [ests[0]]
     k_slo = max(e.k for e in fitting)
     best = max(fitting, key=lambda e: e.tokens_per_cycle / e.cycle_s)
     width = max(1, int(hw.draft_pass_s // hw.copy_s)) if hw.copy_s > 0 else 1
     spec = SpecPolicy(best.k, phase2_start, phase3_start, width)
-    return Policy(spec, ests, k_slo, tuple(acceptance), miss_rate, hw)
+    return Policy(spec, ests, k_slo, tuple(acceptance), cache, hw)
 
 
 class Governor:
     """Re-solves k after every cycle from exponential moving averages of the per-position
-    acceptance and of the miss rate, with the same cost model."""
+    acceptance and of the cache's reuse, with the same cost model."""
 
     def __init__(self, policy: Policy, cfg: MoEConfig, alpha: float = 0.2) -> None:
         self.policy, self.cfg, self.alpha = policy, cfg, alpha
         self.acceptance = list(policy.acceptance) or [0.5]
-        self.miss_rate = policy.miss_rate
+        self.cache = policy.cache
         self.k_max = max(e.k for e in policy.estimates)
         self.k_min = min(e.k for e in policy.estimates)
 
-    def update(self, tries: Sequence[bool], needs: int, misses: int) -> int:
+    def update(self, tries: Sequence[bool], needs: int, new: int) -> int:
         """Fold one cycle in: ``tries[i]`` whether draft i was accepted (given the ones before
-        were); ``needs`` / ``misses`` at verification. Returns k for the next cycle."""
+        were); ``needs`` experts at verification, ``new`` of them copied during the cycle.
+        Returns k for the next cycle."""
         a = self.alpha
         for i, ok in enumerate(tries):
             while len(self.acceptance) <= i:
                 self.acceptance.append(self.acceptance[-1])
             self.acceptance[i] += a * (float(ok) - self.acceptance[i])
         if needs:
-            self.miss_rate += a * (misses / needs - self.miss_rate)
+            reuse = self.cache.reuse + a * (
+                self.cache.observed_reuse(needs, new) - self.cache.reuse
+            )
+            self.cache = dataclasses.replace(self.cache, reuse=reuse)
         return self.best_k()
 
     def best_k(self) -> int:
         phase2 = self.policy.spec.phase2_start
 
         def theta(k: int) -> float:
-            e = estimate(k, self.cfg, self.policy.hardware, self.acceptance, self.miss_rate, phase2)
+            e = estimate(k, self.cfg, self.policy.hardware, self.acceptance, self.cache, phase2)
             return e.tokens_per_cycle / e.cycle_s
 
         return max(range(self.k_min, self.policy.k_slo + 1), key=theta)

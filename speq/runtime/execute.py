@@ -134,6 +134,7 @@ class Session:
             tpot_ms=decode_s / new_tokens * 1e3 if new_tokens else 0.0,
             decode_ms=decode_s * 1e3,
             hit_rate=d.hits / d.needs if d.needs else 1.0,
+            covered_rate=(d.hits + d.late) / d.needs if d.needs else 1.0,
             needs=d.needs,
             hits=d.hits,
             late=d.late,

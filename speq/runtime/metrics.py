@@ -49,7 +49,8 @@ class Metrics:
     prefill_ms: float
     tpot_ms: float  # decode time per output token
     decode_ms: float
-    hit_rate: float
+    hit_rate: float  # needed experts resident and loaded when their layer needed them
+    covered_rate: float  # needed experts resident or already being copied (no demand fetch)
     needs: int
     hits: int
     late: int

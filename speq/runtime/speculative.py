@@ -20,7 +20,7 @@ One cycle, with ``last`` the newest committed token at position p:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +111,8 @@ class SpecStats:
     verify_s: float = 0.0
     verify_needs: int = 0  # (layer, expert) needs at verification
     verify_misses: int = 0  # of which not resident and loaded when needed
+    verify_demand: int = 0  # of which not cached at all (neither resident nor being copied)
+    verify_new: int = 0  # of which not resident when the cycle began (copied during it)
 
     def add_position(self, i: int, accepted: bool) -> None:
         while len(self.position_tries) <= i:
@@ -128,15 +130,25 @@ class Speq(OffloadPolicy):
     name = "speq"
     eviction = "lookahead"
 
-    def __init__(self, policy: SpecPolicy, governor=None) -> None:
+    def __init__(
+        self,
+        policy: SpecPolicy,
+        governor=None,
+        routing: Mapping[tuple[int, int], Sequence[int]] | None = None,
+    ) -> None:
         """``governor``: a `speq.passes.governor.Governor` that re-solves k after every cycle;
-        None keeps ``policy.k``."""
+        None keeps ``policy.k``. ``routing``: perfect prediction, for benchmarks: the target's
+        own experts by (position, layer), recorded in a first pass; the ELB then holds these
+        instead of the draft router's choice (the draft still runs and proposes the tokens)."""
         self.policy = policy
         self.governor = governor
+        self.routing = routing
         self.next_k = policy.k
         self.elb = ExpertLookaheadBuffer()
         self.stats = SpecStats()
         self.k = policy.k
+        self.position = 0
+        self.cycle_start = 0.0
         self.draft_pass = 0
         self._issued_this_pass = 0
         self.verifying = False
@@ -161,7 +173,12 @@ class Speq(OffloadPolicy):
             "elb_recall_by_layer": {
                 layer: st.elb_hit[layer] / n for layer, n in st.elb_used.items() if n
             },
+            "verify_hit_rate": 1 - st.verify_misses / st.verify_needs if st.verify_needs else 1.0,
+            "verify_covered_rate": (
+                1 - st.verify_demand / st.verify_needs if st.verify_needs else 1.0
+            ),
             "verify_miss_rate": st.verify_misses / st.verify_needs if st.verify_needs else 0.0,
+            "verify_new_rate": st.verify_new / st.verify_needs if st.verify_needs else 0.0,
             "draft_ms": st.draft_s * 1e3,
             "verify_ms": st.verify_s * 1e3,
         }
@@ -173,9 +190,12 @@ class Speq(OffloadPolicy):
             return key.layer
         return math.inf
 
-    def start_cycle(self, k: int) -> None:
+    def start_cycle(self, k: int, position: int = 0, now: float = 0.0) -> None:
+        """A new window: ``k`` drafts after the committed token at ``position``, at time ``now``."""
         self.elb.clear()
         self.k = k
+        self.position = position
+        self.cycle_start = now
         self.draft_pass = 0
         self.verifying = False
         self.verify_layer = -1
@@ -184,9 +204,12 @@ class Speq(OffloadPolicy):
         self, rt: OffloadRuntime, layer: int, ids: torch.Tensor, weights: torch.Tensor
     ) -> None:
         """A PREFETCH of the draft graph: record the ELB row, then start this phase's copies."""
-        self.elb.record(
-            self.draft_pass, layer, ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
-        )
+        chosen, gates = ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
+        if self.routing is not None:
+            recorded = self.routing.get((self.position + self.draft_pass, layer))
+            if recorded is not None:
+                chosen, gates = list(recorded), [1.0] * len(recorded)
+        self.elb.record(self.draft_pass, layer, chosen, gates)
         phase = self.policy.phase(self.draft_pass, self.k)
         if phase == 1:
             return
@@ -207,12 +230,16 @@ class Speq(OffloadPolicy):
         if not self.verifying:
             return
         self.verify_layer = layer
+        st = self.stats
         for e in experts:
             entry = rt.cache.get(ExpertKey(layer, e))
-            self.stats.verify_misses += entry is None or entry.loading
-        self.stats.verify_needs += len(experts)
+            st.verify_misses += entry is None or entry.loading
+            st.verify_demand += entry is None
+            st.verify_new += entry is None or (
+                entry.copy is not None and entry.copy.issued_at >= self.cycle_start
+            )
+        st.verify_needs += len(experts)
         used, predicted = set(experts), self.elb.predicted(layer)
-        st = self.stats
         st.elb_hit[layer] = st.elb_hit.get(layer, 0) + len(used & predicted)
         st.elb_predicted[layer] = st.elb_predicted.get(layer, 0) + len(predicted)
         st.elb_used[layer] = st.elb_used.get(layer, 0) + len(used)
@@ -286,8 +313,8 @@ def speculative_decode(
         p = len(out) - 1
         remaining = n - (len(out) - len(prompt))
         k = max(0, min(speq.next_k, remaining - 1, max_seq_len - p - 1))
-        needs0, misses0 = st.verify_needs, st.verify_misses
-        speq.start_cycle(k)
+        needs0, new0 = st.verify_needs, st.verify_new
+        speq.start_cycle(k, p, clock())
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         t0 = clock()
@@ -315,8 +342,9 @@ def speculative_decode(
         for i, ok in enumerate(tries):
             st.add_position(i, ok)
         if speq.governor is not None and k:
-            needs, misses = st.verify_needs - needs0, st.verify_misses - misses0
-            speq.next_k = speq.governor.update(tries, needs, misses)
+            speq.next_k = speq.governor.update(
+                tries, st.verify_needs - needs0, st.verify_new - new0
+            )
         st.drafted += k
         st.accepted += accepted
         st.cycles += 1

@@ -18,7 +18,7 @@ from speq.frontend.spec import ModelSpec
 from speq.ir.program import Program
 from speq.models.config import MoEConfig
 from speq.passes.fuse_moe import fuse_moe
-from speq.passes.governor import HardwareModel, Policy, distinct_experts, govern
+from speq.passes.governor import CacheModel, HardwareModel, Policy, govern
 from speq.passes.make_draft import make_draft
 from speq.sim.cost import link_seconds, step_seconds
 from speq.sim.presets import expert_bytes
@@ -40,7 +40,9 @@ def modelled_hardware(
 def roofline(
     cfg: MoEConfig, profile: HardwareProfile, acceptance: float, miss_rate: float
 ) -> Policy:
-    return govern(cfg, modelled_hardware(cfg, profile), [acceptance], miss_rate)
+    return govern(
+        cfg, modelled_hardware(cfg, profile), [acceptance], CacheModel.from_miss_rate(miss_rate)
+    )
 
 
 def plot(
@@ -52,11 +54,10 @@ def plot(
     import matplotlib.pyplot as plt
 
     nbytes = expert_bytes(cfg)
-    layers = len(cfg.moe_layers)
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     xs, ys = [], []
     for e in policy.estimates:
-        copied = layers * distinct_experts(cfg, e.k + 1) * policy.miss_rate * nbytes
+        copied = policy.cache.new_experts(cfg, e.k) * nbytes
         xs.append(e.tokens_per_cycle / max(copied, 1.0) * 1e9)
         ys.append(e.tokens_per_cycle / e.cycle_s)
         roof = e.tokens_per_cycle / (e.draft_s + e.verify_s)

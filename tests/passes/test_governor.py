@@ -6,6 +6,7 @@ import torch
 import speq
 from helpers import tiny_config, tiny_model
 from speq.passes.governor import (
+    CacheModel,
     Governor,
     HardwareModel,
     distinct_experts,
@@ -38,22 +39,22 @@ def test_verify_time_is_interpolated_and_extrapolated():
 
 
 def test_perfect_acceptance_and_free_io_take_the_largest_k():
-    p = govern(CFG, FLAT, [1.0], miss_rate=0.0)
+    p = govern(CFG, FLAT, [1.0], CacheModel(1.0))
     assert p.spec.k == 8 and p.k_slo == 8
 
 
 def test_hopeless_draft_takes_the_smallest_k():
-    assert govern(CFG, FLAT, [0.0], miss_rate=0.5).spec.k == 1
+    assert govern(CFG, FLAT, [0.0], CacheModel(0.5)).spec.k == 1
 
 
 def test_ttft_budget_caps_k():
-    p = govern(CFG, FLAT, [1.0], miss_rate=0.0, ttft_budget_s=0.0085)
+    p = govern(CFG, FLAT, [1.0], CacheModel(1.0), ttft_budget_s=0.0085)
     assert p.k_slo == 3 and p.spec.k == 3  # (k+1) ms of draft + 4 ms of verify <= 8.5 ms
     assert all(e.cycle_s <= 0.0085 for e in p.estimates if e.k <= p.k_slo)
 
 
 def test_cycle_model_terms():
-    e = estimate(3, CFG, FLAT, [0.5], miss_rate=0.25, phase2_start=0.5)
+    e = estimate(3, CFG, FLAT, [0.5], CacheModel.from_miss_rate(0.25), phase2_start=0.5)
     io = 4 * distinct_experts(CFG, 4) * 0.25 * 10e-3
     assert e.draft_s == pytest.approx(4e-3) and e.io_s == pytest.approx(io)
     assert e.stall_s == pytest.approx(io - 0.5 * 4e-3)
@@ -63,17 +64,32 @@ def test_cycle_model_terms():
 
 def test_phase_two_width_follows_the_link():
     fast = HardwareModel(1e-3, {1: 1e-3}, copy_s=0.25e-3)
-    assert govern(CFG, fast, [0.9], 0.1).spec.phase2_width == 4
-    assert govern(CFG, FLAT, [0.9], 0.1).spec.phase2_width == 1
+    assert govern(CFG, fast, [0.9], CacheModel(0.9)).spec.phase2_width == 4
+    assert govern(CFG, FLAT, [0.9], CacheModel(0.9)).spec.phase2_width == 1
 
 
 def test_runtime_governor_follows_live_acceptance():
-    g = Governor(govern(CFG, FLAT, [1.0], 0.0), CFG, alpha=0.5)
+    g = Governor(govern(CFG, FLAT, [1.0], CacheModel(1.0)), CFG, alpha=0.5)
     assert g.best_k() == 8
     k = 8
     for _ in range(12):
-        k = g.update([False], needs=10, misses=5)
-    assert k == 1 and g.acceptance[0] < 0.01 and g.miss_rate == pytest.approx(0.5, abs=1e-3)
+        k = g.update([False], needs=10, new=5)
+    assert k == 1 and g.acceptance[0] < 0.01 and g.cache.reuse == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_window_larger_than_the_cache_copies_the_excess():
+    cache = CacheModel(reuse=0.8, slots=20)
+    w1, w8 = cache.window(CFG, 1), cache.window(CFG, 8)
+    assert w1 < 20 < w8
+    assert cache.new_experts(CFG, 1) == pytest.approx(0.2 * w1)
+    assert cache.new_experts(CFG, 8) == pytest.approx(w8 - 16.0)
+    assert cache.new_experts(CFG, 8) / w8 > cache.new_experts(CFG, 1) / w1
+    assert cache.observed_reuse(needs=30, new=14) == pytest.approx(0.8)  # 16 of at most 20
+    assert CacheModel.from_miss_rate(0.25).new_experts(CFG, 3) == pytest.approx(
+        0.25 * cache.window(CFG, 3)
+    )
+    with pytest.raises(ValueError, match="reuse"):
+        CacheModel(1.5)
 
 
 def test_compile_without_k_runs_the_governor_and_stays_lossless():

@@ -157,3 +157,53 @@ def test_spec_policy_phases():
         SpecPolicy(phase2_start=0.8, phase3_start=0.5)
     with pytest.raises(ValueError, match="k must be"):
         SpecPolicy(k=0)
+
+
+def test_perfect_prediction_replays_the_targets_own_routing():
+    """``predictor="oracle"`` fills the ELB with the target's routing of the output, recorded
+    in a first pass; it equals the reference model's routing of the whole output sequence."""
+    from speq.models.functional import route
+    from speq.runtime.sampling import SamplingParams
+
+    model = tiny_model(torch.float64, **VARIANTS["dense_first_topk_softmax"])
+    cfg = model.config
+    expected = speq.compile(model).generate(PROMPT, N)
+    truth = {}
+
+    def hook(layer):
+        def record(module, args):
+            ids, _ = route(args[0][0] @ module.router.t(), cfg.top_k, cfg.router_mode)
+            for pos, row in enumerate(ids.tolist()):
+                truth[(pos, layer)] = frozenset(row)
+
+        return record
+
+    blocks = [(i, b.mlp) for i, b in enumerate(model.layers) if cfg.is_moe_layer(i)]
+    handles = [b.register_forward_pre_hook(hook(i)) for i, b in blocks]
+    with torch.no_grad():
+        model(expected)
+    for h in handles:
+        h.remove()
+    opts = speq.CompileOptions(policy="speq", k=3, predictor="oracle", backend="sim")
+    cm = speq.compile(model, opts)
+    recorded = cm._record_routing(PROMPT[0], N, SamplingParams())
+    first = PROMPT.shape[1] - 1
+    assert recorded == {
+        key: experts for key, experts in truth.items() if first <= key[0] < first + N
+    }
+    assert torch.equal(cm.generate(PROMPT, N), expected)
+    assert cm.metrics["elb_recall"] > 0
+
+
+def test_verification_counts_split_hits_in_flight_copies_and_demand_misses():
+    model = tiny_model(torch.float64, num_layers=3)
+    opts = speq.CompileOptions(
+        policy="speq", k=4, device_memory=_tight(model, 4), link_gbps=0.05, backend="sim"
+    )
+    cm = speq.compile(model, opts)
+    cm.generate(PROMPT, 16)
+    m = cm.metrics
+    hit, covered = m["verify_hit_rate"], m["verify_covered_rate"]
+    assert 0 <= hit <= covered <= 1 and hit == pytest.approx(1 - m["verify_miss_rate"])
+    assert 0 < m["verify_new_rate"] <= 1
+    assert m.covered_rate >= m.hit_rate
