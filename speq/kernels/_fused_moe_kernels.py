@@ -8,6 +8,18 @@ in fp32, and either atomically add into ``out[token]`` (fp32) or store per pair 
 fixed-order sum (``_combine_kernel``).
 Weights are found through the slot table: expert e lives in slot ``slot_of_expert[e]`` of the
 pool. Padding rows (pair id == num_pairs) are masked out of every load and store.
+
+DOT_IN_FP32 (the Triton interpreter only): the interpreter stores bfloat16 as its uint16 bit
+pattern, and its ``tl.dot`` multiplies those bit patterns (triton#11584; its bf16 ``+``, ``*``
+are wrong the same way, but all arithmetic here outside the dots is on fp32 values). With
+DOT_IN_FP32 the two bf16 tiles are cast to fp32 right before each ``tl.dot``: a product of two
+bf16 values is exact in fp32 and the GPU's bf16 dot accumulates in fp32 too, so this gives the
+GPU's result up to summation order, and every load, mask, bf16 store, epilogue and index of the
+kernel still runs as on the GPU. ``fused_moe.py`` sets it only when the interpreter runs a bf16
+problem; compiled kernels always take the native bf16 dot. One difference remains: the
+interpreter's fp32 -> bf16 cast (of ``h``, of dequantized weights) rounds toward zero where the
+GPU rounds to nearest even, so an interpreted bf16 result carries up to twice the GPU's rounding
+error in those casts.
 """
 
 import triton
@@ -121,6 +133,7 @@ def _gate_up_kernel(
     GROUP_SIZE: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -165,6 +178,8 @@ def _gate_up_kernel(
             w_base, s_base, offs_n + I, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
             stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
         ).to(dtype)  # fmt: skip
+        if DOT_IN_FP32:  # interpreter only: its bf16 tl.dot is wrong (module docstring)
+            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
         if SCALE_AFTER_DOT:
             group = k0 // GROUP_SIZE
             sg = tl.load(s_base + offs_n * stride_sn + group * stride_sg, mask=n_ok, other=0.0)
@@ -222,6 +237,7 @@ def _down_kernel(
     GROUP_SIZE: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     COMBINE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -266,6 +282,8 @@ def _down_kernel(
             w_base, s_base, offs_n, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
             stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
         ).to(dtype)  # fmt: skip
+        if DOT_IN_FP32:  # interpreter only: its bf16 tl.dot is wrong (module docstring)
+            a, w = a.to(tl.float32), w.to(tl.float32)
         if SCALE_AFTER_DOT:
             s = tl.load(
                 s_base + offs_n * stride_sn + (k0 // GROUP_SIZE) * stride_sg, mask=n_ok, other=0.0

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from speq.kernels._triton import Backend, cdiv, next_power_of_2, select_backend
+from speq.kernels._triton import (
+    Backend,
+    cdiv,
+    interpreter_active,
+    next_power_of_2,
+    select_backend,
+)
 from speq.kernels.alignment import ExpertPlan, align_experts
 from speq.kernels.autotune import KernelConfig, get_config
 from speq.kernels.quant import QuantizedExperts
@@ -214,6 +220,13 @@ def _weight_args(w: Weights) -> tuple[torch.Tensor, torch.Tensor, int, int, tupl
     return w, w, 0, 1, (*w.stride(), 0, 0, 0)
 
 
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether the kernels cast their bf16 tiles to fp32 before ``tl.dot``: only under the Triton
+    interpreter, whose bf16 ``tl.dot`` multiplies raw bit patterns (triton#11584; see
+    ``_fused_moe_kernels.py``). Compiled kernels always run the native bf16 dot."""
+    return dtype == torch.bfloat16 and interpreter_active()
+
+
 def _fused_moe_triton(
     hidden: torch.Tensor,
     w13: Weights,
@@ -250,6 +263,7 @@ def _fused_moe_triton(
     if dims.num_pairs == 0:
         return torch.zeros((t, h), dtype=hidden.dtype, device=device)
     dot_precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    dot_in_fp32 = _dot_in_fp32(hidden.dtype)
     meta = dict(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -268,7 +282,7 @@ def _fused_moe_triton(
         *hidden.stride(), *strides, *intermediate.stride(),
         TOP_K=k, W_BITS=bits, GROUP_SIZE=gsize,
         SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0,
-        DOT_PRECISION=dot_precision, **meta,
+        DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32, **meta,
     )  # fmt: skip
 
     split_k = 1 if deterministic else config.split_k
@@ -287,7 +301,7 @@ def _fused_moe_triton(
         *intermediate.stride(), *strides, *route_w.stride(), *accum.stride(),
         TOP_K=k, W_BITS=bits, GROUP_SIZE=gsize,
         SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32,
         COMBINE=(kern.COMBINE_STORE if deterministic else kern.COMBINE_ATOMIC).value, **meta,
     )  # fmt: skip
 

@@ -36,8 +36,6 @@ def triton_unsupported(dtype: torch.dtype) -> str | None:
         return "no CUDA and TRITON_INTERPRET is not set"
     if dtype == torch.float64:
         return "the Triton kernels take fp16/bf16/fp32; float64 is served by the torch path"
-    if dtype == torch.bfloat16 and not CUDA:
-        return "the Triton interpreter computes bf16 tl.dot on raw bits (triton#11584); gpu tier"
     return None
 
 

@@ -85,8 +85,8 @@ from speq.kernels import _fused_moe_kernels as K, _routing_kernels as R
 def build(fn, pointers, constexprs, num_warps=4, num_stages=3):
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 common = dict(pair_ids_ptr="*i32", block_expert_ptr="*i32", num_valid_blocks_ptr="*i32",
               slot_ptr="*i32")
@@ -94,11 +94,16 @@ for act, bits, wt, prec in [("bf16", 0, "bf16", "tf32"), ("fp16", 4, "u8", "tf32
                             ("fp32", 8, "i8", "ieee")]:
     scale = "*fp32" if bits else f"*{act}"
     meta = dict(TOP_K=2, W_BITS=bits, GROUP_SIZE=64 if bits else 1, DOT_PRECISION=prec,
-                BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=4)
-    build(K._gate_up_kernel, dict(common, x_ptr=f"*{act}", w_ptr=f"*{wt}", w_scale_ptr=scale,
-          h_ptr=f"*{act}"), dict(meta, SCALE_AFTER_DOT=bits == 4))
-    build(K._down_kernel, dict(common, h_ptr=f"*{act}", w_ptr=f"*{wt}", w_scale_ptr=scale,
-          rw_ptr="*fp32", out_ptr="*fp32"), dict(meta, SCALE_AFTER_DOT=bits != 8, COMBINE=bits // 4))
+                DOT_IN_FP32=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=4)
+    gate_up = build(K._gate_up_kernel, dict(common, x_ptr=f"*{act}", w_ptr=f"*{wt}",
+                    w_scale_ptr=scale, h_ptr=f"*{act}"), dict(meta, SCALE_AFTER_DOT=bits == 4))
+    down = build(K._down_kernel, dict(common, h_ptr=f"*{act}", w_ptr=f"*{wt}", w_scale_ptr=scale,
+                 rw_ptr="*fp32", out_ptr="*fp32"),
+                 dict(meta, SCALE_AFTER_DOT=bits != 8, COMBINE=bits // 4))
+    ir_ty = act.replace("fp", "f")  # bf16, f16, f32 in the IR
+    for kernel in (gate_up, down):  # the GPU's dot takes tiles of x's dtype (no DOT_IN_FP32)
+        dots = [line for line in kernel.asm["ttir"].splitlines() if " tt.dot " in line]
+        assert dots and all(f"x{ir_ty}> * tensor<" in d and f"x{ir_ty}> -> " in d for d in dots), dots
 build(K._combine_kernel, dict(y_ptr="*fp32", out_ptr="*bf16"), dict(TOP_K=6, BLOCK_N=256))
 for mode in (0, 1):
     build(R._route_topk_kernel, dict(logits_ptr="*bf16", ids_ptr="*i32", weights_ptr="*fp32"),

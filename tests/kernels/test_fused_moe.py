@@ -36,7 +36,12 @@ CASES = [
         "t16-deterministic-bm32-fp16", T=16, H=24, I=40, E=5, k=3, dtype=F16, deterministic=True,
         config=KernelConfig(block_m=32, block_n=64, block_k=64),
     ),
+    # bf16 runs in the interpreter with the dot operands upcast (see _fused_moe_kernels.py)
     MoECase("t7-bf16", T=7, H=33, I=40, E=5, k=2, dtype=BF16, pool=1, permute=True),
+    MoECase(
+        "t7-deterministic-bf16", T=7, H=33, I=40, E=5, k=2, dtype=BF16, pool=2, permute=True,
+        deterministic=True,
+    ),
     MoECase("t7-fp64", T=7, H=33, I=40, E=5, k=2, dtype=F64, pool=1, permute=True),
     MoECase("t33-fp64-k-eq-E", T=33, H=9, I=11, E=3, k=3, dtype=F64),
     # weight-only quantized: (bits w13, bits w2, group size)
@@ -56,6 +61,10 @@ CASES = [
         config=KernelConfig(block_m=16, block_n=32, block_k=32, align="direct"),
     ),
     MoECase("int8-w2-only-bf16", T=7, H=33, I=40, E=5, k=2, dtype=BF16, quant=(0, 8, 16)),
+    MoECase(
+        "int4-g16-split-k-bf16", T=5, H=33, I=40, E=4, k=2, dtype=BF16, quant=(4, 4, 16),
+        config=KernelConfig(block_m=16, block_n=32, block_k=16, split_k=2),
+    ),
     MoECase("int4-fp64", T=3, H=33, I=21, E=3, k=2, dtype=F64, quant=(4, 4, 8)),
 ]  # fmt: skip
 
