@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -273,7 +274,7 @@ class CompiledModel:
 
     def _govern(self, probe_k: int = 4, probe_tokens: int = 24) -> Policy:
         """Calibrate on this backend (pass times, then a short speculative warm-up for the
-        acceptance and miss rates) and let the governor choose the policy."""
+        acceptance, routing locality and cache reuse) and let the governor choose the policy."""
         cfg = self.config
         prompt = torch.arange(1, 17) % cfg.vocab_size
         draft_s, verify = time_passes(self, prompt[None])
@@ -285,14 +286,21 @@ class CompiledModel:
         self._decode(prompt, max(n, 1), SamplingParams(), session)
         session.finish("calibrate", prompt.shape[0], n)
         extra, st = probe.extra_metrics(), probe.stats
-        cache = CacheModel(1.0, self.memory.slots)
-        per_cycle = st.verify_needs / max(st.cycles, 1)
-        reuse = cache.observed_reuse(per_cycle, st.verify_new / max(st.cycles, 1))
+        # the cache's steady state: past the first cycle, which starts from the prefill's experts
+        steady = slice(1 if st.cycles > 1 else 0, None)
+        ks, io = st.k_per_cycle[steady], st.io_per_cycle[steady]
+        needs, new = (sum(x) / len(io) for x in zip(*io))
+        cache = CacheModel(
+            1.0,
+            self.memory.slots,
+            CacheModel.observed_pool(cfg, needs / len(cfg.moe_layers), 1 + sum(ks) / len(ks)),
+        )
+        cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
         return govern(
             cfg,
             hw,
             extra["acceptance_by_position"] or [0.5],
-            CacheModel(reuse, self.memory.slots),
+            cache,
             ttft_budget_s=math.inf
             if self.options.ttft_budget_ms is None
             else self.options.ttft_budget_ms / 1e3,

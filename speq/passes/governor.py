@@ -54,17 +54,26 @@ class HardwareModel:
 
 @dataclass(frozen=True)
 class CacheModel:
-    """How many of the experts a window needs are already resident when its cycle starts:
-    ``reuse`` times the most that can be, min(W(k), ``slots``)."""
+    """Which experts a window of k+1 tokens needs, and how many are resident when its cycle
+    starts.
+
+    A layer's tokens in one window are routed as if uniformly over a ``pool`` of experts (None:
+    all E of them); real text reuses experts from token to token, so a window needs fewer
+    distinct experts than uniform routing over all E would: W(k) = layers * pool * (1 - (1 -
+    top_k/pool)^(k+1)). Of those, ``reuse`` times the most that can be resident, min(W(k),
+    ``slots``), are; the rest, E_new(k), are copied during the cycle."""
 
     reuse: float  # in [0, 1]
     slots: float = math.inf  # expert cache slots
+    pool: float | None = None  # effective experts per layer within a window; None: all
 
     def __post_init__(self) -> None:
         if not 0 <= self.reuse <= 1:
             raise ValueError(f"CacheModel.reuse must be in [0, 1], got {self.reuse}")
         if not self.slots > 0:
             raise ValueError(f"CacheModel.slots must be > 0, got {self.slots}")
+        if self.pool is not None and not self.pool > 0:
+            raise ValueError(f"CacheModel.pool must be > 0 or None, got {self.pool}")
 
     @classmethod
     def from_miss_rate(cls, miss_rate: float) -> CacheModel:
@@ -78,9 +87,23 @@ class CacheModel:
         during the cycle."""
         return min(1.0, max(0.0, (needs - new) / min(needs, self.slots))) if needs else self.reuse
 
+    @staticmethod
+    def observed_pool(cfg: MoEConfig, needs_per_layer: float, tokens: float) -> float:
+        """The pool under which ``tokens`` tokens need ``needs_per_layer`` distinct experts per
+        layer on average (bisection; between top_k and E)."""
+        lo, hi = float(cfg.top_k), float(cfg.num_experts)
+        if needs_per_layer >= distinct_experts(cfg, tokens, hi):
+            return hi
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (
+                (mid, hi) if distinct_experts(cfg, tokens, mid) < needs_per_layer else (lo, mid)
+            )
+        return (lo + hi) / 2
+
     def window(self, cfg: MoEConfig, k: int) -> float:
         """W(k): expected experts the k+1 tokens of a window need, over all MoE layers."""
-        return len(cfg.moe_layers) * distinct_experts(cfg, k + 1)
+        return len(cfg.moe_layers) * distinct_experts(cfg, k + 1, self.pool)
 
     def new_experts(self, cfg: MoEConfig, k: int) -> float:
         """E_new(k): expected experts copied during a cycle of k drafts."""
@@ -89,7 +112,8 @@ class CacheModel:
 
     def describe(self) -> str:
         slots = "unbounded" if math.isinf(self.slots) else f"{self.slots:g} slots"
-        return f"reuse {self.reuse:.2f} of the cache ({slots})"
+        pool = "" if self.pool is None else f", windows routed over {self.pool:.1f} experts a layer"
+        return f"reuse {self.reuse:.2f} of the cache ({slots}){pool}"
 
 
 @dataclass(frozen=True)
@@ -146,10 +170,11 @@ def expected_tokens(p: Sequence[float], k: int) -> float:
     return total
 
 
-def distinct_experts(cfg: MoEConfig, tokens: int) -> float:
-    """Expected distinct experts per MoE layer for ``tokens`` uniformly routed tokens."""
-    e, k = cfg.num_experts, cfg.top_k
-    return e * (1 - (1 - k / e) ** tokens)
+def distinct_experts(cfg: MoEConfig, tokens: float, pool: float | None = None) -> float:
+    """Expected distinct experts per MoE layer for ``tokens`` tokens routed uniformly over
+    ``pool`` experts (None: all of the layer's)."""
+    e, k = pool or cfg.num_experts, cfg.top_k
+    return e * (1 - (1 - min(k / e, 1.0)) ** tokens)
 
 
 def estimate(
@@ -206,10 +231,10 @@ class Governor:
         self.k_max = max(e.k for e in policy.estimates)
         self.k_min = min(e.k for e in policy.estimates)
 
-    def update(self, tries: Sequence[bool], needs: int, new: int) -> int:
-        """Fold one cycle in: ``tries[i]`` whether draft i was accepted (given the ones before
-        were); ``needs`` experts at verification, ``new`` of them copied during the cycle.
-        Returns k for the next cycle."""
+    def update(self, tries: Sequence[bool], needs: int, new: int, k: int) -> int:
+        """Fold one cycle of ``k`` drafts in: ``tries[i]`` whether draft i was accepted (given
+        the ones before were); ``needs`` experts at verification, ``new`` of them copied during
+        the cycle. Returns k for the next cycle."""
         a = self.alpha
         for i, ok in enumerate(tries):
             while len(self.acceptance) <= i:

@@ -104,6 +104,7 @@ class SpecStats:
     position_tries: list[int] = field(default_factory=list)
     position_accepts: list[int] = field(default_factory=list)
     k_per_cycle: list[int] = field(default_factory=list)
+    io_per_cycle: list[tuple[int, int]] = field(default_factory=list)  # (needs, new) at verify
     elb_hit: dict[int, int] = field(default_factory=dict)  # per layer: predicted and used
     elb_predicted: dict[int, int] = field(default_factory=dict)
     elb_used: dict[int, int] = field(default_factory=dict)
@@ -179,6 +180,7 @@ class Speq(OffloadPolicy):
             ),
             "verify_miss_rate": st.verify_misses / st.verify_needs if st.verify_needs else 0.0,
             "verify_new_rate": st.verify_new / st.verify_needs if st.verify_needs else 0.0,
+            "verify_needs": st.verify_needs,
             "draft_ms": st.draft_s * 1e3,
             "verify_ms": st.verify_s * 1e3,
         }
@@ -343,12 +345,13 @@ def speculative_decode(
             st.add_position(i, ok)
         if speq.governor is not None and k:
             speq.next_k = speq.governor.update(
-                tries, st.verify_needs - needs0, st.verify_new - new0
+                tries, st.verify_needs - needs0, st.verify_new - new0, k
             )
         st.drafted += k
         st.accepted += accepted
         st.cycles += 1
         st.k_per_cycle.append(k)
+        st.io_per_cycle.append((st.verify_needs - needs0, st.verify_new - new0))
         new = [*drafts[:accepted], nxt]
         out.extend(new)
         truncate(p + accepted + 1)  # positions p .. p+accepted hold verified tokens

@@ -73,7 +73,7 @@ def test_runtime_governor_follows_live_acceptance():
     assert g.best_k() == 8
     k = 8
     for _ in range(12):
-        k = g.update([False], needs=10, new=5)
+        k = g.update([False], needs=10, new=5, k=k)
     assert k == 1 and g.acceptance[0] < 0.01 and g.cache.reuse == pytest.approx(0.5, abs=1e-3)
 
 
@@ -90,6 +90,19 @@ def test_a_window_larger_than_the_cache_copies_the_excess():
     )
     with pytest.raises(ValueError, match="reuse"):
         CacheModel(1.5)
+
+
+def test_routing_locality_is_a_smaller_pool():
+    """Text that reuses experts needs fewer distinct ones per window; observed_pool inverts
+    distinct_experts."""
+    assert distinct_experts(CFG, 9, pool=5.0) < distinct_experts(CFG, 9)
+    assert distinct_experts(CFG, 1, pool=5.0) == pytest.approx(2.0)  # one token: its top_k
+    for pool in (2.5, 5.0, 7.5):
+        d = distinct_experts(CFG, 4, pool)
+        assert CacheModel.observed_pool(CFG, d, 4) == pytest.approx(pool, rel=1e-6)
+    assert CacheModel.observed_pool(CFG, 8.0, 4) == 8.0  # more than uniform: all experts
+    local = CacheModel(0.5, pool=5.0)
+    assert local.window(CFG, 8) == pytest.approx(4 * distinct_experts(CFG, 9, 5.0))
 
 
 def test_compile_without_k_runs_the_governor_and_stays_lossless():
