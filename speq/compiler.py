@@ -272,7 +272,7 @@ class CompiledModel:
             self.spec, self.params, runtime, backend, self.profile, timeline, self._node_seconds
         )
 
-    def _govern(self, probe_k: int = 4, probe_tokens: int = 24) -> Policy:
+    def _govern(self, probe_k: int = 8, probe_tokens: int = 32) -> Policy:
         """Calibrate on this backend (pass times, then a short speculative warm-up for the
         acceptance, routing locality and cache reuse) and let the governor choose the policy."""
         cfg = self.config

@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 from speq.models.config import MoEConfig
 from speq.runtime.speculative import SpecPolicy
 
+# The largest k the governor considers. A window's distinct experts saturate as it grows (the
+# same experts serve more of its tokens), so when drafts are accepted often, long windows keep
+# paying off; k_SLO (the time-to-first-token budget) caps it further.
+K_MAX = 16
+
 
 @dataclass(frozen=True)
 class HardwareModel:
@@ -201,7 +206,7 @@ def govern(
     cache: CacheModel,
     *,
     k_min: int = 1,
-    k_max: int = 8,
+    k_max: int = K_MAX,
     ttft_budget_s: float = math.inf,
     phase2_start: float = 0.0,
     phase3_start: float = 0.5,

@@ -82,7 +82,13 @@ def plot(
         lw=1.5,
         label=f"I/O roof ({profile.link_gbps:g} GB/s)",
     )
-    ax.plot(xs, ys, "o-", color="tab:blue", label="operating points, k = 1..8")
+    ax.plot(
+        xs,
+        ys,
+        "o-",
+        color="tab:blue",
+        label=f"operating points, k = {policy.estimates[0].k}..{policy.estimates[-1].k}",
+    )
     for x, y, e in zip(xs, ys, policy.estimates):
         if e.k in (policy.estimates[0].k, policy.estimates[-1].k):
             ax.annotate(f"k={e.k}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)

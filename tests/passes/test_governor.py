@@ -6,6 +6,7 @@ import torch
 import speq
 from helpers import tiny_config, tiny_model
 from speq.passes.governor import (
+    K_MAX,
     CacheModel,
     Governor,
     HardwareModel,
@@ -40,7 +41,7 @@ def test_verify_time_is_interpolated_and_extrapolated():
 
 def test_perfect_acceptance_and_free_io_take_the_largest_k():
     p = govern(CFG, FLAT, [1.0], CacheModel(1.0))
-    assert p.spec.k == 8 and p.k_slo == 8
+    assert p.spec.k == K_MAX and p.k_slo == K_MAX
 
 
 def test_hopeless_draft_takes_the_smallest_k():
@@ -70,8 +71,8 @@ def test_phase_two_width_follows_the_link():
 
 def test_runtime_governor_follows_live_acceptance():
     g = Governor(govern(CFG, FLAT, [1.0], CacheModel(1.0)), CFG, alpha=0.5)
-    assert g.best_k() == 8
-    k = 8
+    assert g.best_k() == K_MAX
+    k = K_MAX
     for _ in range(12):
         k = g.update([False], needs=10, new=5, k=k)
     assert k == 1 and g.acceptance[0] < 0.01 and g.cache.reuse == pytest.approx(0.5, abs=1e-3)
@@ -111,7 +112,7 @@ def test_compile_without_k_runs_the_governor_and_stays_lossless():
     cm = speq.compile(model, speq.CompileOptions(policy="speq", backend="sim"))
     assert cm.graphs.names()[-1] == "governor"
     assert "k* = " in str(cm.graphs)
-    assert 1 <= cm.governed.spec.k <= cm.governed.k_slo <= 8
+    assert 1 <= cm.governed.spec.k <= cm.governed.k_slo <= K_MAX
     assert torch.equal(cm.generate(prompt, 20), speq.compile(model).generate(prompt, 20))
     assert all(0 <= k <= 8 for k in cm.metrics["k_per_cycle"])
     assert not math.isnan(cm.governed.chosen.tpot_ms)

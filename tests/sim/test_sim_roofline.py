@@ -1,6 +1,7 @@
 import pytest
 
 from speq.cli import main
+from speq.passes.governor import K_MAX
 from speq.sim import get_preset, get_profile
 from speq.sim.roofline import modelled_hardware, roofline
 
@@ -14,7 +15,7 @@ def test_modelled_hardware_orders_its_times():
 
 def test_roofline_policy_and_png(tmp_path):
     policy = roofline(get_preset("mixtral-8x7b"), get_profile("h100-pcie5"), 0.9, 0.3)
-    assert 1 <= policy.spec.k <= 8
+    assert 1 <= policy.spec.k <= K_MAX
     out = tmp_path / "r.png"
     assert main(["roofline", "--model", "qwen1.5-moe-a2.7b", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
