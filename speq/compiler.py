@@ -78,6 +78,11 @@ class CompileOptions:
       or ``oracle``: the target's own routing of the output, recorded in a first pass (perfect
       prediction, the best any predictor can do; a benchmark bound, since it needs the output
       first). The draft still proposes the tokens either way.
+    - ``memory_dtype``: the dtype in which the device budget counts the model's weights and KV
+      cache (default: the compute dtype). Tests and benchmarks compute in float64 so that outputs
+      compare exactly; setting this to the deployment dtype (bfloat16) makes the budget split
+      between non-expert weights, the draft (INT4/INT8 codes and fp32 scales, whatever the
+      compute dtype) and the expert slots as it would on a GPU.
     """
 
     policy: str = "resident"
@@ -95,6 +100,7 @@ class CompileOptions:
     draft_group_size: int = 128
     ttft_budget_ms: float | None = None
     predictor: str = "draft"
+    memory_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -132,6 +138,13 @@ class CompileOptions:
             )
         if self.predictor != "draft" and self.policy != "speq":
             raise ValueError("CompileOptions.predictor applies to policy='speq' only")
+        if self.memory_dtype is not None and not (
+            isinstance(self.memory_dtype, torch.dtype) and self.memory_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"CompileOptions.memory_dtype must be a floating torch.dtype or None, "
+                f"got {self.memory_dtype!r}"
+            )
         if self.draft_bits not in (4, 8):
             raise ValueError(f"CompileOptions.draft_bits must be 4 or 8, got {self.draft_bits}")
         if self.draft_group_size < 1:
@@ -218,12 +231,17 @@ class CompiledModel:
         budget = (
             None if self.options.device_memory is None else parse_budget(self.options.device_memory)
         )
+        counted = self.options.memory_dtype or self.spec.dtype
+
+        def size(nbytes: int) -> int:  # bytes of a weight or cache tensor in the counted dtype
+            return nbytes * counted.itemsize // self.spec.dtype.itemsize
+
         return plan_memory(
             budget,
-            non_expert_bytes=store.resident_bytes,
-            kv_bytes=KVCache(cfg, 1, self.spec.dtype, "meta").nbytes,
+            non_expert_bytes=size(store.resident_bytes),
+            kv_bytes=size(KVCache(cfg, 1, self.spec.dtype, "meta").nbytes),
             draft_bytes=self.draft_bytes,
-            expert_bytes=store.expert_bytes,
+            expert_bytes=size(store.expert_bytes),
             min_slots=min_slots,
             max_slots=total,
         )

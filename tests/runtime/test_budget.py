@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,6 +50,25 @@ def test_slots_follow_the_budget():
     budget = m.non_expert_bytes + m.kv_bytes + 3 * m.expert_bytes + m.expert_bytes // 2
     cm = speq.compile(model, speq.CompileOptions(policy="ondemand", device_memory=budget))
     assert cm.memory.slots == 3 and cm.memory.used_bytes <= budget
+
+
+def test_memory_dtype_counts_weights_as_deployed():
+    """A float64 model counted as bf16: weights, KV and slots at a quarter of the bytes, the
+    draft's INT4 codes and fp32 scales as they are; the output is unchanged."""
+    model = tiny_model(torch.float64)
+    f64 = speq.compile(model, speq.CompileOptions(policy="speq", k=2)).memory
+    opts = speq.CompileOptions(policy="speq", k=2, memory_dtype=torch.bfloat16)
+    bf16 = speq.compile(model, opts).memory
+    assert bf16.expert_bytes * 4 == f64.expert_bytes and bf16.kv_bytes * 4 == f64.kv_bytes
+    assert bf16.non_expert_bytes * 4 == f64.non_expert_bytes
+    assert bf16.draft_bytes == f64.draft_bytes > 0
+    budget = bf16.non_expert_bytes + bf16.kv_bytes + bf16.draft_bytes + 5 * bf16.expert_bytes
+    cm = speq.compile(model, dataclasses.replace(opts, device_memory=budget))
+    assert cm.memory.slots == 5
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(cm.generate(prompt, 6), speq.compile(model).generate(prompt, 6))
+    with pytest.raises(ValueError, match="memory_dtype"):
+        speq.CompileOptions(memory_dtype=torch.int8)
 
 
 @pytest.mark.parametrize(
