@@ -184,6 +184,8 @@ class CompiledModel:
         if options.policy == "speq" and options.k is None:
             t0 = time.perf_counter()
             self.governed = self._govern()
+            if not self.governed.use_draft:
+                self._drop_draft()
             note = "governor: " + self.governed.describe()
             graphs.records.append(
                 PassRecord("governor", self.program, time.perf_counter() - t0, False, note)
@@ -267,11 +269,15 @@ class CompiledModel:
             return CudaLink(gbps, lat, self.device)
         return EmulatedLink(gbps, lat)
 
-    def _session(self, policy: OffloadPolicy, virtual: bool = False) -> Session:
+    def _session(
+        self, policy: OffloadPolicy, virtual: bool = False, slots: int | None = None
+    ) -> Session:
+        """A runtime for one decode; ``slots`` (virtual only) overrides the planned cache size."""
+        slots = self.memory.slots if slots is None else slots
         next_use = getattr(policy, "next_use", None)
         eviction = self.options.eviction or policy.eviction
         cache = ExpertCache(
-            self.memory.slots,
+            slots,
             self.store.layers,
             self.config.num_experts,
             allocation=self.options.cache_allocation,
@@ -283,7 +289,7 @@ class CompiledModel:
         link = self._link(virtual)
         pool = None if virtual else self.pool
         runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline)
-        if isinstance(policy, Resident) or self.memory.slots >= len(self.store.keys()):
+        if isinstance(policy, Resident) or slots >= len(self.store.keys()):
             self._preload(cache)  # every expert fits: all are resident from the start
         backend = "sim" if virtual else self.options.backend
         return Session(
@@ -314,6 +320,14 @@ class CompiledModel:
             CacheModel.observed_pool(cfg, needs / len(cfg.moe_layers), 1 + sum(ks) / len(ks)),
         )
         cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+        # the other split of the memory: no draft, its bytes as cache slots, one token per pass
+        # (a virtual-clock run: with LRU and no prefetch, which experts miss does not depend on
+        # timing)
+        total = len(self.store.keys())
+        slots = min(total, self.memory.slots + self.draft_bytes // self.memory.expert_bytes)
+        session = self._session(OnDemand(), virtual=True, slots=slots)
+        self._decode(prompt, max(n, 1), SamplingParams(), session)
+        plain = session.finish("calibrate", prompt.shape[0], max(n, 1))
         return govern(
             cfg,
             hw,
@@ -322,7 +336,16 @@ class CompiledModel:
             ttft_budget_s=math.inf
             if self.options.ttft_budget_ms is None
             else self.options.ttft_budget_ms / 1e3,
+            plain_copies_per_token=plain.experts_moved / plain.tokens,
         )
+
+    def _drop_draft(self) -> None:
+        """The governor chose no draft: its memory becomes expert cache slots."""
+        self.params = {k: v for k, v in self.params.items() if not k.startswith(DRAFT_PREFIX)}
+        self.draft_bytes = 0
+        self.memory = self._plan_memory()
+        if self.pool is not None:
+            self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
 
     def _preload(self, cache: ExpertCache) -> None:
         """Every expert resident, in a fixed slot order (the pool is filled once)."""
@@ -343,6 +366,8 @@ class CompiledModel:
             return OnDemand()
         if name == "nextgate":
             return NextGate()
+        if name == "speq" and self.governed is not None and not self.governed.use_draft:
+            return OnDemand()  # the governor's split: no draft, a larger cache
         if name == "speq":
             routing = (
                 self._record_routing(prompt, n, sampling)

@@ -16,7 +16,9 @@ most ``slots`` of them can be resident when the cycle starts, and a measured fra
 that many are. A constant miss rate would not do: a window larger than the cache misses more. The
 governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k whose cycle fits the
 time-to-first-token budget, and sizes phase II to the copies the link completes during one draft
-pass. It is a pure function of its inputs; `Governor` re-solves k from live acceptance and reuse
+pass. It also splits the device memory: the draft's bytes could instead be expert cache slots for
+plain one-token decoding, whose TPOT is T_verify(1) + (copies per token) * t_copy; when that is
+predicted faster, the policy is to drop the draft. It is a pure function of its inputs; `Governor` re-solves k from live acceptance and reuse
 estimates (exponential moving averages) at run time with the same model.
 """
 
@@ -148,15 +150,28 @@ class Policy:
     acceptance: tuple[float, ...]
     cache: CacheModel
     hardware: HardwareModel = field(repr=False)
+    plain: Estimate | None = None  # one-token decoding, the draft's memory given to the cache
 
     @property
     def chosen(self) -> Estimate:
         return next(e for e in self.estimates if e.k == self.spec.k)
 
+    @property
+    def use_draft(self) -> bool:
+        """Whether speculating at k* beats giving the draft's memory to the expert cache."""
+        return self.plain is None or self.chosen.tpot_ms <= self.plain.tpot_ms
+
     def describe(self) -> str:
         c = self.chosen
         p = ", ".join(f"{x:.2f}" for x in self.acceptance)
-        return (
+        split = ""
+        if self.plain is not None:
+            split = (
+                f"without a draft (its memory as expert cache, one token per pass): predicted "
+                f"TPOT {self.plain.tpot_ms:.2f} ms, so "
+                + ("speculate; " if self.use_draft else "NO DRAFT: decode one token at a time; ")
+            )
+        return split + (
             f"k* = {c.k} (k_SLO = {self.k_slo}): predicted TPOT {c.tpot_ms:.2f} ms, "
             f"{c.tokens_per_cycle:.2f} tokens per {c.cycle_s * 1e3:.2f} ms cycle; phases "
             f"II from {self.spec.phase2_start:.2f}, III from {self.spec.phase3_start:.2f} of the "
@@ -164,6 +179,13 @@ class Policy:
             f"{self.cache.describe()}; {self.hardware.source} times: draft pass "
             f"{self.hardware.draft_pass_s * 1e3:.3f} ms, expert copy {self.hardware.copy_s * 1e3:.3f} ms"
         )
+
+
+def plain_estimate(hw: HardwareModel, copies_per_token: float) -> Estimate:
+    """One-token decoding without a draft (k = 0): each token pays a target pass and waits for
+    its ``copies_per_token`` missing experts."""
+    io = copies_per_token * hw.copy_s
+    return Estimate(0, 1.0, hw.verify(1) + io, 0.0, io, io, hw.verify(1))
 
 
 def expected_tokens(p: Sequence[float], k: int) -> float:
@@ -210,8 +232,13 @@ def govern(
     ttft_budget_s: float = math.inf,
     phase2_start: float = 0.0,
     phase3_start: float = 0.5,
+    plain_copies_per_token: float | None = None,
 ) -> Policy:
-    """The policy of highest modelled throughput (see the module docstring)."""
+    """The policy of highest modelled throughput (see the module docstring).
+
+    ``plain_copies_per_token``: experts one-token decoding copies per token when the draft's
+    memory goes to the expert cache instead; given, the policy also decides that split (no
+    draft at all when plain decoding is predicted faster)."""
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     ests = tuple(
@@ -222,7 +249,8 @@ def govern(
     best = max(fitting, key=lambda e: e.tokens_per_cycle / e.cycle_s)
     width = max(1, int(hw.draft_pass_s // hw.copy_s)) if hw.copy_s > 0 else 1
     spec = SpecPolicy(best.k, phase2_start, phase3_start, width)
-    return Policy(spec, ests, k_slo, tuple(acceptance), cache, hw)
+    plain = None if plain_copies_per_token is None else plain_estimate(hw, plain_copies_per_token)
+    return Policy(spec, ests, k_slo, tuple(acceptance), cache, hw, plain)
 
 
 class Governor:

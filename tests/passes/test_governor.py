@@ -107,12 +107,43 @@ def test_routing_locality_is_a_smaller_pool():
 
 
 def test_compile_without_k_runs_the_governor_and_stays_lossless():
+    """A tight budget over a slow link: speculation amortizes the copies, so the draft stays."""
     model = tiny_model(torch.float64, num_layers=3)
     prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
-    cm = speq.compile(model, speq.CompileOptions(policy="speq", backend="sim"))
+    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
+    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 4 * m.expert_bytes
+    opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=0.01)
+    cm = speq.compile(model, opts)
+    assert cm.governed.use_draft and cm.draft_bytes == m.draft_bytes
     assert cm.graphs.names()[-1] == "governor"
     assert "k* = " in str(cm.graphs)
     assert 1 <= cm.governed.spec.k <= cm.governed.k_slo <= K_MAX
     assert torch.equal(cm.generate(prompt, 20), speq.compile(model).generate(prompt, 20))
-    assert all(0 <= k <= 8 for k in cm.metrics["k_per_cycle"])
+    assert all(0 <= k <= K_MAX for k in cm.metrics["k_per_cycle"])
     assert not math.isnan(cm.governed.chosen.tpot_ms)
+
+
+def test_the_governor_splits_memory_between_draft_and_cache():
+    """Speculation must beat giving the draft's memory to the cache, or the draft goes."""
+    good = govern(CFG, FLAT, [1.0], CacheModel(0.9), plain_copies_per_token=0.0)
+    assert good.use_draft and good.plain.tpot_ms == pytest.approx(4.0)
+    bad = govern(CFG, FLAT, [0.0], CacheModel(0.0), plain_copies_per_token=0.5)
+    assert not bad.use_draft and bad.plain.tpot_ms == pytest.approx(4.0 + 5.0)
+    assert "NO DRAFT" in bad.describe() and "NO DRAFT" not in good.describe()
+    assert govern(CFG, FLAT, [0.0], CacheModel(0.0)).use_draft  # no alternative given
+
+
+def test_compile_drops_the_draft_when_its_memory_serves_better_as_cache():
+    """A budget where the draft's bytes would make room for every expert, over a slow link."""
+    model = tiny_model(torch.float64, num_layers=3)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    probe = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
+    total = 3 * model.config.num_experts
+    budget = probe.non_expert_bytes + probe.kv_bytes + total * probe.expert_bytes
+    assert budget - probe.draft_bytes < budget  # with the draft, not every expert fits
+    opts = speq.CompileOptions(policy="speq", device_memory=budget, backend="sim", link_gbps=0.01)
+    cm = speq.compile(model, opts)
+    assert not cm.governed.use_draft and cm.draft_bytes == 0 and cm.memory.slots == total
+    assert "NO DRAFT" in str(cm.graphs)
+    assert torch.equal(cm.generate(prompt, 12), speq.compile(model).generate(prompt, 12))
+    assert cm.metrics.experts_moved == 0 and "acceptance_rate" not in cm.metrics.extra
