@@ -181,15 +181,9 @@ class CompiledModel:
         self.metrics: Metrics | None = None
         self._node_seconds: dict = {}  # the sim backend's modelled node times, reused
         self.governed: Policy | None = None
+        self._calibrated_on_input = False
         if options.policy == "speq" and options.k is None:
-            t0 = time.perf_counter()
-            self.governed = self._govern()
-            if not self.governed.use_draft:
-                self._drop_draft()
-            note = "governor: " + self.governed.describe()
-            graphs.records.append(
-                PassRecord("governor", self.program, time.perf_counter() - t0, False, note)
-            )
+            self._calibrate(None)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -296,16 +290,43 @@ class CompiledModel:
             self.spec, self.params, runtime, backend, self.profile, timeline, self._node_seconds
         )
 
-    def _govern(self, probe_k: int = 8, probe_tokens: int = 32) -> Policy:
-        """Calibrate on this backend (pass times, then a short speculative warm-up for the
-        acceptance, routing locality and cache reuse) and let the governor choose the policy."""
+    def _calibrate(self, prompt: torch.Tensor | None) -> None:
+        """Let the governor choose the policy from a calibration on ``prompt`` (None: a fixed
+        random prompt, at compile time), keeping or dropping the draft as it decides."""
+        t0 = time.perf_counter()
+        self._restore_draft()
+        self.governed = self._govern(prompt)
+        if not self.governed.use_draft:
+            self._drop_draft()
+        name = "governor" if prompt is None else "governor (recalibrated on the first prompt)"
+        self.graphs.records.append(
+            PassRecord(
+                name,
+                self.program,
+                time.perf_counter() - t0,
+                False,
+                "governor: " + self.governed.describe(),
+            )
+        )
+
+    def _govern(
+        self, prompt: torch.Tensor | None, probe_k: int = 8, probe_tokens: int = 32
+    ) -> Policy:
+        """Calibrate on this backend (pass times, then short virtual-clock probes of speculation
+        for the acceptance, routing locality and cache reuse, and of one-token decoding with the
+        draft's memory as cache) and let the governor choose the policy."""
         cfg = self.config
-        prompt = torch.arange(1, 17) % cfg.vocab_size
+        if prompt is None:
+            # a fixed random prompt: a counting sequence makes the model babble digits that
+            # touch only a few experts, which says nothing about a cache's misses on real text
+            gen = torch.Generator().manual_seed(0)
+            prompt = torch.randint(0, cfg.vocab_size, (16,), generator=gen)
         draft_s, verify = time_passes(self, prompt[None])
         copy_s = VirtualLink(*self.link_params).cost(self.store.expert_bytes)
         hw = HardwareModel(draft_s, verify, copy_s, source=f"measured ({self.options.backend})")
+        # the probes count experts, not time: the virtual clock serves them without waiting
         probe = Speq(SpecPolicy(k=probe_k))
-        session = self._session(probe)
+        session = self._session(probe, virtual=True)
         n = min(probe_tokens, cfg.max_seq_len - prompt.shape[0] - probe_k - 1)
         self._decode(prompt, max(n, 1), SamplingParams(), session)
         session.finish("calibrate", prompt.shape[0], n)
@@ -343,9 +364,19 @@ class CompiledModel:
         """The governor chose no draft: its memory becomes expert cache slots."""
         self.params = {k: v for k, v in self.params.items() if not k.startswith(DRAFT_PREFIX)}
         self.draft_bytes = 0
+        self._replan()
+
+    def _restore_draft(self) -> None:
+        """Quantize the draft again if a previous decision dropped it."""
+        if "draft" in self.program and not self.draft_bytes:
+            self.params.update(self._quantize_draft())
+            self._replan()
+
+    def _replan(self) -> None:
         self.memory = self._plan_memory()
         if self.pool is not None:
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
+            self._pool_filled = False
 
     def _preload(self, cache: ExpertCache) -> None:
         """Every expert resident, in a fixed slot order (the pool is filled once)."""
@@ -481,6 +512,11 @@ class CompiledModel:
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         if max_new_tokens == 0:
             return prompt[None].clone()
+        if self.governed is not None and not self._calibrated_on_input:
+            # the compile-time choice came from a random prompt; real text routes differently
+            # (it reuses experts), which decides whether the draft earns its memory
+            self._calibrated_on_input = True
+            self._calibrate(prompt)
         policy = self._policy(prompt, max_new_tokens, sampling)
         session = self._session(policy)
         try:

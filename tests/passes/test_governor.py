@@ -120,6 +120,11 @@ def test_compile_without_k_runs_the_governor_and_stays_lossless():
     assert 1 <= cm.governed.spec.k <= cm.governed.k_slo <= K_MAX
     assert torch.equal(cm.generate(prompt, 20), speq.compile(model).generate(prompt, 20))
     assert all(0 <= k <= K_MAX for k in cm.metrics["k_per_cycle"])
+    # the first generate recalibrates on its own prompt, once
+    recal = "governor (recalibrated on the first prompt)"
+    assert cm.graphs.names()[-1] == recal
+    cm.generate(prompt, 4)
+    assert cm.graphs.names().count(recal) == 1
     assert not math.isnan(cm.governed.chosen.tpot_ms)
 
 
