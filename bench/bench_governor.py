@@ -1,15 +1,17 @@
 """The governor against a sweep of fixed k, on the cpu backend with a calibrated emulated link.
 
-For each k in 1..8, speq decodes the same prompt under the same device budget and TPOT is
-measured (wall clock); the governor (CompileOptions(k=None)) calibrates on this backend, predicts
-TPOT for every k with the Amortization Roofline cost model, picks k*, and its own run is
-measured too. Reported: measured and predicted TPOT per k, the prediction error, the chosen k*
-and how far its measured TPOT is from the best swept one. The prediction's inputs (acceptance
-per position, cache reuse) are the compile-time calibration's estimates, from a short probe on a
-fixed prompt; the runtime governor replaces them with moving averages as it decodes. So the
-model is also evaluated on each run's own measured inputs: that error is the cost model's. Writes bench/results/governor_cpu.json.
+For each k in 1..16 (the governor's range), speq decodes the same prompt under the same device
+budget (counted as the bf16 model would use it) and TPOT is measured (wall clock); the governor
+(CompileOptions(k=None)) calibrates, predicts TPOT for every k with the Amortization Roofline cost
+model, picks k* (and whether the draft earns its memory at all), and its own run is measured too.
+Its first generate recalibrates on the prompt: short virtual-clock probes (32 tokens) estimate the
+acceptance per position, the routing locality and the cache reuse. Reported: measured and
+predicted TPOT per k, the prediction error, the chosen k* and how far its measured TPOT is from
+the best swept one. The probes' estimates differ from what a full run sees; the runtime governor
+replaces them with moving averages as it decodes. So the model is also evaluated on each run's
+own measured inputs: that error is the cost model's own. Writes bench/results/governor_cpu.json.
 
-    python bench/bench_governor.py [--tokens 48] [--budget 0.5] [--model demo|random]
+    python bench/bench_governor.py [--tokens 96] [--budget 0.5] [--model demo|random]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 import speq
 from speq.models.demo import demo_model, random_demo_model
-from speq.passes.governor import CacheModel, estimate
+from speq.passes.governor import K_MAX, CacheModel, estimate
 from speq.runtime.calibrate import calibrate_link
 
 
@@ -45,32 +47,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--budget", type=float, default=0.5, help="fraction of all expert bytes")
     p.add_argument("--model", choices=["demo", "random"], default="demo")
     p.add_argument("--out", default=str(RESULTS / "governor_cpu.json"))
     args = p.parse_args(argv)
 
     model, prompt, what = load(args.model)
-    resident = speq.compile(model)
+    counted = dict(memory_dtype=torch.bfloat16)  # the budget as the bf16 model would use it
+    resident = speq.compile(model, speq.CompileOptions(**counted))
     cal = calibrate_link(resident, prompt)
     mem = resident.memory
-    budget = (
-        mem.non_expert_bytes + mem.kv_bytes + int(args.budget * resident.store.total_expert_bytes)
-    )
+    experts = mem.expert_bytes * len(resident.store.keys())
+    budget = mem.non_expert_bytes + mem.kv_bytes + int(args.budget * experts)
     link = dict(
         backend="cpu",
         device_memory=budget,
         link_gbps=cal.link_gbps,
         link_latency_us=cal.link_latency_us,
+        **counted,
     )
     expected = resident.generate(prompt, args.tokens)
 
     governed = speq.compile(model, speq.CompileOptions(policy="speq", **link))
+    at_compile = governed.governed.describe()  # from the fixed random probe prompt
+    governed_out = governed.generate(prompt, args.tokens)  # recalibrates on this prompt first
+    gm = governed.metrics
     policy = governed.governed
     predicted = {e.k: e.tpot_ms for e in policy.estimates}
     rows = []
-    for k in tqdm(range(1, 9), desc="sweep k", file=sys.stderr):
+    for k in tqdm(range(1, K_MAX + 1), desc="sweep k", file=sys.stderr):
         cm = speq.compile(model, speq.CompileOptions(policy="speq", k=k, **link))
         out = cm.generate(prompt, args.tokens)
         m = cm.metrics
@@ -111,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
                 "identical_to_resident": bool(torch.equal(out, expected)),
             }
         )
-    out = governed.generate(prompt, args.tokens)
-    gm = governed.metrics
     best = min(rows, key=lambda r: r["measured_tpot_ms"])
     report = {
         "setting": {
@@ -123,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
             "budget_fraction_of_expert_bytes": args.budget,
             "new_tokens": args.tokens,
             "governor": policy.describe(),
+            "governor_at_compile": at_compile,
+            "budget_counted_as": "bfloat16 (CompileOptions.memory_dtype)",
             "environment": environment(),
         },
         "sweep": rows,
         "governed": {
             "initial_k": policy.spec.k,
-            "k_per_cycle": gm["k_per_cycle"],
+            "uses_draft": policy.use_draft,
+            "k_per_cycle": gm.extra.get("k_per_cycle", []),
             "measured_tpot_ms": gm.tpot_ms,
-            "identical_to_resident": bool(torch.equal(out, expected)),
+            "identical_to_resident": bool(torch.equal(governed_out, expected)),
         },
         "best_swept": {"k": best["k"], "tpot_ms": best["measured_tpot_ms"]},
         "governed_over_best": gm.tpot_ms / best["measured_tpot_ms"],
