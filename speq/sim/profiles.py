@@ -64,6 +64,28 @@ _PROFILES = (
         launch_us=4.0,
         device_memory_gb=40.0,
     ),
+    # The same A100-class compute with a hypothetical PCIe 3.0 or 5.0 link (an A100 has no PCIe 5.0
+    # variant), kept for the link sweep of bench/bench_e2e.py. They follow the pcie4 profile's
+    # convention: the paper's effective 16 GB/s is about half of PCIe 4.0's nominal 31.5, so
+    # PCIe 3.0 x16 (15.75 nominal) -> 8 GB/s and PCIe 5.0 x16 (63 nominal) -> 32 GB/s.
+    HardwareProfile(
+        name="a100-40g-pcie3",
+        peak_tflops=312.0,
+        hbm_gbps=1555.0,
+        link_gbps=8.0,
+        link_latency_us=10.0,
+        launch_us=4.0,
+        device_memory_gb=40.0,
+    ),
+    HardwareProfile(
+        name="a100-40g-pcie5",
+        peak_tflops=312.0,
+        hbm_gbps=1555.0,
+        link_gbps=32.0,
+        link_latency_us=10.0,
+        launch_us=4.0,
+        device_memory_gb=40.0,
+    ),
     # GeForce RTX 4090 (Ada whitepaper): 165.2 TFLOP/s fp16/bf16 dense with fp32 accumulate,
     # 1008 GB/s GDDR6X, 24 GB. Link: PCIe 4.0 x16, 31.5 GB/s per direction nominal.
     HardwareProfile(
