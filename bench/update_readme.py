@@ -1,5 +1,7 @@
 """Regenerate the results tables in README.md from the benchmarks' JSON (between the
-``<!-- results:start -->`` and ``<!-- results:end -->`` markers).
+``<!-- results:start -->`` and ``<!-- results:end -->`` markers): first the end-to-end matrix
+(bench_e2e.py), then the policies at two budgets (bench_offload.py) and the governor's k sweep
+(bench_governor.py); and the `speq explain` excerpt (between the explain markers).
 
     python bench/update_readme.py
 """
@@ -36,6 +38,36 @@ def offload_table(report: dict) -> str:
             f"{r['mb_moved']:.1f} | {_fmt(r['acceptance_rate'])} |"
         )
     return "\n".join(lines)
+
+
+def e2e_block(report: dict) -> str:
+    """The end-to-end results: how they were measured, the goals, the per-setting table and every
+    contender's TPOT (bench_e2e renders them; the full table is in bench/results/e2e_cpu.md)."""
+    import bench_e2e
+
+    summary = report["summary"]
+    applies = [s for s in summary if s["goal_speedup"]["applies"]]
+    met = [s for s in applies if s["goal_speedup"]["met"]]
+    perfect = [s for s in summary if s["goal_perfect"]["met"]]
+    goals = (
+        f"Goals: speq within {bench_e2e.GOAL_PERFECT} of perfect prediction: met in "
+        f"{len(perfect)} of {len(summary)} settings; {bench_e2e.GOAL_SPEEDUP}x or more over the "
+        f"best same-memory baseline wherever resident speq is that far ahead of it: that holds in "
+        f"{len(applies)} of {len(summary)} settings, and speq reaches {bench_e2e.GOAL_SPEEDUP}x in "
+        f"{len(met)} of them."
+    )
+    return "\n\n".join(
+        [
+            bench_e2e.how_measured(report),
+            goals,
+            bench_e2e.summary_table(report),
+            "TPOT of every contender (ms per token):",
+            bench_e2e.tpot_table(report),
+            "![TPOT per contender, budget and link](bench/results/e2e_cpu.png)",
+            "Per contender hit, covered and acceptance rates, bytes moved and ELB recall: "
+            "[bench/results/e2e_cpu.md](bench/results/e2e_cpu.md).",
+        ]
+    )
 
 
 def governor_table(report: dict) -> str:
@@ -94,7 +126,11 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
 
 def main() -> int:
     parts = []
-    for name, fn in (("offload_cpu.json", offload_table), ("governor_cpu.json", governor_table)):
+    for name, fn in (
+        ("e2e_cpu.json", e2e_block),
+        ("offload_cpu.json", offload_table),
+        ("governor_cpu.json", governor_table),
+    ):
         path = RESULTS / name
         if path.is_file():
             parts.append(fn(json.loads(path.read_text())))
