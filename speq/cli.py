@@ -104,7 +104,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nlink: {cal.describe()}")
     print(
         f"device budget: {result.budget_bytes / 1e6:.2f} MB = non-expert weights + KV cache + "
-        f"{args.budget:.0%} of the expert bytes"
+        f"{args.budget:.0%} of the expert bytes, sizes counted in bf16 as on a GPU (compute "
+        f"stays float64)"
     )
     text = tokenizer.decode(result.expected[0, prompt.shape[1] :].tolist())
     print(f"\n{args.prompt}|{text}\n")

@@ -52,6 +52,12 @@ def budget_bytes(resident: speq.CompiledModel, fraction: float) -> int:
     return mem.non_expert_bytes + mem.kv_bytes + int(fraction * experts)
 
 
+def governed_label(cm: speq.CompiledModel) -> str:
+    """How a governed speq row is named: the k* it chose, or that it dropped the draft."""
+    g = cm.governed
+    return f"speq (governor, k*={g.spec.k})" if g.use_draft else "speq (governor: no draft)"
+
+
 def link_options(cal: LinkCalibration) -> dict[str, Any]:
     """CompileOptions fields for the cpu backend over the calibrated emulated link."""
     return dict(
@@ -158,12 +164,14 @@ def compare(
     repeats: int = 1,
     reference: str = "phi-3.5-moe",
     progress: Progress | None = None,
+    memory_dtype: torch.dtype | None = torch.bfloat16,
 ) -> Comparison:
     """Generate ``new_tokens`` after ``prompt`` under each contender; ``budget_fraction`` of all
-    expert bytes (beyond the non-expert weights and the KV cache) is the device budget."""
-    resident = speq.compile(model)
+    expert bytes (beyond the non-expert weights and the KV cache) is the device budget, with
+    sizes counted in ``memory_dtype`` (the deployment dtype; see CompileOptions.memory_dtype)."""
+    resident = speq.compile(model, speq.CompileOptions(memory_dtype=memory_dtype))
     cal = calibrate_link(resident, prompt, reference=reference)
-    link = link_options(cal)
+    link = {**link_options(cal), "memory_dtype": memory_dtype}
     budget = budget_bytes(resident, budget_fraction)
     expected = resident.generate(prompt, new_tokens)
     result = Comparison(cal, budget, expected)
@@ -171,7 +179,7 @@ def compare(
         cm = speq.compile(model, c.options)
         tick = progress(c.label) if progress else None
         row = measure(cm, prompt, expected, repeats, tick)
-        label = c.label if cm.governed is None else f"speq (governor, k*={cm.governed.spec.k})"
+        label = c.label if cm.governed is None else governed_label(cm)
         result.rows.append({"label": label, "policy": c.options.policy, "k": c.options.k, **row})
     speq_tpot = min(r["tpot_ms"] for r in result.rows if r["policy"] == "speq")
     for r in result.rows:
