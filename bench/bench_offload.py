@@ -3,11 +3,13 @@
 The emulated link is calibrated so that one expert copy costs as many decode-layer times on this
 CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (speq.runtime.calibrate). Each
 budget is the same total device memory for every policy; speq spends part of it on its resident
-INT4 draft, so it has fewer expert slots ("ondemand-same-cache" gets only speq's slots). Every
+INT4 draft, so it has fewer expert slots ("ondemand-same-cache" gets only speq's slots). Sizes
+are counted in bf16, as the model would split the memory on a GPU (compute stays float64, so
+outputs compare exactly; CompileOptions.memory_dtype). Every
 run's tokens are checked against the resident greedy output. TPOT is wall-clock ms per output
 token (the median of the repeats). Writes bench/results/offload_cpu.json and prints a table.
 
-    python bench/bench_offload.py [--tokens 32] [--repeats 3] [--budgets 0.375,0.75] [--ks 1,2,4,8]
+    python bench/bench_offload.py [--tokens 32] [--repeats 3] [--budgets 0.375,0.75] [--ks 1,2,4,8,16]
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def _row(name: str, budget: str, k, runs: list) -> dict:
         "tpot_ms": statistics.median(r.tpot_ms for r in runs),
         "tpot_ms_runs": [r.tpot_ms for r in runs],
         "hit_rate": m.hit_rate,
+        "covered_rate": m.covered_rate,
+        "verify_hit_rate": m.extra.get("verify_hit_rate"),
         "experts_moved": m.experts_moved,
         "mb_moved": m.bytes_moved / 1e6,
         "stall_ms": statistics.median(r.stall_ms for r in runs),
@@ -68,14 +72,17 @@ PROMPT = (
 def run(args: argparse.Namespace) -> dict:
     model, prompt, what = load(args.model, args.prompt_tokens)
     cfg = model.config
-    resident = speq.compile(model)
+    counted = dict(memory_dtype=torch.bfloat16)
+    resident = speq.compile(model, speq.CompileOptions(**counted))
     cal = calibrate_link(resident, prompt, reference=args.reference)
     print(cal.describe(), file=sys.stderr)
-    link = dict(backend="cpu", link_gbps=cal.link_gbps, link_latency_us=cal.link_latency_us)
+    link = dict(
+        backend="cpu", link_gbps=cal.link_gbps, link_latency_us=cal.link_latency_us, **counted
+    )
     expected = resident.generate(prompt, args.tokens)
     mem = resident.memory
     fixed = mem.non_expert_bytes + mem.kv_bytes
-    total_expert_bytes = resident.store.total_expert_bytes
+    total_expert_bytes = mem.expert_bytes * len(resident.store.keys())
 
     configs: list[tuple[str, str, int | None, speq.CompileOptions]] = []
     for frac in args.budgets:
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.375, 0.75],
         help="device budget beyond non-expert weights and KV cache, as fractions of all expert bytes",
     )
-    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--model", choices=["demo", "random"], default="demo")
     p.add_argument("--reference", default="phi-3.5-moe", help="preset whose ratio the link matches")
     p.add_argument("--out", default=str(RESULTS / "offload_cpu.json"))
