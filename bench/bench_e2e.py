@@ -512,7 +512,7 @@ def how_measured(report: dict) -> str:
     )
     ns = sorted({p["tokens"] for p in s["prompts"]})
     counted = (
-        "in bfloat16 as on a GPU (compute stays float64)"
+        "in bfloat16 as on a GPU while compute stays float64"
         if s["memory_counted_as"] == "bfloat16"
         else "in float64, the compute dtype"
     )
@@ -525,9 +525,9 @@ def how_measured(report: dict) -> str:
         f"the host -> device link is emulated and calibrated so one expert copy costs as many "
         f"decode-layer times as a {s['reference_model']} expert on an A100 over PCIe 3.0 / 4.0 / "
         f"5.0 (8 / 16 / 32 GB/s): {links}. Budgets are fractions of all expert bytes beyond the "
-        f"non-expert weights and KV cache, every size counted {counted} (speq's INT4 draft "
+        f"non-expert weights and KV cache, every size counted {counted}; speq's INT4 draft "
         f"takes {s['draft_share_of_expert_bytes']:.0%} of the expert bytes out of the same "
-        f"budget). speq's governor chooses k* or no draft (then one token per pass, the draft's "
+        f"budget. speq's governor chooses k* or no draft (then one token per pass, the draft's "
         f"memory as expert cache). speq / perfect = TPOT with perfect expert prediction over "
         f"speq's; speq / resident = TPOT of speq at the same k with every expert resident (without "
         f"a draft: resident decoding) over speq's; speed-ups are over the faster of ondemand and "
