@@ -17,7 +17,6 @@ own measured inputs: that error is the cost model's own. Writes bench/results/go
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -86,12 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         cycles = max(m["cycles"], 1)
         needs = m["verify_needs"] / cycles
         window = 1 + sum(m["k_per_cycle"]) / cycles
-        cache = dataclasses.replace(
-            policy.cache,
-            reuse=policy.cache.observed_reuse(needs, needs * m["verify_new_rate"]),
-            pool=CacheModel.observed_pool(
-                model.config, needs / len(model.config.moe_layers), window
-            ),
+        cache = CacheModel.observed(
+            model.config, policy.cache.slots, needs, needs * m["verify_new_rate"], window
         )
         fed = estimate(
             k,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -327,28 +326,23 @@ class CompiledModel:
         # the probes count experts, not time: the virtual clock serves them without waiting
         probe = Speq(SpecPolicy(k=probe_k))
         session = self._session(probe, virtual=True)
-        n = min(probe_tokens, cfg.max_seq_len - prompt.shape[0] - probe_k - 1)
-        self._decode(prompt, max(n, 1), SamplingParams(), session)
+        n = max(1, min(probe_tokens, cfg.max_seq_len - prompt.shape[0] - probe_k - 1))
+        self._decode(prompt, n, SamplingParams(), session)
         session.finish("calibrate", prompt.shape[0], n)
         extra, st = probe.extra_metrics(), probe.stats
         # the cache's steady state: past the first cycle, which starts from the prefill's experts
         steady = slice(1 if st.cycles > 1 else 0, None)
         ks, io = st.k_per_cycle[steady], st.io_per_cycle[steady]
         needs, new = (sum(x) / len(io) for x in zip(*io))
-        cache = CacheModel(
-            1.0,
-            self.memory.slots,
-            CacheModel.observed_pool(cfg, needs / len(cfg.moe_layers), 1 + sum(ks) / len(ks)),
-        )
-        cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+        cache = CacheModel.observed(cfg, self.memory.slots, needs, new, 1 + sum(ks) / len(ks))
         # the other split of the memory: no draft, its bytes as cache slots, one token per pass
         # (a virtual-clock run: with LRU and no prefetch, which experts miss does not depend on
         # timing)
         total = len(self.store.keys())
         slots = min(total, self.memory.slots + self.draft_bytes // self.memory.expert_bytes)
         session = self._session(OnDemand(), virtual=True, slots=slots)
-        self._decode(prompt, max(n, 1), SamplingParams(), session)
-        plain = session.finish("calibrate", prompt.shape[0], max(n, 1))
+        self._decode(prompt, n, SamplingParams(), session)
+        plain = session.finish("calibrate", prompt.shape[0], n)
         return govern(
             cfg,
             hw,

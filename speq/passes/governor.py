@@ -18,8 +18,9 @@ governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k w
 time-to-first-token budget, and sizes phase II to the copies the link completes during one draft
 pass. It also splits the device memory: the draft's bytes could instead be expert cache slots for
 plain one-token decoding, whose TPOT is T_verify(1) + (copies per token) * t_copy; when that is
-predicted faster, the policy is to drop the draft. It is a pure function of its inputs; `Governor` re-solves k from live acceptance and reuse
-estimates (exponential moving averages) at run time with the same model.
+predicted faster, the policy is to drop the draft. It is a pure function of its inputs;
+`Governor` re-solves k from live acceptance and reuse estimates (exponential moving averages) at
+run time with the same model.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 from speq.models.config import MoEConfig
 from speq.runtime.speculative import SpecPolicy
+from speq.sim.cost import expected_distinct_experts
 
 # The largest k the governor considers. A window's distinct experts saturate as it grows (the
 # same experts serve more of its tokens), so when drafts are accepted often, long windows keep
@@ -88,6 +90,15 @@ class CacheModel:
         if not 0 <= miss_rate <= 1:
             raise ValueError(f"miss_rate must be in [0, 1], got {miss_rate}")
         return cls(1 - miss_rate)
+
+    @classmethod
+    def observed(
+        cls, cfg: MoEConfig, slots: float, needs: float, new: float, tokens: float
+    ) -> CacheModel:
+        """The model a run showed: per cycle, ``needs`` experts at verification (over all MoE
+        layers) for windows of ``tokens`` tokens, ``new`` of them copied during the cycle."""
+        pool = cls.observed_pool(cfg, needs / len(cfg.moe_layers), tokens)
+        return cls(cls(1.0, slots).observed_reuse(needs, new), slots, pool)
 
     def observed_reuse(self, needs: float, new: float) -> float:
         """The reuse a cycle showed: ``needs`` experts at verification, ``new`` of them copied
@@ -200,8 +211,7 @@ def expected_tokens(p: Sequence[float], k: int) -> float:
 def distinct_experts(cfg: MoEConfig, tokens: float, pool: float | None = None) -> float:
     """Expected distinct experts per MoE layer for ``tokens`` tokens routed uniformly over
     ``pool`` experts (None: all of the layer's)."""
-    e, k = pool or cfg.num_experts, cfg.top_k
-    return e * (1 - (1 - min(k / e, 1.0)) ** tokens)
+    return expected_distinct_experts(pool or cfg.num_experts, cfg.top_k, tokens)
 
 
 def estimate(

@@ -192,7 +192,7 @@ class Speq(OffloadPolicy):
             return key.layer
         return math.inf
 
-    def start_cycle(self, k: int, position: int = 0, now: float = 0.0) -> None:
+    def start_cycle(self, k: int, position: int, now: float) -> None:
         """A new window: ``k`` drafts after the committed token at ``position``, at time ``now``."""
         self.elb.clear()
         self.k = k

@@ -106,10 +106,11 @@ def resolve_dim(d: Dim, tokens: int) -> int:
     return size
 
 
-def expected_distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
+def expected_distinct_experts(num_experts: float, top_k: int, tokens: float) -> float:
     """Expected number of distinct experts that ``tokens`` tokens touch when each picks ``top_k``
-    distinct experts of ``num_experts`` uniformly at random: E * (1 - (1 - k/E) ** T)."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+    distinct experts of ``num_experts`` uniformly at random: E * (1 - (1 - k/E) ** T) (all E
+    when k >= E)."""
+    return num_experts * (1.0 - (1.0 - min(top_k / num_experts, 1.0)) ** tokens)
 
 
 # ---- per-op costs (a registry keyed by op; an op missing here is an error, not a silent 0) ----
