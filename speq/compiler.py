@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -324,35 +325,57 @@ class CompiledModel:
         copy_s = VirtualLink(*self.link_params).cost(self.store.expert_bytes)
         hw = HardwareModel(draft_s, verify, copy_s, source=f"measured ({self.options.backend})")
         # the probes count experts, not time: the virtual clock serves them without waiting
-        probe = Speq(SpecPolicy(k=probe_k))
-        session = self._session(probe, virtual=True)
         n = max(1, min(probe_tokens, cfg.max_seq_len - prompt.shape[0] - probe_k - 1))
-        self._decode(prompt, n, SamplingParams(), session)
-        session.finish("calibrate", prompt.shape[0], n)
-        extra, st = probe.extra_metrics(), probe.stats
-        # the cache's steady state: past the first cycle, which starts from the prefill's experts
-        steady = slice(1 if st.cycles > 1 else 0, None)
-        ks, io = st.k_per_cycle[steady], st.io_per_cycle[steady]
-        needs, new = (sum(x) / len(io) for x in zip(*io))
-        cache = CacheModel.observed(cfg, self.memory.slots, needs, new, 1 + sum(ks) / len(ks))
+        acceptance, needs, new, tokens = self._probe(prompt, probe_k, n)
+        cache = CacheModel.observed(cfg, self.memory.slots, needs, new, tokens)
+        fits = cache.largest_fitting_k(cfg)
+        if cache.kept(needs) < needs / 2 and fits:
+            # the probe's windows overflowed the cache, which hides how much a window keeps from
+            # the one before: probe again at the largest k whose window fits
+            _, needs, new, _ = self._probe(prompt, fits, n)
+            cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
         # the other split of the memory: no draft, its bytes as cache slots, one token per pass
         # (a virtual-clock run: with LRU and no prefetch, which experts miss does not depend on
-        # timing)
+        # timing); its copies per token in the steady state, past the first half of the run, as
+        # the speculative probe's cycles are counted past the first
         total = len(self.store.keys())
         slots = min(total, self.memory.slots + self.draft_bytes // self.memory.expert_bytes)
         session = self._session(OnDemand(), virtual=True, slots=slots)
-        self._decode(prompt, n, SamplingParams(), session)
-        plain = session.finish("calibrate", prompt.shape[0], n)
+        moved: list[int] = []
+        counters = session.runtime.counters
+        self._decode(
+            prompt, n, SamplingParams(), session, lambda _: moved.append(counters.experts_moved)
+        )
+        session.finish("calibrate", prompt.shape[0], n)
+        half = len(moved) // 2
+        plain_copies = (moved[-1] - (moved[half - 1] if half else 0)) / (len(moved) - half)
         return govern(
             cfg,
             hw,
-            extra["acceptance_by_position"] or [0.5],
+            acceptance or [0.5],
             cache,
             ttft_budget_s=math.inf
             if self.options.ttft_budget_ms is None
             else self.options.ttft_budget_ms / 1e3,
-            plain_copies_per_token=plain.experts_moved / plain.tokens,
+            plain_copies_per_token=plain_copies,
         )
+
+    def _probe(
+        self, prompt: torch.Tensor, k: int, n: int
+    ) -> tuple[list[float], float, float, float]:
+        """Speculate at a fixed ``k`` for ``n`` tokens on the virtual clock: (acceptance by draft
+        position, experts needed at verification per cycle, of which copied during the cycle,
+        tokens per window), the cache's steady state (past the first cycle, which starts from
+        the prefill's experts)."""
+        probe = Speq(SpecPolicy(k=k))
+        session = self._session(probe, virtual=True)
+        self._decode(prompt, n, SamplingParams(), session)
+        session.finish("calibrate", prompt.shape[0], n)
+        st = probe.stats
+        steady = slice(1 if st.cycles > 1 else 0, None)
+        ks, io = st.k_per_cycle[steady], st.io_per_cycle[steady]
+        needs, new = (sum(x) / len(io) for x in zip(*io))
+        return probe.extra_metrics()["acceptance_by_position"], needs, new, 1 + sum(ks) / len(ks)
 
     def _drop_draft(self) -> None:
         """The governor chose no draft: its memory becomes expert cache slots."""

@@ -6,14 +6,17 @@ For a speculative cycle with k drafted tokens (PAPER.md, "The Amortization Roofl
     T_draft(k) = (k + 1) * t_draft                        k proposals and one routing-only pass
     T_io(k)    = E_new(k) * t_copy                        experts verification needs that are not
                                                           resident when the cycle starts, one copy each
-    overlap(k) = (1 - phase2_start) * T_draft(k)          copies start with phase II
+    overlap(k) = min((1 - phase2_start) * T_draft(k),     copies start with phase II, and at most
+                     min(E_new(k), slots) * t_copy)       a cache's worth land before verification
     T_cycle(k) = T_draft(k) + max(0, T_io(k) - overlap(k)) + T_verify(k + 1)
     Theta(k)   = tokens(k) / T_cycle(k)                   and TPOT(k) = 1 / Theta(k)
 
-E_new(k) = W(k) - reuse * min(W(k), slots) (`CacheModel`): the window needs W(k) = layers * E *
-(1 - (1 - top_k/E)^(k+1)) experts (distinct experts of k+1 uniformly routed tokens per layer); at
-most ``slots`` of them can be resident when the cycle starts, and a measured fraction ``reuse`` of
-that many are. A constant miss rate would not do: a window larger than the cache misses more. The
+E_new(k) = W(k) - reuse * kept(W(k)) (`CacheModel`): the window needs W(k) = layers * E * (1 -
+(1 - top_k/E)^(k+1)) experts (distinct experts of k+1 uniformly routed tokens per layer), and of
+those, at most kept(W) = max(0, min(W, 2 * slots - W)) can be resident when the cycle starts and
+stay until they are used: a window larger than the cache's ``slots`` evicts W - slots of them on
+its way through (measured: a window twice the cache copies every expert it needs). A measured
+fraction ``reuse`` of that many are resident. A constant miss rate would not do. The
 governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k whose cycle fits the
 time-to-first-token budget, and sizes phase II to the copies the link completes during one draft
 pass. It also splits the device memory: the draft's bytes could instead be expert cache slots for
@@ -69,8 +72,9 @@ class CacheModel:
     A layer's tokens in one window are routed as if uniformly over a ``pool`` of experts (None:
     all E of them); real text reuses experts from token to token, so a window needs fewer
     distinct experts than uniform routing over all E would: W(k) = layers * pool * (1 - (1 -
-    top_k/pool)^(k+1)). Of those, ``reuse`` times the most that can be resident, min(W(k),
-    ``slots``), are; the rest, E_new(k), are copied during the cycle."""
+    top_k/pool)^(k+1)). At most kept(W(k)) of them can be resident when the cycle starts and
+    stay until used, and a fraction ``reuse`` of that many are; the rest, E_new(k), are copied
+    during the cycle."""
 
     reuse: float  # in [0, 1]
     slots: float = math.inf  # expert cache slots
@@ -96,14 +100,25 @@ class CacheModel:
         cls, cfg: MoEConfig, slots: float, needs: float, new: float, tokens: float
     ) -> CacheModel:
         """The model a run showed: per cycle, ``needs`` experts at verification (over all MoE
-        layers) for windows of ``tokens`` tokens, ``new`` of them copied during the cycle."""
+        layers) for windows of ``tokens`` tokens, ``new`` of them copied during the cycle. A
+        window twice the cache says nothing of reuse: it is then 0 (see `observed_reuse`)."""
         pool = cls.observed_pool(cfg, needs / len(cfg.moe_layers), tokens)
-        return cls(cls(1.0, slots).observed_reuse(needs, new), slots, pool)
+        return cls(cls(0.0, slots).observed_reuse(needs, new), slots, pool)
 
     def observed_reuse(self, needs: float, new: float) -> float:
         """The reuse a cycle showed: ``needs`` experts at verification, ``new`` of them copied
-        during the cycle."""
-        return min(1.0, max(0.0, (needs - new) / min(needs, self.slots))) if needs else self.reuse
+        during the cycle. A window of twice the cache or more does not show it (nothing can be
+        kept); the current estimate stays."""
+        kept = self.kept(needs)
+        if kept <= 0:
+            return self.reuse
+        return min(1.0, max(0.0, (needs - new) / kept))
+
+    def kept(self, window: float) -> float:
+        """How many of a window's experts can be resident when its cycle starts and stay until
+        verification uses them: all of a window that fits; of a larger one, those the W - slots
+        it copies do not evict."""
+        return max(0.0, min(window, 2 * self.slots - window))
 
     @staticmethod
     def observed_pool(cfg: MoEConfig, needs_per_layer: float, tokens: float) -> float:
@@ -126,7 +141,11 @@ class CacheModel:
     def new_experts(self, cfg: MoEConfig, k: int) -> float:
         """E_new(k): expected experts copied during a cycle of k drafts."""
         w = self.window(cfg, k)
-        return w - self.reuse * min(w, self.slots)
+        return w - self.reuse * self.kept(w)
+
+    def largest_fitting_k(self, cfg: MoEConfig, k_max: int = K_MAX) -> int:
+        """The largest k whose window fits in the cache (0: not even k = 1)."""
+        return max((k for k in range(1, k_max + 1) if self.window(cfg, k) <= self.slots), default=0)
 
     def describe(self) -> str:
         slots = "unbounded" if math.isinf(self.slots) else f"{self.slots:g} slots"
@@ -223,8 +242,9 @@ def estimate(
     phase2_start: float,
 ) -> Estimate:
     draft = (k + 1) * hw.draft_pass_s
-    io = cache.new_experts(cfg, k) * hw.copy_s
-    stall = max(0.0, io - (1 - phase2_start) * draft)
+    new = cache.new_experts(cfg, k)
+    io = new * hw.copy_s
+    stall = max(0.0, io - min((1 - phase2_start) * draft, min(new, cache.slots) * hw.copy_s))
     verify = hw.verify(k + 1)
     return Estimate(
         k, expected_tokens(acceptance, k), draft + stall + verify, draft, io, stall, verify

@@ -62,6 +62,9 @@ class OffloadPolicy:
     def before_ensure(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
         """Called before each group of experts is made resident (a WAIT, or a later chunk)."""
 
+    def after_layer(self, rt: OffloadRuntime, layer: int) -> None:
+        """Called when a layer's routed experts have been computed and released."""
+
     def on_draft_route(self, rt: OffloadRuntime, layer: int, ids, weights) -> None:
         """Called by the draft graph's PREFETCH nodes with the draft router's choice."""
         raise RuntimeError(f"policy {self.name} has no draft")
@@ -93,6 +96,8 @@ class OffloadRuntime:
         experts = sorted(set(ids.reshape(-1).tolist()))  # host sync: a DATA_DEPENDENT op
         self.policy.on_need(self, layer, experts)
         cap = self.cache.capacity(layer)
+        if len(experts) > cap:  # chunks: what is loaded first, then what is loading, then the rest
+            experts.sort(key=lambda e: (self._state(ExpertKey(layer, e)), e))
         chunks = [experts[i : i + cap] for i in range(0, len(experts), cap)]
         return Residency(layer, chunks, self.ensure(layer, chunks[0]))
 
@@ -133,6 +138,11 @@ class OffloadRuntime:
                 self.timeline.span("compute", f"stall L{layer}", t0, t0 + stall, experts=len(waits))
             self.settle()
         return entries
+
+    def _state(self, key: ExpertKey) -> int:
+        """0: resident and loaded, 1: being copied, 2: not cached."""
+        entry = self.cache.get(key)
+        return 2 if entry is None else int(entry.loading)
 
     def release(self, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -246,4 +256,5 @@ class OffloadRuntime:
             y = fused_moe(x, w13, w2, ids_c.to(torch.int32), w_c, slots)
             out = y if out is None else out + y
             self.release(entries)
+        self.policy.after_layer(self, layer)
         return out

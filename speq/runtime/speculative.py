@@ -224,6 +224,19 @@ class Speq(OffloadPolicy):
             if rt.prefetch(lay, [e], Priority.HIGH if phase == 3 else Priority.NORMAL, before=lay):
                 self._issued_this_pass += 1
 
+    def after_layer(self, rt: OffloadRuntime, layer: int) -> None:
+        """Verification is done with ``layer``: its experts lose their protection, and the link
+        goes on copying the window's predicted experts of later layers, in the order they will
+        be needed, into the slots that frees (the stream continues when the window's experts do
+        not all fit in the cache)."""
+        if not self.verifying:
+            return
+        self.verify_layer = layer + 1
+        for lay, e in self.elb.by_need():
+            missing = lay > layer and ExpertKey(lay, e) not in rt.cache
+            if missing and not rt.prefetch(lay, [e], Priority.HIGH, before=lay):
+                break
+
     def begin_draft_pass(self, s: int) -> None:
         self.draft_pass = s
         self._issued_this_pass = 0

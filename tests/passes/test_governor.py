@@ -78,14 +78,24 @@ def test_runtime_governor_follows_live_acceptance():
     assert k == 1 and g.acceptance[0] < 0.01 and g.cache.reuse == pytest.approx(0.5, abs=1e-3)
 
 
-def test_a_window_larger_than_the_cache_copies_the_excess():
+def test_a_window_larger_than_the_cache_evicts_what_it_kept():
+    """A window that fits keeps ``reuse`` of its experts from the window before; a larger one
+    evicts one kept expert for each it copies beyond the cache, and one of twice the cache or
+    more copies every expert it needs."""
     cache = CacheModel(reuse=0.8, slots=20)
     w1, w8 = cache.window(CFG, 1), cache.window(CFG, 8)
-    assert w1 < 20 < w8
+    assert w1 < 20 < w8 < 40
     assert cache.new_experts(CFG, 1) == pytest.approx(0.2 * w1)
-    assert cache.new_experts(CFG, 8) == pytest.approx(w8 - 16.0)
+    assert cache.new_experts(CFG, 8) == pytest.approx(w8 - 0.8 * (40 - w8))
     assert cache.new_experts(CFG, 8) / w8 > cache.new_experts(CFG, 1) / w1
-    assert cache.observed_reuse(needs=30, new=14) == pytest.approx(0.8)  # 16 of at most 20
+    tiny = CacheModel(reuse=0.8, slots=5)
+    assert tiny.new_experts(CFG, 8) == pytest.approx(tiny.window(CFG, 8))  # over twice the cache
+    assert 1 <= cache.largest_fitting_k(CFG) < 8
+    assert cache.window(CFG, cache.largest_fitting_k(CFG) + 1) > 20
+    assert CacheModel(0.5, slots=1).largest_fitting_k(CFG) == 0
+    assert cache.observed_reuse(needs=15, new=3) == pytest.approx(0.8)  # 12 of 15 were resident
+    assert cache.observed_reuse(needs=30, new=22) == pytest.approx(0.8)  # 8 of the 10 kept
+    assert cache.observed_reuse(needs=45, new=14) == 0.8  # twice the cache: says nothing, kept
     assert CacheModel.from_miss_rate(0.25).new_experts(CFG, 3) == pytest.approx(
         0.25 * cache.window(CFG, 3)
     )

@@ -1,6 +1,8 @@
 """Speculative quantized decoding: lossless greedy output, distribution-preserving sampling,
 metrics, and budget errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -207,3 +209,59 @@ def test_verification_counts_split_hits_in_flight_copies_and_demand_misses():
     assert 0 <= hit <= covered <= 1 and hit == pytest.approx(1 - m["verify_miss_rate"])
     assert 0 < m["verify_new_rate"] <= 1
     assert m.covered_rate >= m.hit_rate
+
+
+def test_a_window_larger_than_the_cache_streams_through_it_prefetched(monkeypatch):
+    """The cache holds any one layer's experts but not a window's: past each window's first
+    layer, verification never needs an expert whose copy was not already issued, as each
+    layer's experts, once used, make room for the next layers' predicted ones while
+    verification runs (an exact draft: every expert predicted). At the first layer an expert
+    can still miss: the phase II copies chosen by confidence may hold the slots."""
+    from speq.runtime.speculative import Speq
+    from speq.runtime.store import ExpertKey
+
+    model = tiny_model(torch.float64, num_layers=3)
+    expected = speq.compile(model).generate(PROMPT, 20)
+    exact = speq.CompileOptions(policy="speq", k=8, draft_bits=8, draft_group_size=1)
+    m = speq.compile(model, exact).memory
+    slots = model.config.num_experts
+    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
+    opts = dataclasses.replace(exact, device_memory=budget, link_gbps=0.05, backend="sim")
+    cm = speq.compile(model, opts)
+    uncovered = []
+    on_need = Speq.on_need
+
+    def spy(self, rt, layer, experts):
+        if self.verifying:
+            uncovered.extend(layer for e in experts if ExpertKey(layer, e) not in rt.cache)
+        on_need(self, rt, layer, experts)
+
+    monkeypatch.setattr(Speq, "on_need", spy)
+    assert torch.equal(cm.generate(PROMPT, 20), expected)
+    m = cm.metrics
+    assert m["elb_recall"] == 1.0
+    assert m["verify_needs"] / m["cycles"] > m.cache_slots  # windows overflow the cache
+    assert set(uncovered) <= {0}
+    assert m["verify_covered_rate"] == 1 - len(uncovered) / m["verify_needs"]
+
+
+def test_a_layer_larger_than_the_cache_computes_what_is_resident_first():
+    """A layer that needs more experts than its slots runs in chunks; the experts already
+    resident form the first chunk, so none of them is evicted to make room for another."""
+    from speq.frontend.reference import from_reference
+    from speq.runtime.cache import ExpertCache
+    from speq.runtime.link import VirtualLink
+    from speq.runtime.offload import OffloadPolicy, OffloadRuntime
+    from speq.runtime.store import ExpertKey, ExpertStore
+
+    model = tiny_model(torch.float64, num_layers=1, num_experts=5)
+    spec, params = from_reference(model, torch.float64)
+    store = ExpertStore(spec, params)
+    cache = ExpertCache(2, store.layers, 5)
+    rt = OffloadRuntime(store, cache, VirtualLink(1.0, 0.0), None, OffloadPolicy())
+    layer = store.layers[0]
+    rt.prefetch(layer, [3, 4])
+    rt.link.wait([cache.get(ExpertKey(layer, e)).copy for e in (3, 4)])
+    residency = rt.need(layer, torch.tensor([[0, 3], [4, 1]]))
+    assert residency.chunks == [[3, 4], [0, 1]]
+    assert rt.counters.hits == 2 and rt.counters.demand_fetches == 0
