@@ -21,6 +21,7 @@ from speq.ir.graph import Graph
 from speq.ir.interpreter import run_graph
 from speq.ir.ops import Op
 from speq.ir.program import Program
+from speq.kernels.fused_moe import TRITON_DTYPES
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
 from speq.passes.governor import CacheModel, Governor, HardwareModel, Policy, govern
@@ -36,6 +37,7 @@ from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
 from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident, RoutingRecorder
+from speq.runtime.replay import Replayer
 from speq.runtime.sampling import SamplingParams, pick
 from speq.runtime.speculative import SpecPolicy, Speq, speculative_decode
 from speq.runtime.store import ExpertStore
@@ -83,6 +85,9 @@ class CompileOptions:
       compare exactly; setting this to the deployment dtype (bfloat16) makes the budget split
       between non-expert weights, the draft (INT4/INT8 codes and fp32 scales, whatever the
       compute dtype) and the expert slots as it would on a GPU.
+    - ``cuda_graphs``: on the ``cuda`` backend, capture each replay region of the lowered plan
+      as a CUDA graph and replay it (speq.runtime.replay); False runs every node eagerly, as do
+      float64 models (their kernels' torch paths sync with the host).
     """
 
     policy: str = "resident"
@@ -101,6 +106,7 @@ class CompileOptions:
     ttft_budget_ms: float | None = None
     predictor: str = "draft"
     memory_dtype: torch.dtype | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -182,6 +188,10 @@ class CompiledModel:
         self._node_seconds: dict = {}  # the sim backend's modelled node times, reused
         self.governed: Policy | None = None
         self._calibrated_on_input = False
+        self.replayer: Replayer | None = None
+        if options.backend == "cuda" and options.cuda_graphs and spec.dtype in TRITON_DTYPES:
+            # (float64 runs the kernels' torch paths, which sync with the host: not captured)
+            self.replayer = Replayer(capture=True)
         if options.policy == "speq" and options.k is None:
             self._calibrate(None)
 
@@ -452,7 +462,11 @@ class CompiledModel:
     ) -> torch.Tensor:
         ctx = session.context(cache, pos, tokens.shape[0])
         inputs = {"tokens": tokens.to(self.device), "pos": pos}
-        (logits,) = run_graph(self.program[graph], inputs, ctx, EXEC_BACKENDS)
+        if self.replayer is None:
+            (logits,) = run_graph(self.program[graph], inputs, ctx, EXEC_BACKENDS)
+        else:  # the position as a device tensor: one capture serves every position
+            inputs["pos"] = torch.tensor(pos, device=self.device)
+            (logits,) = self.replayer.run(self.program[graph], inputs, ctx, EXEC_BACKENDS)
         cache.length = pos + tokens.shape[0]
         return logits
 

@@ -117,11 +117,16 @@ def _linear(node, args, ctx):
     return (args[0] @ args[1].t(),)
 
 
+# ROPE, KV_WRITE and ATTENTION take the start position ``pos`` as an int, or as a 0-d device
+# tensor: then no shape depends on its value (the write is an index_copy_, attention reads the
+# whole cache, masked), so a CUDA graph can capture them once and replay them at every position.
+
+
 @register(Op.ROPE)
 def _rope(node, args, ctx):
     x, pos = args
     t = x.shape[0]
-    positions = torch.arange(pos, pos + t, device=x.device)
+    positions = pos + torch.arange(t, device=x.device)
     y = fn.rope(x.view(t, node.attrs["heads"], -1), positions, node.attrs["theta"])
     return (y.reshape(t, -1),)
 
@@ -130,7 +135,11 @@ def _rope(node, args, ctx):
 def _kv_write(node, args, ctx):
     k, v, pos = args
     t, kvh = k.shape[0], ctx.cache.k.shape[3]
-    ctx.cache.write(node.attrs["layer"], k.view(1, t, kvh, -1), v.view(1, t, kvh, -1), pos)
+    k, v, layer = k.view(1, t, kvh, -1), v.view(1, t, kvh, -1), node.attrs["layer"]
+    if isinstance(pos, torch.Tensor):
+        ctx.cache.write_at(layer, k, v, pos + torch.arange(t, device=k.device))
+    else:
+        ctx.cache.write(layer, k, v, pos)
     return (ctx.cache,)
 
 
@@ -138,7 +147,8 @@ def _kv_write(node, args, ctx):
 def _attention(node, args, ctx):
     q, cache, pos = args
     t = q.shape[0]
-    k, v = cache.view(node.attrs["layer"], pos + t)
+    end = cache.max_len if isinstance(pos, torch.Tensor) else pos + t
+    k, v = cache.view(node.attrs["layer"], end)
     o = fn.attention(q.view(1, t, node.attrs["heads"], -1), k, v, pos)
     return (o.reshape(t, -1),)
 

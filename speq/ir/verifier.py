@@ -2,8 +2,8 @@
 
 It checks that every value is defined once and before its use with the type its producer gave it,
 that each op has the inputs, outputs and attributes its schema asks for, that the graph ends in
-one OUTPUT, and that no DATA_DEPENDENT node sits inside a replay region. Its error shows the IR
-around the faulty node.
+one OUTPUT, and that no replay region holds a DATA_DEPENDENT node or one that reads a host value
+(a residency). Its error shows the IR around the faulty node.
 """
 
 from __future__ import annotations
@@ -133,4 +133,7 @@ def _check_node(node: Node, defined: dict[str, Value]) -> str | None:
             )
     if node.meta.get("region") is not None and node.has(Tag.DATA_DEPENDENT):
         return f"{name} is DATA_DEPENDENT but sits inside replay region {node.meta['region']}"
+    region = node.meta.get("region")
+    if region is not None and any(v.dtype == "residency" for v in node.inputs):
+        return f"{name} reads a host value (a residency) but sits inside replay region {region}"
     return None

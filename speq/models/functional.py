@@ -32,12 +32,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int | torch.Tensor
+) -> torch.Tensor:
     """Causal grouped-query attention.
 
     ``q [B, T, Hq, D]`` holds the queries of positions ``q_start .. q_start+T-1``; ``k, v
     [B, S, Hkv, D]`` hold keys and values of positions ``0 .. S-1`` (S >= q_start + T). Query i
-    sees keys 0 .. q_start+i. Returns ``[B, T, Hq, D]``.
+    sees keys 0 .. q_start+i. ``q_start`` may be a 0-d tensor (then S is typically the whole
+    cache: static shapes, as a captured CUDA graph needs). Returns ``[B, T, Hq, D]``.
     """
     _, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -47,7 +50,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -
     kh = k.transpose(1, 2).to(cdt).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
     vh = v.transpose(1, 2).to(cdt).repeat_interleave(group, dim=1)
     scores = (qh @ kh.transpose(-1, -2)) * (d**-0.5)
-    qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]
+    qpos = (q_start + torch.arange(t, device=q.device))[:, None]
     kpos = torch.arange(s, device=q.device)[None, :]
     scores = scores.masked_fill(kpos > qpos, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vh

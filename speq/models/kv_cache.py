@@ -47,6 +47,15 @@ class KVCache:
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
 
+    def write_at(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Store ``k, v [batch, T, kv_heads, head_dim]`` at the device tensor ``positions [T]``:
+        no host sync and no value-dependent shape (what a captured CUDA graph needs), so the
+        positions are not checked here; callers keep them inside the cache."""
+        self.k[layer].index_copy_(1, positions, k)
+        self.v[layer].index_copy_(1, positions, v)
+
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions ``0 .. end-1`` of one layer."""
         return self.k[layer, :, :end], self.v[layer, :, :end]

@@ -5,10 +5,10 @@ Each node gets ``meta``:
   tensor values on the host), ``compute`` for the rest;
 - ``kernel``: the implementation the runtime dispatches to, ``"<impl>:<op>"`` with impl the first
   of the backend's implementation sets that has the op (``offload`` then ``eager``);
-- ``region``: the replay region, a maximal run of compute nodes between host syncs. On CUDA these
-  are the spans a CUDA graph could capture; no region holds a DATA_DEPENDENT node (the verifier
-  checks it). Capturing and replaying them as CUDA graphs is not implemented yet: regions are
-  computed and verified, and the runtime executes node by node.
+- ``region``: the replay region, a maximal run of compute nodes between host syncs. On CUDA the
+  runtime captures each as a CUDA graph and replays it (speq.runtime.replay). No region holds a
+  DATA_DEPENDENT node, nor a node that reads a host value (a WAIT's residency: the offloaded
+  FUSED_MOE, which may copy and wait for more experts chunk by chunk); the verifier checks both.
 
 Precondition: insert_prefetch ran (WAIT nodes mark the host syncs).
 """
@@ -23,6 +23,12 @@ from speq.ir.ops import Op, Tag
 from speq.ir.program import Program
 
 SOURCES = (Op.INPUT, Op.PARAM, Op.OUTPUT)
+HOST_VALUES = frozenset({"residency"})  # value types that live on the host
+
+
+def reads_host_value(node: Node) -> bool:
+    """Whether ``node`` takes a value that exists only on the host (it cannot be captured)."""
+    return any(v.dtype in HOST_VALUES for v in node.inputs)
 
 
 def lower(impls: tuple[str, ...]) -> Callable[[Program], Program]:
@@ -44,6 +50,10 @@ def _lower_graph(graph: Graph, impls: tuple[str, ...]) -> Graph:
         meta: dict = {"kernel": implementation_name(node.op, impls)}
         if node.has(Tag.DATA_DEPENDENT):
             meta["stream"] = "copy" if node.has(Tag.ASYNC_COPY) else "host"
+            if open_region:
+                region, open_region = region + 1, False
+        elif reads_host_value(node):
+            meta["stream"] = "compute"
             if open_region:
                 region, open_region = region + 1, False
         else:

@@ -1,5 +1,7 @@
 """The cuda backend: copy streams, events, pinned host memory, Triton kernels (GPU tier)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,3 +43,27 @@ def test_cuda_ondemand_moves_what_the_sim_backend_moves():
         runs[backend] = cm.metrics
     assert runs["cuda"].bytes_moved == runs["sim"].bytes_moved
     assert runs["cuda"].hits == runs["sim"].hits
+
+
+@pytest.mark.parametrize("policy,k", [("ondemand", None), ("speq", 3)])
+def test_cuda_graph_replay_equals_the_same_regions_run_eagerly(policy, k):
+    """Replay regions captured as CUDA graphs give the tokens of the same regions run node by
+    node over the same static buffers (capture=False: the same kernels, nothing captured)."""
+    from speq.runtime.replay import Replayer
+
+    model = tiny_model(torch.float32, num_layers=3, num_experts=7)
+    m = speq.compile(model, speq.CompileOptions(policy="speq")).memory
+    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 4 * m.expert_bytes
+    opts = speq.CompileOptions(policy=policy, k=k, backend="cuda", device_memory=budget)
+    outs = {}
+    for capture in (True, False):
+        cm = speq.compile(model, opts)
+        assert cm.replayer is not None and cm.replayer.capture
+        if not capture:
+            cm.replayer = Replayer(capture=False)
+        outs[capture] = cm.generate(PROMPT, 16)
+        stats = cm.replayer.stats
+        assert stats.replays > stats.captures > 0
+    assert torch.equal(outs[True], outs[False])
+    off = speq.compile(model, dataclasses.replace(opts, cuda_graphs=False))
+    assert off.replayer is None

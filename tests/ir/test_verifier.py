@@ -95,6 +95,20 @@ def test_data_dependent_node_inside_replay_region(graph):
         verify(bad)
 
 
+def test_host_value_reader_inside_replay_region(graph):
+    from speq.ir.program import Program
+    from speq.passes.fuse_moe import fuse_moe
+    from speq.passes.insert_prefetch import insert_prefetch
+
+    step = insert_prefetch("ondemand")(Program((fuse_moe(graph),)))["step"]
+    bad = _swap(step, Op.FUSED_MOE, lambda n: n.annotate(region=2))
+    with pytest.raises(
+        VerificationError,
+        match=r"reads a host value \(a residency\) but sits inside replay region 2",
+    ):
+        verify(bad)
+
+
 def test_node_replace_returns_self_when_nothing_changes(graph):
     n = graph.nodes[5]
     assert n.replace(op=n.op, inputs=n.inputs, attrs=dict(n.attrs)) is n

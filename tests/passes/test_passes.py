@@ -139,10 +139,12 @@ def test_lower_places_every_node(captured):
         assert n.meta["stream"] == "copy" and "region" not in n.meta
     assert lowered.find(Op.FUSED_MOE)[0].meta["kernel"] == "offload:fused_moe"
     assert lowered.find(Op.RMSNORM)[0].meta["kernel"] == "eager:rmsnorm"
-    # regions are runs of compute between host syncs: layer 1's PREFETCH and WAIT stand
-    # together (nothing runs between them), layer 2's WAIT splits again: three regions
+    # regions are runs of compute between host syncs: layer 1's PREFETCH, WAIT and FUSED_MOE
+    # (which reads the WAIT's host-side residency) stand together, layer 2's split again: three
     regions = [n.meta["region"] for n in work if "region" in n.meta]
     assert regions == sorted(regions) and len(set(regions)) == 3
+    for n in lowered.find(Op.FUSED_MOE):
+        assert n.meta["stream"] == "compute" and "region" not in n.meta
     with pytest.raises(ValueError, match="after insert_prefetch"):
         lower(("offload", "eager"))(Program((fuse_moe(captured),)))
 
