@@ -21,7 +21,6 @@ from speq.ir.graph import Graph
 from speq.ir.interpreter import run_graph
 from speq.ir.ops import Op
 from speq.ir.program import Program
-from speq.kernels.fused_moe import TRITON_DTYPES
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
 from speq.passes.governor import CacheModel, Governor, HardwareModel, Policy, govern
@@ -189,9 +188,11 @@ class CompiledModel:
         self.governed: Policy | None = None
         self._calibrated_on_input = False
         self.replayer: Replayer | None = None
-        if options.backend == "cuda" and options.cuda_graphs and spec.dtype in TRITON_DTYPES:
-            # (float64 runs the kernels' torch paths, which sync with the host: not captured)
-            self.replayer = Replayer(capture=True)
+        if options.backend == "cuda" and options.cuda_graphs:
+            from speq.kernels.fused_moe import TRITON_DTYPES  # lazily: see speq.kernels._triton
+
+            if spec.dtype in TRITON_DTYPES:  # float64 runs torch paths that sync with the host
+                self.replayer = Replayer(capture=True)
         if options.policy == "speq" and options.k is None:
             self._calibrate(None)
 

@@ -80,3 +80,14 @@ def test_compile_rejects_what_it_cannot_compile():
         speq.compile(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="CompileOptions"):
         speq.compile(tiny_model(), {"policy": "speq"})
+
+
+def test_importing_speq_leaves_triton_unimported():
+    """Triton reads TRITON_INTERPRET when a kernel is decorated, so speq imports its kernels at
+    the first launch, never at ``import speq`` (the kernel tests set the variable after)."""
+    import subprocess
+    import sys
+
+    code = "import sys, speq; print(sorted(m for m in sys.modules if m.startswith(('triton', 'speq.kernels'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
