@@ -43,17 +43,16 @@ Writes e2e_cpu.json, e2e_cpu.md and e2e_cpu.png under bench/results/ (--out name
 others sit beside it) and prints the tables. bench/update_readme.py puts the tables in README.md.
 
     python bench/bench_e2e.py [--budgets tight,medium,generous] [--links pcie3,pcie4,pcie5]
-        [--domains kjv,fortunes,python_docs] [--prompts-per-domain 1] [--tokens 16]
-        [--repeats 2] [--out bench/results/e2e_cpu.json] [--check] [--quick]
+        [--domains kjv,fortunes,python_docs] [--prompts-per-domain 1] [--tokens 32]
+        [--repeats 1] [--out bench/results/e2e_cpu.json] [--check] [--quick]
 
-Wall time on this project's 2-core CPU machine, estimated from partial runs (one setting, one
-prompt, one repeat): compiling a setting takes 5-36 s, and one repeat of one prompt under all
-eight contenders 10-110 s at 16 tokens (the tight and medium budgets over PCIe 3.0 are the
-slowest: ondemand and nextgate wait for most experts, and every run's prefill fetches experts
-too), about 400 s over the nine settings. So the defaults (3 prompts, one per domain: the Bible,
-fortunes, the Python docs; 2 repeats; 16 tokens) take about 40-45 minutes; adding perl_docs to
---domains adds a third. --quick (generous budget, pcie5, one prompt, one repeat, 4 tokens) takes
-about 20 s.
+Wall time on this project's 2-core CPU machine: the defaults (3 prompts, one per domain: the
+Bible, fortunes, the Python docs; one run each; 32 tokens) took 32 minutes (1914 s) for the run
+in the README; compiling a setting takes 5-36 s, and the tight and medium budgets over PCIe 3.0
+are the slowest (ondemand and nextgate wait for most experts, and every run's prefill fetches
+experts too). Time grows about linearly with --tokens, --repeats and the prompts; adding
+perl_docs to --domains adds a third. --quick (generous budget, pcie5, one prompt, one repeat, 4
+tokens) takes about 20 s.
 """
 
 from __future__ import annotations
@@ -521,7 +520,12 @@ def how_measured(report: dict) -> str:
         f"Measured with `python bench/bench_e2e.py` on a 2-core CPU, no GPU: cpu backend, "
         f"{s['model']} in {s['dtype']}, {s['new_tokens']} new tokens after each of "
         f"{len(s['prompts'])} held-out prompts ({ns[0]}-{ns[-1]} tokens; {', '.join(domains)}), "
-        f"median of {s['repeats']} interleaved runs per prompt, geometric mean over the prompts; "
+        + (
+            f"median of {s['repeats']} interleaved runs per prompt"
+            if s["repeats"] > 1
+            else "one run per prompt (contenders interleaved)"
+        )
+        + ", geometric mean over the prompts; "
         f"the host -> device link is emulated and calibrated so one expert copy costs as many "
         f"decode-layer times as a {s['reference_model']} expert on an A100 over PCIe 3.0 / 4.0 / "
         f"5.0 (8 / 16 / 32 GB/s): {links}. Budgets are fractions of all expert bytes beyond the "
@@ -636,8 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "float64 either way); bfloat16 splits the memory as on a GPU, where the INT4 draft is "
         "about a quarter of the expert bytes",
     )
-    p.add_argument("--tokens", type=int, default=16, help="new tokens per run")
-    p.add_argument("--repeats", type=int, default=2, help="runs per (contender, prompt)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per run")
+    p.add_argument("--repeats", type=int, default=1, help="runs per (contender, prompt)")
     p.add_argument(
         "--quick",
         action="store_true",
