@@ -188,6 +188,7 @@ class CompiledModel:
         self.governed: Policy | None = None
         self._calibrated_on_input = False
         self.replayer: Replayer | None = None
+        self._kv: KVCache | None = None  # the decodes' KV cache under replay (see kv_cache)
         if options.backend == "cuda" and options.cuda_graphs:
             from speq.kernels.fused_moe import TRITON_DTYPES  # lazily: see speq.kernels._triton
 
@@ -471,6 +472,17 @@ class CompiledModel:
         cache.length = pos + tokens.shape[0]
         return logits
 
+    def kv_cache(self) -> KVCache:
+        """An empty KV cache for one decode. Under replay the same one every time: captured
+        regions write into the cache they were captured with (and stale entries past the
+        length are never read: attention masks every position after the query's)."""
+        if self.replayer is None:
+            return KVCache(self.config, 1, self.spec.dtype, self.device)
+        if self._kv is None:
+            self._kv = KVCache(self.config, 1, self.spec.dtype, self.device)
+        self._kv.truncate(0)
+        return self._kv
+
     def _decode(
         self,
         prompt: torch.Tensor,
@@ -481,7 +493,7 @@ class CompiledModel:
     ) -> list[int]:
         """Process the prompt but its last token, then decode ``n`` tokens from there."""
         gen = sampling.generator()
-        cache = KVCache(self.config, 1, self.spec.dtype, self.device)
+        cache = self.kv_cache()
         if prompt.shape[0] > 1:
             self._step("step", prompt[:-1], cache, 0, session)
         session.prefill_done()

@@ -87,11 +87,10 @@ def time_passes(
     virtual clock)."""
     import time
 
-    from speq.models.kv_cache import KVCache
     from speq.runtime.speculative import SpecPolicy, Speq
 
     session = compiled._session(Speq(SpecPolicy(k=1)), virtual=True)
-    cache = KVCache(compiled.config, 1, compiled.spec.dtype, compiled.device)
+    cache = compiled.kv_cache()
     p = int(prompt.shape[-1])
     ids = prompt.reshape(-1)
     compiled._step("step", ids, cache, 0, session)

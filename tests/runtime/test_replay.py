@@ -61,6 +61,9 @@ def test_replayed_regions_keep_greedy_output(policy, k):
     assert torch.equal(cm.generate(PROMPT, 12), expected)
     stats = cm.replayer.stats
     assert stats.replays > stats.captures > 0 and stats.eager_nodes > 0
+    captures, replays = stats.captures, stats.replays
+    assert torch.equal(cm.generate(PROMPT, 12), expected)  # the same KV cache: no new capture
+    assert stats.captures == captures and stats.replays > replays
 
 
 def test_one_step_equals_the_interpreter_at_any_position():
