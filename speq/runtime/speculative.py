@@ -12,6 +12,8 @@ One cycle, with ``last`` the newest committed token at position p:
    everything still missing at high priority. Eviction is lookahead-aware: experts predicted for
    this window go last.
 3. The target verifies ``last, d_1..d_k`` in one pass, loading each layer's union of experts once.
+   A window whose experts do not all fit in the cache streams through it: once verification has
+   used a layer's experts, their slots take the next layers' predicted ones, in need order.
 4. Greedy: accept the longest prefix of drafts the target agrees with, plus the target's next
    token. Sampling: speculative sampling, which keeps the target's distribution. The KV cache is
    truncated past the accepted tokens.
