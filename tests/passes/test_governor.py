@@ -162,3 +162,28 @@ def test_compile_drops_the_draft_when_its_memory_serves_better_as_cache():
     assert "NO DRAFT" in str(cm.graphs)
     assert torch.equal(cm.generate(prompt, 12), speq.compile(model).generate(prompt, 12))
     assert cm.metrics.experts_moved == 0 and "acceptance_rate" not in cm.metrics.extra
+
+
+def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
+    """The k = 8 probe's windows overflow a small cache, which hides the reuse between windows:
+    the calibration probes again at the largest k whose window fits, and takes reuse from it."""
+    from speq.compiler import CompiledModel
+
+    model = tiny_model(torch.float64, num_layers=3, num_experts=8, top_k=1)
+    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
+    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 7 * m.expert_bytes
+    probes = []
+    probe = CompiledModel._probe
+
+    def spy(self, prompt, k, n):
+        out = probe(self, prompt, k, n)
+        probes.append((k, out[1], out[2]))
+        return out
+
+    monkeypatch.setattr(CompiledModel, "_probe", spy)
+    opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=0.01)
+    cache = speq.compile(model, opts).governed.cache
+    (k1, needs1, _), (k2, needs2, new2) = probes
+    assert k1 == 8 and cache.slots == 7 and cache.kept(needs1) < needs1 / 2
+    assert k2 == cache.largest_fitting_k(model.config) >= 1
+    assert needs2 <= cache.slots and 0 < cache.reuse == cache.observed_reuse(needs2, new2)
