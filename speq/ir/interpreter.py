@@ -61,6 +61,31 @@ def lookup(op: Op, backends: tuple[str, ...]) -> Impl:
     raise NotImplementedError(f"no implementation of {op.name.lower()} for backends {backends}")
 
 
+def plan_implementations(graph: Graph, backends: tuple[str, ...]) -> dict[Op, Impl]:
+    """The implementation of every op of ``graph`` from ``backends``; a ValueError when the
+    lowered plan (the nodes' ``kernel`` meta) names kernels the backends do not provide."""
+    impls = {op: lookup(op, backends) for op in {n.op for n in graph} - {Op.INPUT, Op.OUTPUT}}
+    planned = {n.meta["kernel"] for n in graph if "kernel" in n.meta}
+    expected = {implementation_name(op, backends) for op in impls}
+    if planned - expected:
+        raise ValueError(
+            f"the lowered plan names kernels {sorted(planned - expected)} that {backends} do not provide"
+        )
+    return impls
+
+
+def run_node(node: Node, env: dict[str, Any], ctx: RunContext, impl: Impl, observer=None) -> None:
+    """Run one node on the values in ``env`` and store its outputs there; ``observer(node, args,
+    outs, seconds)`` after it when given."""
+    args = tuple(env[v.name] for v in node.inputs)
+    t0 = time.perf_counter()
+    outs = impl(node, args, ctx)
+    if observer is not None:
+        observer(node, args, outs, time.perf_counter() - t0)
+    for v, t in zip(node.outputs, outs, strict=True):
+        env[v.name] = t
+
+
 def run_graph(
     graph: Graph,
     inputs: Mapping[str, Any],
@@ -69,27 +94,14 @@ def run_graph(
 ) -> tuple[torch.Tensor, ...]:
     """Run ``graph`` and return the tensors of its OUTPUT node."""
     env: dict[str, Any] = {}
-    impls = {op: lookup(op, backends) for op in {n.op for n in graph} - {Op.INPUT, Op.OUTPUT}}
-    planned = {n.meta["kernel"] for n in graph if "kernel" in n.meta}
-    expected = {implementation_name(op, backends) for op in impls}
-    if planned - expected:
-        raise ValueError(
-            f"the lowered plan names kernels {sorted(planned - expected)} that {backends} do not provide"
-        )
-    observer = ctx.observer
+    impls = plan_implementations(graph, backends)
     for node in graph.nodes:
         if node.op is Op.INPUT:
             env[node.out.name] = inputs[node.attrs["name"]]
             continue
         if node.op is Op.OUTPUT:
             return tuple(env[v.name] for v in node.inputs)
-        args = tuple(env[v.name] for v in node.inputs)
-        t0 = time.perf_counter()
-        outs = impls[node.op](node, args, ctx)
-        if observer is not None:
-            observer(node, args, outs, time.perf_counter() - t0)
-        for v, t in zip(node.outputs, outs, strict=True):
-            env[v.name] = t
+        run_node(node, env, ctx, impls[node.op], ctx.observer)
     raise ValueError(f"graph {graph.name} has no output node")
 
 

@@ -23,15 +23,14 @@ device and is exercised by the GPU test tier (tests/gpu).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from speq.ir.graph import Graph, Node
-from speq.ir.interpreter import RunContext, implementation_name, lookup
+from speq.ir.interpreter import RunContext, plan_implementations, run_node
 from speq.ir.ops import Op
 
 
@@ -61,7 +60,6 @@ class ReplayStats:
     captures: int = 0
     replays: int = 0
     eager_nodes: int = 0  # nodes run one by one (outside regions, or in a prefill)
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def segments(graph: Graph) -> list[Segment]:
@@ -115,13 +113,7 @@ class Replayer:
         if ctx.cache is not self._cache:  # captures write into the cache they were made with
             self._captured.clear()
             self._cache = ctx.cache
-        impls = {op: lookup(op, backends) for op in {n.op for n in graph} - {Op.INPUT, Op.OUTPUT}}
-        planned = {n.meta["kernel"] for n in graph if "kernel" in n.meta}
-        missing = planned - {implementation_name(op, backends) for op in impls}
-        if missing:
-            raise ValueError(
-                f"the lowered plan names kernels {sorted(missing)} that {backends} lack"
-            )
+        impls = plan_implementations(graph, backends)
         tokens = inputs["tokens"].shape[0]
         env: dict[str, Any] = {}
         for seg in self._plan(graph):
@@ -134,7 +126,8 @@ class Replayer:
                 elif node.op is Op.OUTPUT:
                     return tuple(_fresh(env[v.name]) for v in node.inputs)
                 else:
-                    self._run_node(node, env, ctx, impls)
+                    run_node(node, env, ctx, impls[node.op], ctx.observer)
+                    self.stats.eager_nodes += 1
         raise ValueError(f"graph {graph.name} has no output node")
 
     def _plan(self, graph: Graph) -> list[Segment]:
@@ -142,16 +135,6 @@ class Replayer:
         if entry is None or entry[0] is not graph:
             entry = self._segments[id(graph)] = (graph, segments(graph))
         return entry[1]
-
-    def _run_node(self, node: Node, env: dict, ctx: RunContext, impls) -> None:
-        args = tuple(env[v.name] for v in node.inputs)
-        t0 = time.perf_counter()
-        outs = impls[node.op](node, args, ctx)
-        if ctx.observer is not None:
-            ctx.observer(node, args, outs, time.perf_counter() - t0)
-        for v, t in zip(node.outputs, outs, strict=True):
-            env[v.name] = t
-        self.stats.eager_nodes += 1
 
     def _key(self, graph: Graph, seg: Segment, env: dict) -> tuple:
         parts: list[Any] = [id(graph), seg.region]
@@ -209,9 +192,7 @@ class Replayer:
         """Run a region's nodes on ``env`` (its buffers); return its outputs. No observer: inside
         a captured graph there is no per-node time."""
         for node in seg.nodes:
-            args = tuple(env[v.name] for v in node.inputs)
-            for v, t in zip(node.outputs, impls[node.op](node, args, ctx), strict=True):
-                env[v.name] = t
+            run_node(node, env, ctx, impls[node.op])
         return {name: env[name] for name in seg.outputs}
 
 

@@ -8,7 +8,7 @@ TFLOP/s are peaks; the roofline scales both by ``efficiency``. The link bandwidt
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 
@@ -50,42 +50,28 @@ class HardwareProfile:
 # Latency and launch costs are rough, not measured here: a cudaMemcpyAsync from pinned memory costs
 # on the order of 10 us before bytes flow, and an eagerly launched kernel a few us (less under
 # CUDA-graph replay, which speq uses between host syncs).
+# A100 40GB PCIe (NVIDIA A100 datasheet): 312 TFLOP/s bf16 dense, 1555 GB/s HBM2, 40 GB.
+# PCIe 4.0 x16 is 31.5 GB/s per direction nominal (about 25 GB/s measured with pinned memory);
+# the MoE-SpeQ paper states 16 GB/s each way for its A100 testbed, and this profile exists to
+# reproduce the paper, so it uses the paper's 16 GB/s.
+_A100_PCIE4 = HardwareProfile(
+    name="a100-40g-pcie4",
+    peak_tflops=312.0,
+    hbm_gbps=1555.0,
+    link_gbps=16.0,
+    link_latency_us=10.0,
+    launch_us=4.0,
+    device_memory_gb=40.0,
+)
+
 _PROFILES = (
-    # A100 40GB PCIe (NVIDIA A100 datasheet): 312 TFLOP/s bf16 dense, 1555 GB/s HBM2, 40 GB.
-    # PCIe 4.0 x16 is 31.5 GB/s per direction nominal (about 25 GB/s measured with pinned memory);
-    # the MoE-SpeQ paper states 16 GB/s each way for its A100 testbed, and this profile exists to
-    # reproduce the paper, so it uses the paper's 16 GB/s.
-    HardwareProfile(
-        name="a100-40g-pcie4",
-        peak_tflops=312.0,
-        hbm_gbps=1555.0,
-        link_gbps=16.0,
-        link_latency_us=10.0,
-        launch_us=4.0,
-        device_memory_gb=40.0,
-    ),
+    _A100_PCIE4,
     # The same A100-class compute with a hypothetical PCIe 3.0 or 5.0 link (an A100 has no PCIe 5.0
     # variant), kept for the link sweep of bench/bench_e2e.py. They follow the pcie4 profile's
     # convention: the paper's effective 16 GB/s is about half of PCIe 4.0's nominal 31.5, so
     # PCIe 3.0 x16 (15.75 nominal) -> 8 GB/s and PCIe 5.0 x16 (63 nominal) -> 32 GB/s.
-    HardwareProfile(
-        name="a100-40g-pcie3",
-        peak_tflops=312.0,
-        hbm_gbps=1555.0,
-        link_gbps=8.0,
-        link_latency_us=10.0,
-        launch_us=4.0,
-        device_memory_gb=40.0,
-    ),
-    HardwareProfile(
-        name="a100-40g-pcie5",
-        peak_tflops=312.0,
-        hbm_gbps=1555.0,
-        link_gbps=32.0,
-        link_latency_us=10.0,
-        launch_us=4.0,
-        device_memory_gb=40.0,
-    ),
+    replace(_A100_PCIE4, name="a100-40g-pcie3", link_gbps=8.0),
+    replace(_A100_PCIE4, name="a100-40g-pcie5", link_gbps=32.0),
     # GeForce RTX 4090 (Ada whitepaper): 165.2 TFLOP/s fp16/bf16 dense with fp32 accumulate,
     # 1008 GB/s GDDR6X, 24 GB. Link: PCIe 4.0 x16, 31.5 GB/s per direction nominal.
     HardwareProfile(
