@@ -255,6 +255,8 @@ def run_setting(
                     for key in (
                         "hit_rate",
                         "covered_rate",
+                        "token_hit_rate",
+                        "stalls_per_token",
                         "mb_moved",
                         "stall_ms",
                         "acceptance_rate",
@@ -485,15 +487,16 @@ def detail_table(report: dict) -> str:
 
     lines = [
         "| budget | link | contender | k | expert slots | TPOT (ms) | hit rate | covered rate "
-        "| MB moved / run | stall (ms / run) | acceptance | tokens / cycle | ELB recall "
-        "| ELB precision | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| token hit rate | stalls / token | MB moved / run | stall (ms / run) | acceptance "
+        "| tokens / cycle | ELB recall | ELB precision | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         k = r["k"] if r["k"] is not None else (f"k*={r['k_star']}" if r["k_star"] else "-")
         lines.append(
             f"| {r['budget']} | {r['link']} | {r['contender']} | {k} | {r['cache_slots']} | "
             f"{r['tpot_ms']:.1f} | {f(r['mean_hit_rate'])} | {f(r['mean_covered_rate'])} | "
+            f"{f(r['mean_token_hit_rate'])} | {f(r['mean_stalls_per_token'])} | "
             f"{f(r['mean_mb_moved'], '.1f')} | {f(r['mean_stall_ms'], '.0f')} | "
             f"{f(r['mean_acceptance_rate'])} | {f(r['mean_tokens_per_cycle'])} | "
             f"{f(r['mean_elb_recall'])} | {f(r['mean_elb_precision'])} | "

@@ -26,15 +26,21 @@ def offload_table(report: dict) -> str:
     lines = [
         f"Decoding {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt on this "
         f"project's CPU machine ({s['model']}), {s['backend']}: {s['link_description']}. "
-        f"Median of {s['repeats']} runs; every run's tokens equal the all-resident greedy output.",
+        f"Median of {s['repeats']} runs; every run's tokens equal the all-resident greedy output. "
+        "Hit rate: (layer, expert) needs found resident and loaded; token hit rate: the new "
+        "tokens' expert routings (token, layer, top-k choice) served without a copy the compute "
+        "waited for, i.e. 1 - stalls per token / (MoE layers x top-k); the two are equal for "
+        "policies that decode one token per pass, while one copy at speq's verification serves "
+        "every token of the window routed to that expert.",
         "",
-        "| device budget (beyond weights + KV) | policy | k | expert slots | TPOT (ms) | vs ondemand | hit rate | MB moved | acceptance |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| device budget (beyond weights + KV) | policy | k | expert slots | TPOT (ms) | vs ondemand | hit rate | token hit rate | stalls / token | MB moved | acceptance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['budget']} | {r['policy']} | {r['k'] or '-'} | {r['cache_slots']} | "
             f"{r['tpot_ms']:.1f} | {r['speedup_vs_ondemand']:.2f}x | {r['hit_rate']:.2f} | "
+            f"{r['token_hit_rate']:.2f} | {r['stalls_per_token']:.2f} | "
             f"{r['mb_moved']:.1f} | {_fmt(r['acceptance_rate'])} |"
         )
     return "\n".join(lines)
@@ -82,7 +88,7 @@ def e2e_block(report: dict) -> str:
             "TPOT of every contender (ms per token):",
             bench_e2e.tpot_table(report),
             "![TPOT per contender, budget and link](bench/results/e2e_cpu.png)",
-            "Per contender hit, covered and acceptance rates, bytes moved and ELB recall: "
+            "Per contender hit, covered and token hit rates, stalls per token, acceptance, bytes moved and ELB recall: "
             "[bench/results/e2e_cpu.md](bench/results/e2e_cpu.md).",
         ]
     )

@@ -116,6 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{r['tpot_ms']:.1f}",
             f"{r['speq_speedup']:.2f}x",
             f"{r['hit_rate']:.2f}",
+            f"{r['token_hit_rate']:.2f}",
             "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
             "-" if r["elb_recall"] is None else f"{r['elb_recall']:.2f}",
             "yes" if r["identical_to_resident"] else "NO",
@@ -128,6 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "TPOT (ms)",
         "its TPOT / speq's",
         "hit rate",
+        "token hit rate",
         "acceptance",
         "ELB recall",
         "same tokens",
@@ -135,7 +137,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print(
         f"TPOT: wall-clock ms per output token on this CPU, {args.max_new_tokens} tokens after a "
-        f"{prompt.shape[1]}-token prompt, cpu backend with the emulated link above."
+        f"{prompt.shape[1]}-token prompt, cpu backend with the emulated link above. Hit rate: "
+        f"(layer, expert) needs resident when a pass reached them; token hit rate: the new "
+        f"tokens' expert routings served without a copy the compute waited for."
     )
     return 0 if all(r["identical_to_resident"] for r in result.rows) else 1
 

@@ -126,6 +126,8 @@ def summarize(runs: list[tuple[Metrics, bool]]) -> dict[str, Any]:
         "identical_to_resident": all(same for _, same in runs),
         "hit_rate": m.hit_rate,
         "covered_rate": m.covered_rate,
+        "token_hit_rate": m.token_hit_rate,
+        "stalls_per_token": m.stalls_per_token,
         "cache_slots": m.cache_slots,
         "mb_moved": m.bytes_moved / 1e6,
         "experts_moved": m.experts_moved,

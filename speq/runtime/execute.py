@@ -125,6 +125,7 @@ class Session:
         d = self.runtime.counters.minus(self._prefill_counters)
         decode_s = end - prefill_end
         wasted = self.runtime.cache.evicted_prefetches + self.runtime.unused_prefetches()
+        stalls = d.needs - d.hits  # demand fetches and late prefetches: the compute waited
         return Metrics(
             policy=policy,
             backend=self.backend,
@@ -135,6 +136,8 @@ class Session:
             decode_ms=decode_s * 1e3,
             hit_rate=d.hits / d.needs if d.needs else 1.0,
             covered_rate=(d.hits + d.late) / d.needs if d.needs else 1.0,
+            stalls_per_token=stalls / new_tokens if new_tokens else 0.0,
+            token_hit_rate=1 - stalls / d.routings if d.routings else 1.0,
             needs=d.needs,
             hits=d.hits,
             late=d.late,

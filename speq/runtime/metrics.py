@@ -14,6 +14,7 @@ class Counters:
     """Event counts of the expert cache and the link, accumulated over a run."""
 
     needs: int = 0  # (layer, expert) needs at MoE layers
+    routings: int = 0  # (token, layer, top-k choice) routings those needs serve
     hits: int = 0  # needed experts resident and loaded when the layer needed them
     late: int = 0  # needed experts whose prefetch was still in flight
     demand_fetches: int = 0  # misses fetched on demand
@@ -38,6 +39,13 @@ class Metrics:
     (``prefill_ms``, ``prefill_bytes_moved``); every other figure covers the decode phase that
     produces the ``tokens`` new tokens from there, so ``tpot_ms = decode_ms / tokens``. The
     prefetch counts cover the whole run.
+
+    Two hit rates: ``hit_rate`` counts (layer, expert) needs, one per expert a pass uses at a
+    layer however many tokens it serves; ``token_hit_rate`` counts the passes' routings (token,
+    layer, top-k choice) and charges each copy the compute waited for as one miss, so it equals
+    ``hit_rate`` when each pass decodes one token, while at speculative verification one copy
+    serves every token of the window routed to that expert. ``stalls_per_token`` divides those
+    copies by the new tokens, so the work spent on rejected drafts counts against it.
     Times are wall-clock milliseconds on the
     cpu and cuda backends and virtual milliseconds on the sim backend. Readable as ``m.x`` or
     ``m["x"]``."""
@@ -51,6 +59,8 @@ class Metrics:
     decode_ms: float
     hit_rate: float  # needed experts resident and loaded when their layer needed them
     covered_rate: float  # needed experts resident or already being copied (no demand fetch)
+    stalls_per_token: float  # copies the compute waited for (demand or late), per new token
+    token_hit_rate: float  # routings whose expert needed no copy the compute waited for
     needs: int
     hits: int
     late: int

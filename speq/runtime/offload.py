@@ -93,7 +93,9 @@ class OffloadRuntime:
     # ------------------------------------------------------------------ serving needs
     def need(self, layer: int, ids: torch.Tensor) -> Residency:
         """The WAIT of ``layer``: make the experts in ``ids`` resident (the first chunk now)."""
-        experts = sorted(set(ids.reshape(-1).tolist()))  # host sync: a DATA_DEPENDENT op
+        routed = ids.reshape(-1).tolist()  # host sync: a DATA_DEPENDENT op
+        self.counters.routings += len(routed)
+        experts = sorted(set(routed))
         self.policy.on_need(self, layer, experts)
         cap = self.cache.capacity(layer)
         if len(experts) > cap:  # chunks: what is loaded first, then what is loading, then the rest

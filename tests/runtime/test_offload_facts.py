@@ -84,3 +84,16 @@ def test_timeline_has_compute_and_copy_lanes(model, tmp_path):
     lanes = {e["tid"] for e in events}
     assert {"compute", "copy"} <= lanes
     assert all(e["dur"] >= 0 for e in events)
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "nextgate"])
+def test_one_token_per_pass_makes_the_token_hit_rate_the_hit_rate(model, policy):
+    """Each pass routes one token to top-k distinct experts: routings and needs coincide, and
+    every need that was not a hit is a copy the compute waited for."""
+    m = _run(model, policy)
+    assert m.token_hit_rate == pytest.approx(m.hit_rate)
+    assert m.stalls_per_token * N == pytest.approx(m.needs - m.hits)
+    assert m.stalls_per_token * N == pytest.approx(m.demand_fetches + m.late)
+    resident = speq.compile(model)
+    resident.generate(PROMPT, N)
+    assert resident.metrics.token_hit_rate == 1.0 and resident.metrics.stalls_per_token == 0.0

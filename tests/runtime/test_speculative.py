@@ -22,7 +22,7 @@ CONFIGS = {
 
 
 def _tight(model, slots: int) -> int:
-    probe = speq.compile(model, speq.CompileOptions(policy="speq"))
+    probe = speq.compile(model, speq.CompileOptions(policy="speq", k=1))  # k: keeps the draft
     m = probe.memory
     return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
 
@@ -265,3 +265,34 @@ def test_a_layer_larger_than_the_cache_computes_what_is_resident_first():
     residency = rt.need(layer, torch.tensor([[0, 3], [4, 1]]))
     assert residency.chunks == [[3, 4], [0, 1]]
     assert rt.counters.hits == 2 and rt.counters.demand_fetches == 0
+
+
+def test_token_hit_rate_counts_every_routing_verification_serves():
+    """A copy at verification serves every token of the window routed to its expert: the token
+    hit rate charges it once against all the routings the verification passes made (counted
+    here from the routers' own outputs), and stalls per token charge it to the new tokens."""
+    from speq.runtime.offload import OffloadRuntime
+
+    model = tiny_model(torch.float64, num_layers=3)
+    opts = speq.CompileOptions(
+        policy="speq", k=6, device_memory=_tight(model, 4), link_gbps=0.05, backend="sim"
+    )
+    cm = speq.compile(model, opts)
+    seen = []
+    need = OffloadRuntime.need
+
+    def spy(self, layer, ids):
+        seen.append(ids.numel())
+        return need(self, layer, ids)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OffloadRuntime, "need", spy)
+        cm.generate(PROMPT, N)
+    m = cm.metrics
+    prefill_routings = (PROMPT.shape[1] - 1) * 3 * model.config.top_k
+    routings = sum(seen) - prefill_routings
+    stalls = m.needs - m.hits
+    assert stalls > 0 and routings > m.needs  # windows share experts across their tokens
+    assert m.token_hit_rate == pytest.approx(1 - stalls / routings)
+    assert m.stalls_per_token == pytest.approx(stalls / N)
+    assert m.token_hit_rate > m.hit_rate
