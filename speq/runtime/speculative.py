@@ -6,7 +6,9 @@ One cycle, with ``last`` the newest committed token at position p:
 1. The draft (quantized experts, everything else the target's) runs k+1 one-token passes over
    ``last, d_1, ..., d_k``, proposing ``d_1..d_k``; the extra pass over ``d_k`` only routes it.
    Each draft router's choice is recorded in the ELB, so the ELB predicts the experts of exactly
-   the k+1 tokens that verification will process.
+   the k+1 tokens that verification will process. On a device the choices reach the host by
+   non-blocking copies into pinned memory; each is read once its event has completed, and all by
+   the end of their draft pass, so filling the ELB never makes the compute stream wait.
 2. While drafting, the scheduler copies predicted target experts: phase I holds the link and
    protects what is resident, phase II starts a bandwidth-bounded few per pass, phase III starts
    everything still missing at high priority. Eviction is lookahead-aware: experts predicted for
@@ -22,6 +24,7 @@ One cycle, with ``last`` the newest committed token at position p:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -125,6 +128,27 @@ class SpecStats:
         self.position_accepts[i] += int(accepted)
 
 
+@dataclass(frozen=True)
+class _Route:
+    """One draft router's choice on its way to the host: readable once ``done`` (a device
+    event; None for host tensors) has completed."""
+
+    rt: OffloadRuntime
+    draft_pass: int
+    layer: int
+    ids: torch.Tensor
+    weights: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+
+def _to_pinned(x: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
+
+
 class Speq(OffloadPolicy):
     """The runtime side of the ``speq`` policy: fills the ELB from the draft's PREFETCH nodes,
     schedules copies by phase, protects predicted experts from eviction, and scores the ELB
@@ -154,6 +178,7 @@ class Speq(OffloadPolicy):
         self.cycle_start = 0.0
         self.draft_pass = 0
         self._issued_this_pass = 0
+        self._routes: deque[_Route] = deque()
         self.verifying = False
         self.verify_layer = -1
 
@@ -207,14 +232,37 @@ class Speq(OffloadPolicy):
     def on_draft_route(
         self, rt: OffloadRuntime, layer: int, ids: torch.Tensor, weights: torch.Tensor
     ) -> None:
-        """A PREFETCH of the draft graph: record the ELB row, then start this phase's copies."""
-        chosen, gates = ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
+        """A PREFETCH of the draft graph: queue the router's choice for the host, then read
+        every queued choice whose copy is done. On a device the choice travels by a
+        non-blocking copy into pinned memory, so the compute stream never waits for the ELB;
+        host tensors are ready at once."""
+        done = None
+        if ids.device.type == "cuda":
+            ids, weights = _to_pinned(ids), _to_pinned(weights)
+            done = torch.cuda.Event()
+            done.record()
+        self._routes.append(_Route(rt, self.draft_pass, layer, ids, weights, done))
+        self.read_routes(wait=False)
+
+    def read_routes(self, wait: bool) -> None:
+        """Record queued router choices in the ELB and start their phase's copies, in order:
+        those whose copy is done, or all of them with ``wait`` (the end of a draft pass, when
+        its token has been read and the device has caught up anyway)."""
+        while self._routes and (wait or self._routes[0].ready()):
+            r = self._routes.popleft()
+            if r.done is not None:
+                r.done.synchronize()
+            self._schedule(r)
+
+    def _schedule(self, r: _Route) -> None:
+        rt, layer = r.rt, r.layer
+        chosen, gates = r.ids.reshape(-1).tolist(), r.weights.reshape(-1).float().tolist()
         if self.routing is not None:
-            recorded = self.routing.get((self.position + self.draft_pass, layer))
+            recorded = self.routing.get((self.position + r.draft_pass, layer))
             if recorded is not None:
                 chosen, gates = list(recorded), [1.0] * len(recorded)
-        self.elb.record(self.draft_pass, layer, chosen, gates)
-        phase = self.policy.phase(self.draft_pass, self.k)
+        self.elb.record(r.draft_pass, layer, chosen, gates)
+        phase = self.policy.phase(r.draft_pass, self.k)
         if phase == 1:
             return
         order = self.elb.by_confidence() if phase == 2 else self.elb.by_need()
@@ -240,6 +288,7 @@ class Speq(OffloadPolicy):
                 break
 
     def begin_draft_pass(self, s: int) -> None:
+        self.read_routes(wait=True)
         self.draft_pass = s
         self._issued_this_pass = 0
 
@@ -345,6 +394,7 @@ def speculative_decode(
             drafts.append(x)
             if q is not None:
                 qs.append(q)
+        speq.read_routes(wait=True)
         t1 = clock()
         speq.verifying = True
         target = step("step", torch.tensor([out[-1], *drafts]), p).cpu()

@@ -17,7 +17,7 @@ PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
 
 
 def _budget(model, slots: int) -> int:
-    m = speq.compile(model, speq.CompileOptions(policy="speq")).memory
+    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory  # k: with the draft
     return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
 
 

@@ -296,3 +296,42 @@ def test_token_hit_rate_counts_every_routing_verification_serves():
     assert m.token_hit_rate == pytest.approx(1 - stalls / routings)
     assert m.stalls_per_token == pytest.approx(stalls / N)
     assert m.token_hit_rate > m.hit_rate
+
+
+def test_router_choices_read_at_the_end_of_their_draft_pass_fill_the_same_elb(monkeypatch):
+    """On a device the draft's router choices reach the host by non-blocking copies and are
+    read once their copy is done, at the latest when their draft pass ends. Read that late, the
+    ELB holds the same rows and the output is unchanged."""
+    from speq.runtime import speculative
+
+    model = tiny_model(torch.float64, num_layers=3)
+    expected = speq.compile(model).generate(PROMPT, N)
+    opts = speq.CompileOptions(
+        policy="speq", k=4, device_memory=_tight(model, 4), link_gbps=0.05, backend="sim"
+    )
+    queued, rows = [], []
+    schedule, record = speculative.Speq._schedule, speculative.ExpertLookaheadBuffer.record
+
+    def spy_schedule(self, r):
+        queued.append(len(self._routes))  # rows still waiting behind this one
+        schedule(self, r)
+
+    def spy_record(self, s, layer, ids, weights):
+        rows.append((s, layer, tuple(ids), tuple(weights)))
+        record(self, s, layer, ids, weights)
+
+    monkeypatch.setattr(speculative.Speq, "_schedule", spy_schedule)
+    monkeypatch.setattr(speculative.ExpertLookaheadBuffer, "record", spy_record)
+    at_once = speq.compile(model, opts)
+    assert torch.equal(at_once.generate(PROMPT, N), expected)
+    assert max(queued) == 0  # host tensors: each row is read as it arrives
+    rows_at_once, m_at_once = list(rows), at_once.metrics
+    queued.clear(), rows.clear()
+
+    monkeypatch.setattr(speculative._Route, "ready", lambda self: False)  # copies in flight
+    late = speq.compile(model, opts)
+    assert torch.equal(late.generate(PROMPT, N), expected)
+    assert max(queued) == 3 - 1  # a pass's rows, read together when it ends
+    assert rows == rows_at_once
+    assert late.metrics["elb_recall"] == m_at_once["elb_recall"]
+    assert late.metrics["elb_precision"] == m_at_once["elb_precision"]
