@@ -70,4 +70,4 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
 def table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> str:
     """A table of ``rows`` with ``columns`` mapping row keys to headers (units in the header)."""
     body = [[row.get(key) for key in columns] for row in rows]
-    return tabulate(body, headers=list(columns.values()), floatfmt=".1f", missingval="-")
+    return tabulate(body, headers=list(columns.values()), floatfmt=".2f", missingval="-")

@@ -27,9 +27,9 @@ def offload_table(report: dict) -> str:
         f"Decoding {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt on this "
         f"project's CPU machine ({s['model']}), {s['backend']}: {s['link_description']}. "
         f"Median of {s['repeats']} runs; every run's tokens equal the all-resident greedy output. "
-        "Hit rate: (layer, expert) needs found resident and loaded; token hit rate: the new "
-        "tokens' expert routings (token, layer, top-k choice) served without a copy the compute "
-        "waited for, i.e. 1 - stalls per token / (MoE layers x top-k); the two are equal for "
+        "Hit rate: (layer, expert) needs found resident and loaded; token hit rate: the passes' "
+        "routings (token, layer, top-k choice) whose expert needed no copy the compute waited "
+        "for; stalls / token: those copies per new token. The two hit rates are equal for "
         "policies that decode one token per pass, while one copy at speq's verification serves "
         "every token of the window routed to that expert.",
         "",

@@ -138,8 +138,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"TPOT: wall-clock ms per output token on this CPU, {args.max_new_tokens} tokens after a "
         f"{prompt.shape[1]}-token prompt, cpu backend with the emulated link above. Hit rate: "
-        f"(layer, expert) needs resident when a pass reached them; token hit rate: the new "
-        f"tokens' expert routings served without a copy the compute waited for."
+        f"(layer, expert) needs resident when a pass reached them; token hit rate: the passes' "
+        f"routings (token, layer, top-k choice) whose expert needed no copy the compute waited for."
     )
     return 0 if all(r["identical_to_resident"] for r in result.rows) else 1
 
