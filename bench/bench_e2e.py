@@ -12,7 +12,8 @@ INT4 draft is about a quarter of the expert bytes, in float64 only a sixteenth. 
 
     speq (governor)            policy="speq", k=None: the governor calibrates at compile and again
                                on its first prompt; it picks k*, or no draft at all (then one
-                               token per pass with the draft's memory as expert cache)
+                               token per pass with the draft's memory as expert cache, until a
+                               run copies enough to bring the draft back mid-run)
     speq (perfect prediction)  the same, but the ELB holds the target's own routing of the output,
                                recorded in a first pass: the best any expert predictor can do
     speq (resident, k=k*)      speq at the governed k*, every expert resident: the compute side
@@ -300,6 +301,12 @@ def summarize_setting(
         "profile": profile,
         "k_star": by[SPEQ]["k_star"],
         "uses_draft": by[SPEQ]["uses_draft"],
+        "switched_to_draft_after": {
+            pid: v["switched_to_draft_after"]
+            for pid, v in by[SPEQ]["prompts"].items()
+            if v.get("switched_to_draft_after") is not None
+        },
+        "prompts_run": len(by[SPEQ]["prompts"]),
         "k_star_perfect": by[PERFECT]["k_star"],
         "perfect_uses_draft": by[PERFECT]["uses_draft"],
         "tpot_ms": tpot,
@@ -436,7 +443,14 @@ def describe(s: dict) -> str:
 
 
 def _k_cell(s: dict) -> str:
-    return f"k* = {s['k_star']}" if s["uses_draft"] else "no draft"
+    if s["uses_draft"]:
+        return f"k* = {s['k_star']}"
+    switched = s.get("switched_to_draft_after") or {}
+    if not switched:
+        return "no draft"
+    after = sorted(switched.values())
+    when = f"{after[0]}" if after[0] == after[-1] else f"{after[0]}-{after[-1]}"
+    return f"no draft; drafts after {when} tokens on {len(after)} of {s['prompts_run']} prompts"
 
 
 def _goal_cells(s: dict) -> tuple[str, str]:
@@ -535,7 +549,8 @@ def how_measured(report: dict) -> str:
         f"non-expert weights and KV cache, every size counted {counted}; speq's INT4 draft "
         f"takes {s['draft_share_of_expert_bytes']:.0%} of the expert bytes out of the same "
         f"budget. speq's governor chooses k* or no draft (then one token per pass, the draft's "
-        f"memory as expert cache). speq / perfect = TPOT with perfect expert prediction over "
+        f"memory as expert cache; a run that copies more experts than the governor's calibration "
+        f"foresaw brings the draft back mid-run when that is predicted to pay off). speq / perfect = TPOT with perfect expert prediction over "
         f"speq's; speq / resident = TPOT of speq at the same k with every expert resident (without "
         f"a draft: resident decoding) over speq's; speed-ups are over the faster of ondemand and "
         f"nextgate in the same memory. Every run's tokens are compared with the all-resident "

@@ -142,6 +142,7 @@ def summarize(runs: list[tuple[Metrics, bool]]) -> dict[str, Any]:
         "verify_hit_rate": extra.get("verify_hit_rate"),
         "verify_covered_rate": extra.get("verify_covered_rate"),
         "k_per_cycle": extra.get("k_per_cycle"),
+        "switched_to_draft_after": extra.get("switched_to_draft_after"),
     }
 
 

@@ -23,7 +23,14 @@ from speq.ir.ops import Op
 from speq.ir.program import Program
 from speq.models.kv_cache import KVCache
 from speq.models.model import MoEForCausalLM
-from speq.passes.governor import CacheModel, Governor, HardwareModel, Policy, govern
+from speq.passes.governor import (
+    CacheModel,
+    Governor,
+    HardwareModel,
+    Policy,
+    govern,
+    switch_to_draft,
+)
 from speq.passes.history import PassHistory, PassRecord
 from speq.passes.make_draft import DRAFT_PREFIX
 from speq.passes.pipeline import default_passes, run_passes
@@ -32,7 +39,7 @@ from speq.runtime.cache import ALLOCATIONS, EVICTIONS, ExpertCache
 from speq.runtime.calibrate import time_passes
 from speq.runtime.execute import BACKENDS as EXEC_BACKENDS
 from speq.runtime.execute import Session
-from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
+from speq.runtime.link import Copy, CudaLink, EmulatedLink, Link, Priority, VirtualLink
 from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.policies import POLICIES, NextGate, OnDemand, Oracle, Resident, RoutingRecorder
@@ -44,6 +51,10 @@ from speq.runtime.store import ExpertStore
 log = logging.getLogger("speq")
 
 BACKENDS = ("cpu", "sim", "cuda")
+# A mid-run switch to the draft is weighed on the copies of the last SWITCH_WINDOW one-token
+# steps, past the first SWITCH_WARMUP (which fill the cache from the prompt's experts)
+SWITCH_WARMUP = 4
+SWITCH_WINDOW = 8
 PREDICTORS = ("draft", "oracle")
 
 
@@ -187,6 +198,12 @@ class CompiledModel:
         self._node_seconds: dict = {}  # the sim backend's modelled node times, reused
         self.governed: Policy | None = None
         self._calibrated_on_input = False
+        self._host_draft: dict[
+            str, object
+        ] = {}  # the draft's weights while the cache has its memory
+        self._draft_slots = 0  # expert slots beside the draft
+        self._switched_after: int | None = None  # tokens decoded before a mid-run switch
+        self._run_routing: dict | None = None
         self.replayer: Replayer | None = None
         self._kv: KVCache | None = None  # the decodes' KV cache under replay (see kv_cache)
         if options.backend == "cuda" and options.cuda_graphs:
@@ -280,17 +297,7 @@ class CompiledModel:
     ) -> Session:
         """A runtime for one decode; ``slots`` (virtual only) overrides the planned cache size."""
         slots = self.memory.slots if slots is None else slots
-        next_use = getattr(policy, "next_use", None)
-        eviction = self.options.eviction or policy.eviction
-        cache = ExpertCache(
-            slots,
-            self.store.layers,
-            self.config.num_experts,
-            allocation=self.options.cache_allocation,
-            eviction=eviction,
-            next_use=next_use,
-            device=self.device,
-        )
+        cache = self._cache(policy, slots)
         timeline = Timeline() if self.options.trace_path and not virtual else None
         link = self._link(virtual)
         pool = None if virtual else self.pool
@@ -302,11 +309,23 @@ class CompiledModel:
             self.spec, self.params, runtime, backend, self.profile, timeline, self._node_seconds
         )
 
+    def _cache(self, policy: OffloadPolicy, slots: int) -> ExpertCache:
+        return ExpertCache(
+            slots,
+            self.store.layers,
+            self.config.num_experts,
+            allocation=self.options.cache_allocation,
+            eviction=self.options.eviction or policy.eviction,
+            next_use=getattr(policy, "next_use", None),
+            device=self.device,
+        )
+
     def _calibrate(self, prompt: torch.Tensor | None) -> None:
         """Let the governor choose the policy from a calibration on ``prompt`` (None: a fixed
         random prompt, at compile time), keeping or dropping the draft as it decides."""
         t0 = time.perf_counter()
         self._restore_draft()
+        self._draft_slots = self.memory.slots  # the cache beside the draft
         self.governed = self._govern(prompt)
         if not self.governed.use_draft:
             self._drop_draft()
@@ -390,20 +409,62 @@ class CompiledModel:
         return probe.extra_metrics()["acceptance_by_position"], needs, new, 1 + sum(ks) / len(ks)
 
     def _drop_draft(self) -> None:
-        """The governor chose no draft: its memory becomes expert cache slots."""
-        self.params = {k: v for k, v in self.params.items() if not k.startswith(DRAFT_PREFIX)}
+        """The governor chose no draft: its memory becomes expert cache slots. The quantized
+        weights are kept in host memory, to come back over the link if the split changes."""
+        draft = {k: v for k, v in self.params.items() if k.startswith(DRAFT_PREFIX)}
+        self._host_draft = {k: v.to("cpu") for k, v in draft.items()}
+        self.params = {k: v for k, v in self.params.items() if k not in draft}
         self.draft_bytes = 0
         self._replan()
 
     def _restore_draft(self) -> None:
-        """Quantize the draft again if a previous decision dropped it."""
+        """Bring the draft back (between runs, not timed) if a previous decision dropped it."""
         if "draft" in self.program and not self.draft_bytes:
-            self.params.update(self._quantize_draft())
+            self.params.update({k: v.to(self.device) for k, v in self._host_draft.items()})
+            self.draft_bytes = sum(q.nbytes for q in self._host_draft.values())
             self._replan()
+
+    def _switch_to_draft(self, session: Session, policy: Policy) -> Speq:
+        """Mid-run: give the cache's memory back to the draft, which comes over the link while
+        the compute waits, and speculate under ``policy`` with the smaller cache (it starts
+        empty: the old slots are freed before the draft and the new pool are allocated)."""
+        rt = session.runtime
+        rt.quiesce()
+        rt.pool = self.pool = None
+        host = self._host_draft
+        if session.backend == "sim":  # no real copies: the host tensors serve the compute
+            device, src, dst = dict(host), (), ()
+        else:
+            device = {
+                k: dataclasses.replace(
+                    q,
+                    data=torch.empty_like(q.data, device=self.device),
+                    scales=torch.empty_like(q.scales, device=self.device),
+                )
+                for k, q in host.items()
+            }
+            src = tuple(t for q in host.values() for t in (q.data, q.scales))
+            dst = tuple(t for q in device.values() for t in (q.data, q.scales))
+        nbytes = sum(q.nbytes for q in host.values())
+        rt.upload(Copy("draft", -1, nbytes, Priority.DEMAND, rt.link.now(), src, dst))
+        self.params.update(device)
+        self.draft_bytes = nbytes
+        self._replan()
+        speq = Speq(policy.spec, Governor(policy, self.config), self._run_routing)
+        rt.rebind(self._cache(speq, self.memory.slots), self.pool, speq)
+        return speq
+
+    def _switch_cost_s(self) -> float:
+        """Seconds a mid-run switch to the draft costs: its upload, and copying a cache's worth
+        of experts again into the smaller cache."""
+        link = VirtualLink(*self.link_params)
+        nbytes = sum(q.nbytes for q in self._host_draft.values())
+        return link.cost(nbytes) + self._draft_slots * link.cost(self.store.expert_bytes)
 
     def _replan(self) -> None:
         self.memory = self._plan_memory()
-        if self.pool is not None:
+        if self.options.backend != "sim":
+            self.pool = None  # freed before the new one is allocated
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
             self._pool_filled = False
 
@@ -490,16 +551,18 @@ class CompiledModel:
         sampling: SamplingParams,
         session: Session,
         callback: Callable[[int], None] | None = None,
+        may_switch: bool = False,
     ) -> list[int]:
-        """Process the prompt but its last token, then decode ``n`` tokens from there."""
+        """Process the prompt but its last token, then decode ``n`` tokens from there. With
+        ``may_switch``, one-token decoding of a governed ``speq`` model that dropped its draft
+        watches its copies per token and switches to speculation when the governor says so."""
         gen = sampling.generator()
         cache = self.kv_cache()
         if prompt.shape[0] > 1:
             self._step("step", prompt[:-1], cache, 0, session)
         session.prefill_done()
-        policy = session.runtime.policy
-        if isinstance(policy, Speq):
 
+        def speculate(speq: Speq, out: list[int], n: int) -> list[int]:
             def emit(tokens: list[int]) -> None:
                 for t in tokens:
                     if callback is not None:
@@ -508,8 +571,8 @@ class CompiledModel:
             return speculative_decode(
                 lambda graph, tokens, pos: self._step(graph, tokens, cache, pos, session),
                 cache.truncate,
-                policy,
-                prompt.tolist(),
+                speq,
+                out,
                 n,
                 self.config.max_seq_len,
                 sampling,
@@ -517,13 +580,40 @@ class CompiledModel:
                 session.link.now,
                 emit,
             )
+
+        policy = session.runtime.policy
+        if isinstance(policy, Speq):
+            return speculate(policy, prompt.tolist(), n)
         out = prompt.tolist()
-        for _ in range(n):
+        rt = session.runtime
+        marks = [(rt.counters.experts_moved, len(rt.needs_log))]  # after each token
+        for i in range(n):
             logits = self._step("step", torch.tensor([out[-1]]), cache, len(out) - 1, session)[-1]
             out.append(pick(logits.cpu(), sampling, gen))
             if callback is not None:
                 callback(out[-1])
+            marks.append((rt.counters.experts_moved, len(rt.needs_log)))
+            if may_switch and SWITCH_WARMUP + SWITCH_WINDOW <= i + 1 < n:
+                switched = self._reweigh_split(rt, marks, n - i - 1)
+                if switched is not None:
+                    self._switched_after = i + 1
+                    return speculate(self._switch_to_draft(session, switched), out, n - i - 1)
         return out
+
+    def _reweigh_split(
+        self, rt: OffloadRuntime, marks: list[tuple[int, int]], remaining: int
+    ) -> Policy | None:
+        """The governor's view, from the last SWITCH_WINDOW one-token steps (copies per token,
+        and the experts a layer they were routed over), of switching to the draft now."""
+        (moved0, log0), (moved1, log1) = marks[-1 - SWITCH_WINDOW], marks[-1]
+        experts: dict[int, set[int]] = {}
+        for layer, chosen in rt.needs_log[log0:log1]:
+            experts.setdefault(layer, set()).update(chosen)
+        per_layer = sum(map(len, experts.values())) / max(len(experts), 1)
+        pool = CacheModel.observed_pool(self.config, per_layer, SWITCH_WINDOW)
+        copies = (moved1 - moved0) / SWITCH_WINDOW
+        cost = self._switch_cost_s()
+        return switch_to_draft(self.governed, self.config, copies, pool, remaining, cost)
 
     @torch.no_grad()
     def generate(
@@ -561,14 +651,25 @@ class CompiledModel:
             # (it reuses experts), which decides whether the draft earns its memory
             self._calibrated_on_input = True
             self._calibrate(prompt)
+        may_switch = self.governed is not None and not self.governed.use_draft
+        if may_switch and self.draft_bytes:
+            self._drop_draft()  # a run that switched to the draft left it resident
+        self._switched_after = None
+        self._run_routing = (  # perfect prediction, should the run switch to speculation
+            self._record_routing(prompt, max_new_tokens, sampling)
+            if may_switch and self.options.predictor == "oracle"
+            else None
+        )
         policy = self._policy(prompt, max_new_tokens, sampling)
         session = self._session(policy)
         try:
-            out = self._decode(prompt, max_new_tokens, sampling, session, callback)
+            out = self._decode(prompt, max_new_tokens, sampling, session, callback, may_switch)
         finally:
             self.metrics = session.finish(self.options.policy, prompt.shape[0], max_new_tokens)
         if self.draft_bytes:
             self.metrics.extra["draft_bytes"] = self.draft_bytes
+        if may_switch:  # new tokens decoded before switching to the draft; None: no switch
+            self.metrics.extra["switched_to_draft_after"] = self._switched_after
         if session.timeline is not None:
             session.timeline.write(self.options.trace_path)
         return torch.tensor([out], dtype=torch.int64)

@@ -23,7 +23,9 @@ pass. It also splits the device memory: the draft's bytes could instead be exper
 plain one-token decoding, whose TPOT is T_verify(1) + (copies per token) * t_copy; when that is
 predicted faster, the policy is to drop the draft. It is a pure function of its inputs;
 `Governor` re-solves k from live acceptance and reuse estimates (exponential moving averages) at
-run time with the same model.
+run time with the same model. The split is chosen on one calibration prompt, whose routing may
+reuse experts far more than the text decoded later: `switch_to_draft` re-weighs it mid-run
+against the copies per token actually observed without the draft.
 """
 
 from __future__ import annotations
@@ -216,6 +218,32 @@ def plain_estimate(hw: HardwareModel, copies_per_token: float) -> Estimate:
     its ``copies_per_token`` missing experts."""
     io = copies_per_token * hw.copy_s
     return Estimate(0, 1.0, hw.verify(1) + io, 0.0, io, io, hw.verify(1))
+
+
+def switch_to_draft(
+    policy: Policy,
+    cfg: MoEConfig,
+    copies_per_token: float,
+    pool: float,
+    remaining: int,
+    switch_s: float,
+) -> Policy | None:
+    """Mid-run, decoding without a draft: speculate from here on if, at the ``copies_per_token``
+    observed and with windows routed over the ``pool`` experts a layer the text has shown,
+    speculating is predicted to save more than ``switch_s`` (bringing the draft back and
+    refilling the smaller cache) over the ``remaining`` tokens. Returns the policy to speculate
+    with (k* re-solved, within k_SLO), or None to go on without a draft."""
+    cache = dataclasses.replace(policy.cache, pool=pool)
+    hw, p2 = policy.hardware, policy.spec.phase2_start
+    ests = tuple(estimate(e.k, cfg, hw, policy.acceptance, cache, p2) for e in policy.estimates)
+    best = max(
+        (e for e in ests if e.k <= policy.k_slo), key=lambda e: e.tokens_per_cycle / e.cycle_s
+    )
+    plain = plain_estimate(hw, copies_per_token)
+    if (plain.tpot_ms - best.tpot_ms) / 1e3 * remaining <= switch_s:
+        return None
+    spec = dataclasses.replace(policy.spec, k=best.k)
+    return dataclasses.replace(policy, spec=spec, estimates=ests, cache=cache, plain=plain)
 
 
 def expected_tokens(p: Sequence[float], k: int) -> float:

@@ -213,6 +213,25 @@ class OffloadRuntime:
         self.counters.bytes_moved += nbytes
         return entry
 
+    def upload(self, copy: Copy) -> None:
+        """Move other weights (the draft's) over the link while the compute waits."""
+        self.link.submit(copy)
+        self.counters.stall_s += self.link.wait([copy])
+        self.counters.bytes_moved += copy.nbytes
+
+    def quiesce(self) -> None:
+        """Wait for every copy in flight and mark it loaded."""
+        if self._loading:
+            self.counters.stall_s += self.link.wait([e.copy for e in self._loading])
+        self.settle()
+
+    def rebind(self, cache: ExpertCache, pool: ExpertPool | None, policy: OffloadPolicy) -> None:
+        """Serve later needs from another ``cache`` and ``pool`` under another ``policy`` (a
+        new split of the device memory); the old cache's experts are gone with its slots."""
+        self.quiesce()
+        self.cache, self.pool, self.policy = cache, pool, policy
+        self._prefetched.clear()
+
     def settle(self) -> None:
         """Mark entries whose copies have completed as loaded (and record them on the timeline)."""
         for entry in [e for e in self._loading if self.link.done(e.copy)]:

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from speq.passes.governor import (
     estimate,
     expected_tokens,
     govern,
+    switch_to_draft,
 )
 
 CFG = tiny_config(num_layers=4, num_experts=8, top_k=2)
@@ -162,6 +164,7 @@ def test_compile_drops_the_draft_when_its_memory_serves_better_as_cache():
     assert "NO DRAFT" in str(cm.graphs)
     assert torch.equal(cm.generate(prompt, 12), speq.compile(model).generate(prompt, 12))
     assert cm.metrics.experts_moved == 0 and "acceptance_rate" not in cm.metrics.extra
+    assert cm.metrics["switched_to_draft_after"] is None  # nothing is copied: no reason to
 
 
 def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
@@ -187,3 +190,64 @@ def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
     assert k1 == 8 and cache.slots == 7 and cache.kept(needs1) < needs1 / 2
     assert k2 == cache.largest_fitting_k(model.config) >= 1
     assert needs2 <= cache.slots and 0 < cache.reuse == cache.observed_reuse(needs2, new2)
+
+
+@pytest.mark.parametrize("backend", ["sim", "cpu"])
+def test_a_run_that_copies_more_than_calibrated_switches_to_the_draft(monkeypatch, backend):
+    """The split is chosen on one calibration prompt. Here the calibration is made to believe
+    that one-token decoding copies nothing (as a prompt that reuses few experts would): the
+    draft is dropped. The run then copies experts at every step, so after the warm-up and one
+    observation window the governor brings the draft back over the link and speculates, with
+    the output unchanged. The next run starts from the calibrated split again."""
+    from speq.compiler import SWITCH_WARMUP, SWITCH_WINDOW, CompiledModel
+    from speq.passes.governor import Estimate
+
+    model = tiny_model(torch.float64, num_layers=3)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    expected = speq.compile(model).generate(prompt, 24)
+    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
+    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 4 * m.expert_bytes
+    govern = CompiledModel._govern
+
+    def misjudged(self, prompt, *args, **kwargs):
+        policy = govern(self, prompt, *args, **kwargs)
+        free = Estimate(0, 1.0, 1e-6, 0.0, 0.0, 0.0, 1e-6)  # predicted: no copies, no time
+        return dataclasses.replace(policy, plain=free)
+
+    monkeypatch.setattr(CompiledModel, "_govern", misjudged)
+    opts = speq.CompileOptions(
+        policy="speq",
+        device_memory=budget,
+        backend=backend,
+        link_gbps=0.01 if backend == "sim" else 0.002,
+    )
+    cm = speq.compile(model, opts)
+    assert not cm.governed.use_draft and cm.draft_bytes == 0
+    no_draft_slots = cm.memory.slots
+    for _ in range(2):
+        assert torch.equal(cm.generate(prompt, 24), expected)
+        met = cm.metrics
+        assert met["switched_to_draft_after"] == SWITCH_WARMUP + SWITCH_WINDOW
+        assert met.cache_slots < no_draft_slots and cm.draft_bytes > 0
+        assert met["cycles"] >= 1 and met.bytes_moved >= cm.draft_bytes
+
+
+def test_switching_to_the_draft_pays_for_itself_or_does_not_happen():
+    """The switch re-solves k for the pool the text was routed over, and happens only when the
+    time it is predicted to save over the remaining tokens exceeds its cost."""
+    policy = govern(CFG, FLAT, [0.9] * 8, CacheModel(0.5, slots=6), plain_copies_per_token=0.0)
+    assert not policy.use_draft  # as calibrated: one-token decoding copies nothing
+    copies = 3.0  # observed: 30 ms of copies per token
+    narrow = switch_to_draft(policy, CFG, copies, 2.5, remaining=20, switch_s=0.05)
+    assert narrow is not None and narrow.use_draft and narrow.cache.pool == 2.5
+    assert (
+        narrow.spec.k
+        == max(
+            (e for e in narrow.estimates if e.k <= policy.k_slo),
+            key=lambda e: e.tokens_per_cycle / e.cycle_s,
+        ).k
+    )
+    saved_s = (narrow.plain.tpot_ms - narrow.chosen.tpot_ms) / 1e3 * 20
+    assert switch_to_draft(policy, CFG, copies, 2.5, 20, switch_s=saved_s * 1.01) is None
+    assert switch_to_draft(policy, CFG, copies, 2.5, 20, switch_s=saved_s * 0.99) is not None
+    assert switch_to_draft(policy, CFG, 0.0, 2.5, 20, switch_s=0.0) is None  # nothing to save
