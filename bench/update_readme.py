@@ -65,8 +65,9 @@ def e2e_block(report: dict) -> str:
     drafted = [
         v
         for r in report["rows"]
-        if r["contender"] == bench_e2e.SPEQ and r["uses_draft"]
+        if r["contender"] == bench_e2e.SPEQ
         for v in r["prompts"].values()
+        if v.get("acceptance_rate") is not None  # drafted from the start or after a switch
     ]
     caveat = ""
     if drafted:
