@@ -198,9 +198,9 @@ class CompiledModel:
         self._node_seconds: dict = {}  # the sim backend's modelled node times, reused
         self.governed: Policy | None = None
         self._calibrated_on_input = False
-        self._host_draft: dict[
-            str, object
-        ] = {}  # the draft's weights while the cache has its memory
+        # the draft's weights, and their bytes, while the expert cache has its memory
+        self._host_draft: dict[str, object] = {}
+        self._host_draft_bytes = 0
         self._draft_slots = 0  # expert slots beside the draft
         self._switched_after: int | None = None  # tokens decoded before a mid-run switch
         self._run_routing: dict | None = None
@@ -413,6 +413,7 @@ class CompiledModel:
         weights are kept in host memory, to come back over the link if the split changes."""
         draft = {k: v for k, v in self.params.items() if k.startswith(DRAFT_PREFIX)}
         self._host_draft = {k: v.to("cpu") for k, v in draft.items()}
+        self._host_draft_bytes = self.draft_bytes
         self.params = {k: v for k, v in self.params.items() if k not in draft}
         self.draft_bytes = 0
         self._replan()
@@ -421,7 +422,7 @@ class CompiledModel:
         """Bring the draft back (between runs, not timed) if a previous decision dropped it."""
         if "draft" in self.program and not self.draft_bytes:
             self.params.update({k: v.to(self.device) for k, v in self._host_draft.items()})
-            self.draft_bytes = sum(q.nbytes for q in self._host_draft.values())
+            self.draft_bytes = self._host_draft_bytes
             self._replan()
 
     def _switch_to_draft(self, session: Session, policy: Policy) -> Speq:
@@ -445,7 +446,7 @@ class CompiledModel:
             }
             src = tuple(t for q in host.values() for t in (q.data, q.scales))
             dst = tuple(t for q in device.values() for t in (q.data, q.scales))
-        nbytes = sum(q.nbytes for q in host.values())
+        nbytes = self._host_draft_bytes
         rt.upload(Copy("draft", -1, nbytes, Priority.DEMAND, rt.link.now(), src, dst))
         self.params.update(device)
         self.draft_bytes = nbytes
@@ -458,8 +459,9 @@ class CompiledModel:
         """Seconds a mid-run switch to the draft costs: its upload, and copying a cache's worth
         of experts again into the smaller cache."""
         link = VirtualLink(*self.link_params)
-        nbytes = sum(q.nbytes for q in self._host_draft.values())
-        return link.cost(nbytes) + self._draft_slots * link.cost(self.store.expert_bytes)
+        return link.cost(self._host_draft_bytes) + self._draft_slots * link.cost(
+            self.store.expert_bytes
+        )
 
     def _replan(self) -> None:
         self.memory = self._plan_memory()
