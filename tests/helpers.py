@@ -40,6 +40,15 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -
 
 
 @torch.no_grad()
+def speq_budget(model: MoEForCausalLM, slots: int) -> int:
+    """A device budget for ``policy="speq"`` with its default INT4 draft: the non-expert
+    weights, the KV cache, the draft and ``slots`` expert slots."""
+    import speq
+
+    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory  # k: keeps the draft
+    return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
+
+
 def eager_greedy(model: MoEForCausalLM, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Target-only greedy decoding by full recomputation: argmax of model(ids)[:, -1], n times."""
     for _ in range(n):

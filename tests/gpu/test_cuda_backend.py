@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import speq
-from helpers import tiny_model
+from helpers import speq_budget, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,8 +52,7 @@ def test_cuda_graph_replay_equals_the_same_regions_run_eagerly(policy, k):
     from speq.runtime.replay import Replayer
 
     model = tiny_model(torch.float32, num_layers=3, num_experts=7)
-    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory  # k: with the draft
-    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 4 * m.expert_bytes
+    budget = speq_budget(model, 4)
     opts = speq.CompileOptions(policy=policy, k=k, backend="cuda", device_memory=budget)
     outs = {}
     for capture in (True, False):

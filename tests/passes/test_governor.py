@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import speq
-from helpers import tiny_config, tiny_model
+from helpers import speq_budget, tiny_config, tiny_model
 from speq.passes.governor import (
     K_MAX,
     CacheModel,
@@ -173,8 +173,7 @@ def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
     from speq.compiler import CompiledModel
 
     model = tiny_model(torch.float64, num_layers=3, num_experts=8, top_k=1)
-    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
-    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 7 * m.expert_bytes
+    budget = speq_budget(model, 7)
     probes = []
     probe = CompiledModel._probe
 
@@ -205,8 +204,7 @@ def test_a_run_that_copies_more_than_calibrated_switches_to_the_draft(monkeypatc
     model = tiny_model(torch.float64, num_layers=3)
     prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
     expected = speq.compile(model).generate(prompt, 24)
-    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
-    budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 4 * m.expert_bytes
+    budget = speq_budget(model, 4)
     govern = CompiledModel._govern
 
     def misjudged(self, prompt, *args, **kwargs):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import speq
-from helpers import tiny_model
+from helpers import speq_budget, tiny_model
 from speq.ir.interpreter import run_graph
 from speq.ir.ops import Op
 from speq.models.kv_cache import KVCache
@@ -14,11 +14,6 @@ from speq.runtime.replay import Replayer, segments
 from speq.runtime.speculative import SpecPolicy, Speq
 
 PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
-
-
-def _budget(model, slots: int) -> int:
-    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory  # k: with the draft
-    return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
 
 
 def test_segments_read_from_outside_and_feed_what_comes_after():
@@ -55,7 +50,7 @@ def test_segments_read_from_outside_and_feed_what_comes_after():
 def test_replayed_regions_keep_greedy_output(policy, k):
     model = tiny_model(torch.float64, num_layers=3)
     expected = speq.compile(model).generate(PROMPT, 12)
-    opts = speq.CompileOptions(policy=policy, k=k, device_memory=_budget(model, 4))
+    opts = speq.CompileOptions(policy=policy, k=k, device_memory=speq_budget(model, 4))
     cm = speq.compile(model, opts)
     cm.replayer = Replayer(capture=False)
     assert torch.equal(cm.generate(PROMPT, 12), expected)
@@ -70,7 +65,7 @@ def test_one_step_equals_the_interpreter_at_any_position():
     """A region kept from one position serves the next: the position is a tensor input."""
     model = tiny_model(torch.float64, num_layers=2)
     cm = speq.compile(
-        model, speq.CompileOptions(policy="ondemand", device_memory=_budget(model, 3))
+        model, speq.CompileOptions(policy="ondemand", device_memory=speq_budget(model, 3))
     )
     graph = cm.program["step"]
     session = cm._session(Speq(SpecPolicy(k=1)), virtual=True)

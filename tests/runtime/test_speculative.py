@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import speq
-from helpers import VARIANTS, tiny_model
+from helpers import VARIANTS, speq_budget, tiny_model
 from speq.runtime.speculative import SpecPolicy, greedy_accept, speculative_accept
 
 PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
@@ -21,12 +21,6 @@ CONFIGS = {
 }
 
 
-def _tight(model, slots: int) -> int:
-    probe = speq.compile(model, speq.CompileOptions(policy="speq", k=1))  # k: keeps the draft
-    m = probe.memory
-    return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request):
     model = tiny_model(torch.float64, **CONFIGS[request.param])
@@ -36,7 +30,7 @@ def case(request):
 @pytest.mark.parametrize("backend", ["cpu", "sim"])
 def test_greedy_is_lossless_for_every_k(case, backend):
     model, expected = case
-    budget = _tight(model, model.config.top_k + 2)
+    budget = speq_budget(model, model.config.top_k + 2)
     for k in (*range(1, 9), 16):  # 16: a window longer than the output (clipped to it)
         opts = speq.CompileOptions(
             policy="speq", k=k, backend=backend, device_memory=budget, link_gbps=8.0
@@ -144,7 +138,7 @@ def test_sampling_is_reproducible_per_seed():
 
 def test_draft_that_does_not_fit_names_the_sizes():
     model = tiny_model(torch.float64)
-    budget = _tight(model, model.config.top_k) - 1
+    budget = speq_budget(model, model.config.top_k) - 1
     with pytest.raises(ValueError, match=r"quantized draft experts [0-9,]+ bytes") as e:
         speq.compile(model, speq.CompileOptions(policy="speq", device_memory=budget))
     assert "below the minimum" in str(e.value)
@@ -200,7 +194,7 @@ def test_perfect_prediction_replays_the_targets_own_routing():
 def test_verification_counts_split_hits_in_flight_copies_and_demand_misses():
     model = tiny_model(torch.float64, num_layers=3)
     opts = speq.CompileOptions(
-        policy="speq", k=4, device_memory=_tight(model, 4), link_gbps=0.05, backend="sim"
+        policy="speq", k=4, device_memory=speq_budget(model, 4), link_gbps=0.05, backend="sim"
     )
     cm = speq.compile(model, opts)
     cm.generate(PROMPT, 16)
@@ -275,7 +269,7 @@ def test_token_hit_rate_counts_every_routing_verification_serves():
 
     model = tiny_model(torch.float64, num_layers=3)
     opts = speq.CompileOptions(
-        policy="speq", k=6, device_memory=_tight(model, 4), link_gbps=0.05, backend="sim"
+        policy="speq", k=6, device_memory=speq_budget(model, 4), link_gbps=0.05, backend="sim"
     )
     cm = speq.compile(model, opts)
     seen = []
@@ -307,7 +301,7 @@ def test_router_choices_read_at_the_end_of_their_draft_pass_fill_the_same_elb(mo
     model = tiny_model(torch.float64, num_layers=3)
     expected = speq.compile(model).generate(PROMPT, N)
     opts = speq.CompileOptions(
-        policy="speq", k=4, device_memory=_tight(model, 4), link_gbps=0.05, backend="sim"
+        policy="speq", k=4, device_memory=speq_budget(model, 4), link_gbps=0.05, backend="sim"
     )
     queued, rows = [], []
     schedule, record = speculative.Speq._schedule, speculative.ExpertLookaheadBuffer.record
