@@ -85,7 +85,8 @@ class OffloadRuntime:
         self.timeline = timeline
         self.counters = Counters()
         self.needs_log: list[tuple[int, frozenset[int]]] = []  # every ensure, in order
-        self._loading: set[Entry] = set()
+        # copies in flight, in issue order (a dict: iteration order must not depend on ids)
+        self._loading: dict[Entry, None] = {}
         self._prefetched: set[Entry] = set()
         device = cache.slot_tables[store.layers[0]].device
         self._identity = torch.arange(store.num_experts, dtype=torch.int32, device=device)
@@ -192,7 +193,8 @@ class OffloadRuntime:
                 entry = self.cache.insert(key, protect, victim)
                 break
             except NoSlotError:
-                # every slot is pinned or still loading: wait for the oldest copy in flight
+                # every slot is pinned or still loading: wait for the oldest copy in flight (the
+                # first issued among equal times)
                 if not self._loading:
                     raise
                 oldest = min(self._loading, key=lambda e: e.copy.issued_at)
@@ -207,7 +209,7 @@ class OffloadRuntime:
             dst = (self.pool.w13[entry.slot], self.pool.w2[entry.slot])
         entry.copy = Copy(key, entry.slot, nbytes, priority, self.link.now(), src, dst)
         entry.loading = True
-        self._loading.add(entry)
+        self._loading[entry] = None
         self.link.submit(entry.copy)
         self.counters.experts_moved += 1
         self.counters.bytes_moved += nbytes
@@ -236,7 +238,7 @@ class OffloadRuntime:
         """Mark entries whose copies have completed as loaded (and record them on the timeline)."""
         for entry in [e for e in self._loading if self.link.done(e.copy)]:
             entry.loading = False
-            self._loading.discard(entry)
+            self._loading.pop(entry, None)
             if self.timeline is not None:
                 c = entry.copy
                 self.timeline.span(
