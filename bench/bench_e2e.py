@@ -71,13 +71,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, environment, write_json
+from common import RESULTS, environment, markdown_table, write_json
 from tqdm import tqdm
 
 import speq
-from speq.compare import budget_bytes, contenders, link_options, run_once, summarize
+from speq.compare import budget_bytes, calibrate_link, contenders, link_options, run_once, summarize
 from speq.models.demo import demo_model
-from speq.runtime.calibrate import calibrate_link
 
 BUDGETS = {"tight": 0.375, "medium": 0.5, "generous": 0.75}
 LINKS = {"pcie3": "a100-40g-pcie3", "pcie4": "a100-40g-pcie4", "pcie5": "a100-40g-pcie5"}
@@ -461,36 +460,51 @@ def _goal_cells(s: dict) -> tuple[str, str]:
 
 def summary_table(report: dict) -> str:
     """Markdown: one line per setting, the speed-up, the bound ratios and the goals."""
-    lines = [
-        "| budget | link | speq's choice | speq TPOT (ms) | best baseline, TPOT (ms) | speq speed-up "
-        "| resident speq's speed-up | speq / perfect | speq / resident | 2.34x goal | 0.9 goal "
-        "| same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    headers = [
+        "budget",
+        "link",
+        "speq's choice",
+        "speq TPOT (ms)",
+        "best baseline, TPOT (ms)",
+        "speq speed-up",
+        "resident speq's speed-up",
+        "speq / perfect",
+        "speq / resident",
+        "2.34x goal",
+        "0.9 goal",
+        "same tokens",
     ]
+    rows = []
     for s in report["summary"]:
         speed, perfect = _goal_cells(s)
         best = s["best_baseline"]
-        lines.append(
-            f"| {s['budget']} ({s['budget_fraction']:g}) | {s['link']} | {_k_cell(s)} | "
-            f"{s['tpot_ms'][SPEQ]:.1f} | {best}, {s['tpot_ms'][best]:.1f} | "
-            f"{s['speedup_over_best_baseline']:.2f}x | "
-            f"{s['resident_speq_speedup_over_best_baseline']:.2f}x | "
-            f"{s['speq_over_perfect']:.2f} | {s['speq_over_resident_speq']:.2f} | {speed} | "
-            f"{perfect} | {'yes' if s['identical_to_resident'] else 'NO'} |"
+        rows.append(
+            [
+                f"{s['budget']} ({s['budget_fraction']:g})",
+                f"{s['link']}",
+                _k_cell(s),
+                f"{s['tpot_ms'][SPEQ]:.1f}",
+                f"{best}, {s['tpot_ms'][best]:.1f}",
+                f"{s['speedup_over_best_baseline']:.2f}x",
+                f"{s['resident_speq_speedup_over_best_baseline']:.2f}x",
+                f"{s['speq_over_perfect']:.2f}",
+                f"{s['speq_over_resident_speq']:.2f}",
+                speed,
+                perfect,
+                "yes" if s["identical_to_resident"] else "NO",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(rows, headers)
 
 
 def tpot_table(report: dict) -> str:
     """Markdown: every contender's TPOT (ms) per setting."""
-    lines = [
-        "| budget | link | " + " | ".join(f"{SHORT[c]} (ms)" for c in ORDER) + " |",
-        "|---|---|" + "---|" * len(ORDER),
+    headers = ["budget", "link", *(f"{SHORT[c]} (ms)" for c in ORDER)]
+    rows = [
+        [f"{s['budget']}", f"{s['link']}", *(f"{s['tpot_ms'][c]:.1f}" for c in ORDER)]
+        for s in report["summary"]
     ]
-    for s in report["summary"]:
-        cells = " | ".join(f"{s['tpot_ms'][c]:.1f}" for c in ORDER)
-        lines.append(f"| {s['budget']} | {s['link']} | {cells} |")
-    return "\n".join(lines)
+    return markdown_table(rows, headers)
 
 
 def detail_table(report: dict) -> str:
@@ -499,24 +513,50 @@ def detail_table(report: dict) -> str:
     def f(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
-    lines = [
-        "| budget | link | contender | k | expert slots | TPOT (ms) | hit rate | covered rate "
-        "| token hit rate | stalls / token | MB moved / run | stall (ms / run) | acceptance "
-        "| tokens / cycle | ELB recall | ELB precision | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    headers = [
+        "budget",
+        "link",
+        "contender",
+        "k",
+        "expert slots",
+        "TPOT (ms)",
+        "hit rate",
+        "covered rate",
+        "token hit rate",
+        "stalls / token",
+        "MB moved / run",
+        "stall (ms / run)",
+        "acceptance",
+        "tokens / cycle",
+        "ELB recall",
+        "ELB precision",
+        "same tokens",
     ]
+    rows = []
     for r in report["rows"]:
         k = r["k"] if r["k"] is not None else (f"k*={r['k_star']}" if r["k_star"] else "-")
-        lines.append(
-            f"| {r['budget']} | {r['link']} | {r['contender']} | {k} | {r['cache_slots']} | "
-            f"{r['tpot_ms']:.1f} | {f(r['mean_hit_rate'])} | {f(r['mean_covered_rate'])} | "
-            f"{f(r['mean_token_hit_rate'])} | {f(r['mean_stalls_per_token'])} | "
-            f"{f(r['mean_mb_moved'], '.1f')} | {f(r['mean_stall_ms'], '.0f')} | "
-            f"{f(r['mean_acceptance_rate'])} | {f(r['mean_tokens_per_cycle'])} | "
-            f"{f(r['mean_elb_recall'])} | {f(r['mean_elb_precision'])} | "
-            f"{'yes' if r['identical_to_resident'] else 'NO'} |"
+        rows.append(
+            [
+                f"{r['budget']}",
+                f"{r['link']}",
+                f"{r['contender']}",
+                f"{k}",
+                f"{r['cache_slots']}",
+                f"{r['tpot_ms']:.1f}",
+                f(r["mean_hit_rate"]),
+                f(r["mean_covered_rate"]),
+                f(r["mean_token_hit_rate"]),
+                f(r["mean_stalls_per_token"]),
+                f(r["mean_mb_moved"], ".1f"),
+                f(r["mean_stall_ms"], ".0f"),
+                f(r["mean_acceptance_rate"]),
+                f(r["mean_tokens_per_cycle"]),
+                f(r["mean_elb_recall"]),
+                f(r["mean_elb_precision"]),
+                "yes" if r["identical_to_resident"] else "NO",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(rows, headers)
 
 
 def how_measured(report: dict) -> str:

@@ -25,9 +25,9 @@ from common import RESULTS, environment, table, write_json
 from tqdm import tqdm
 
 import speq
+from speq.compare import calibrate_link
+from speq.cost import K_MAX, CacheModel, estimate
 from speq.models.demo import demo_model, random_demo_model
-from speq.passes.governor import K_MAX, CacheModel, estimate
-from speq.runtime.calibrate import calibrate_link
 
 
 def load(name: str):

@@ -24,8 +24,8 @@ from common import RESULTS, environment, table, write_json
 from tqdm import tqdm
 
 import speq
+from speq.compare import calibrate_link
 from speq.models.demo import demo_model, random_demo_model
-from speq.runtime.calibrate import calibrate_link
 
 
 def _row(name: str, budget: str, k, runs: list) -> dict:

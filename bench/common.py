@@ -1,5 +1,5 @@
 """Shared helpers for the benchmark scripts: the environment record, timing on the CPU, the
-JSON result file and the printed table."""
+JSON result file, the printed table and the markdown tables."""
 
 from __future__ import annotations
 
@@ -71,3 +71,9 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> str:
     """A table of ``rows`` with ``columns`` mapping row keys to headers (units in the header)."""
     body = [[row.get(key) for key in columns] for row in rows]
     return tabulate(body, headers=list(columns.values()), floatfmt=".2f", missingval="-")
+
+
+def markdown_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    """A GitHub markdown table of cells already formatted as text (kept exactly as given: no
+    number parsing or reformatting)."""
+    return tabulate(rows, headers=list(headers), tablefmt="github", disable_numparse=True)

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from common import markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -33,16 +35,37 @@ def offload_table(report: dict) -> str:
         "policies that decode one token per pass, while one copy at speq's verification serves "
         "every token of the window routed to that expert.",
         "",
-        "| device budget (beyond weights + KV) | policy | k | expert slots | TPOT (ms) | vs ondemand | hit rate | token hit rate | stalls / token | MB moved | acceptance |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['budget']} | {r['policy']} | {r['k'] or '-'} | {r['cache_slots']} | "
-            f"{r['tpot_ms']:.1f} | {r['speedup_vs_ondemand']:.2f}x | {r['hit_rate']:.2f} | "
-            f"{r['token_hit_rate']:.2f} | {r['stalls_per_token']:.2f} | "
-            f"{r['mb_moved']:.1f} | {_fmt(r['acceptance_rate'])} |"
-        )
+    headers = [
+        "device budget (beyond weights + KV)",
+        "policy",
+        "k",
+        "expert slots",
+        "TPOT (ms)",
+        "vs ondemand",
+        "hit rate",
+        "token hit rate",
+        "stalls / token",
+        "MB moved",
+        "acceptance",
+    ]
+    rows = [
+        [
+            f"{r['budget']}",
+            f"{r['policy']}",
+            f"{r['k'] or '-'}",
+            f"{r['cache_slots']}",
+            f"{r['tpot_ms']:.1f}",
+            f"{r['speedup_vs_ondemand']:.2f}x",
+            f"{r['hit_rate']:.2f}",
+            f"{r['token_hit_rate']:.2f}",
+            f"{r['stalls_per_token']:.2f}",
+            f"{r['mb_moved']:.1f}",
+            _fmt(r["acceptance_rate"]),
+        ]
+        for r in report["results"]
+    ]
+    lines.append(markdown_table(rows, headers))
     return "\n".join(lines)
 
 
@@ -101,13 +124,18 @@ def governor_table(report: dict) -> str:
         f"The governor on {s['model']} ({s['backend']}, budget {s['budget_fraction_of_expert_bytes']:.0%} "
         f"of expert bytes): {s['governor']}",
         "",
-        "| k | measured TPOT (ms) | predicted TPOT (ms) | prediction error |",
-        "|---|---|---|---|",
     ]
-    for r in report["sweep"]:
-        lines.append(
-            f"| {r['k']} | {r['measured_tpot_ms']:.1f} | {r['predicted_tpot_ms']:.1f} | {r['error']:+.0%} |"
-        )
+    headers = ["k", "measured TPOT (ms)", "predicted TPOT (ms)", "prediction error"]
+    rows = [
+        [
+            f"{r['k']}",
+            f"{r['measured_tpot_ms']:.1f}",
+            f"{r['predicted_tpot_ms']:.1f}",
+            f"{r['error']:+.0%}",
+        ]
+        for r in report["sweep"]
+    ]
+    lines.append(markdown_table(rows, headers))
     g = report["governed"]
     lines.append("")
     lines.append(

@@ -160,8 +160,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_roofline(args: argparse.Namespace) -> int:
+    from speq.cost.plot import plot
+    from speq.passes.governor import roofline
     from speq.sim import get_preset, get_profile
-    from speq.sim.roofline import plot, roofline
 
     if args.model == "demo":
         cfg = demo_model()[0].config
@@ -179,10 +180,44 @@ def cmd_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    from speq.kernels.autotune import tune_main
+def _torch_dtype(name: str) -> torch.dtype:
+    """``speq tune --dtype``: a float dtype by name (float16, bf16, ...)."""
+    table = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    table |= {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(table)}")
+    return table[name]
 
-    return tune_main(args.rest)
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from speq.kernels.shapes import PRESETS, MoEShape, get_shape
+    from speq.kernels.tuner import tune_and_write, tuning_available
+
+    shapes = [get_shape(m) for m in args.model or []]
+    explicit = (args.E, args.N, args.K)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            args.tune_parser.error("--E, --N and --K go together")
+        shapes.append(MoEShape("custom", args.E, args.top_k, args.K, args.N))
+    if not shapes:  # no shape given: every preset
+        shapes = [get_shape(m) for m in sorted(PRESETS)]
+    if not tuning_available():
+        print("speq tune: tuning needs a CUDA device (and Triton); nothing to do on this machine.")
+        return 0
+    for shape in shapes:
+        start = time.perf_counter()
+        path, best = tune_and_write(
+            shape,
+            args.dtype,
+            args.buckets,
+            bits=args.bits,
+            group_size=args.group_size,
+            max_candidates=args.max_candidates,
+            config_dir=args.out,
+            progress=lambda it, s=shape: tqdm(it, desc=s.name, leave=False),
+        )
+        print(f"{shape.name}: {len(best)} buckets in {time.perf_counter() - start:.0f} s -> {path}")
+    return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -252,9 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="roofline.png")
     p.set_defaults(func=cmd_roofline)
 
-    p = sub.add_parser("tune", help="autotune the fused MoE kernels on this GPU", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_tune)
+    from speq.kernels.autotune import CONFIG_DIR, DEFAULT_BUCKETS
+    from speq.kernels.shapes import PRESETS
+
+    p = sub.add_parser(
+        "tune",
+        help="autotune the fused MoE kernels on this GPU",
+        description="Tune the fused MoE Triton kernel and write JSON configs.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        choices=sorted(PRESETS),
+        help="model preset (repeatable; default: every preset)",
+    )
+    p.add_argument("--E", type=int, help="number of experts (explicit shape)")
+    p.add_argument("--N", type=int, help="expert intermediate size I (explicit shape)")
+    p.add_argument("--K", type=int, help="hidden size H (explicit shape)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (explicit shape)")
+    p.add_argument("--dtype", type=_torch_dtype, default=torch.bfloat16)
+    p.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="0 = dense")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
+    p.add_argument("--max-candidates", type=int, default=None)
+    p.add_argument("--out", type=Path, default=CONFIG_DIR, help="output directory")
+    p.set_defaults(func=cmd_tune, tune_parser=p)
     return parser
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from helpers import tiny_model
@@ -57,3 +58,12 @@ def test_tune_without_a_gpu_says_so(capsys):
         return
     assert main(["tune"]) == 0
     assert "CUDA" in capsys.readouterr().out
+
+
+def test_tune_help_lists_its_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--E", "--top-k", "--dtype", "--bits", "--buckets", "--out"):
+        assert flag in out

@@ -83,11 +83,23 @@ def test_compile_rejects_what_it_cannot_compile():
 
 
 def test_importing_speq_leaves_triton_unimported():
-    """Triton reads TRITON_INTERPRET when a kernel is decorated, so speq imports its kernels at
-    the first launch, never at ``import speq`` (the kernel tests set the variable after)."""
+    """Triton reads TRITON_INTERPRET when a kernel is decorated, and importing Triton decorates
+    its own triton.language helpers, so ``import speq`` imports neither Triton nor speq's
+    ``@triton.jit`` modules (the kernel tests set the variable after): setting the variable after
+    ``import speq`` still runs a kernel in the interpreter."""
     import subprocess
     import sys
 
-    code = "import sys, speq; print(sorted(m for m in sys.modules if m.startswith(('triton', 'speq.kernels'))))"
+    code = (
+        "import sys, speq; "
+        "print(sorted(m for m in sys.modules if m.startswith('triton') or m.endswith('_kernels')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    code = (
+        "import os, torch, speq; from speq.kernels import route_topk; "
+        "os.environ['TRITON_INTERPRET'] = '1'; "
+        "ids, w = route_topk(torch.randn(3, 8), 2, backend='triton'); print(ids.tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and len(eval(out.stdout)) == 3, out.stderr

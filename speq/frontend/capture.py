@@ -7,15 +7,24 @@ so one graph serves the prompt (T = prompt length) and decoding (T = 1, or k + 1
 
 from __future__ import annotations
 
-from speq.frontend.spec import ModelSpec
 from speq.ir.builder import GraphBuilder
+from speq.ir.dtypes import dtype_name
 from speq.ir.graph import Graph, Value
 from speq.ir.ops import Op
 from speq.ir.verifier import verify
+from speq.kernels.routing import ROUTING_FUNCTIONS
+from speq.models.spec import ModelSpec
+
+# the values IR attributes may take that tables outside the IR define, for the verifier: a ROUTER
+# (and a next-layer PREFETCH, which routes too) names a registered routing function
+ATTRIBUTE_DOMAINS = {
+    (Op.ROUTER, "mode"): ROUTING_FUNCTIONS,
+    (Op.PREFETCH, "mode"): ROUTING_FUNCTIONS,
+}
 
 
 def capture(spec: ModelSpec) -> Graph:
-    cfg, dt = spec.config, spec.dtype_name
+    cfg, dt = spec.config, dtype_name(spec.dtype)
     wdt = "f64" if dt == "f64" else "f32"  # routing weights are computed in at least fp32
     h, d = cfg.hidden_size, cfg.head_dim
     b = GraphBuilder("step")
@@ -79,11 +88,11 @@ def capture(spec: ModelSpec) -> Graph:
     f = norm(x, "norm.weight", "final")
     logits = linear(f, param(spec.head_param, (cfg.vocab_size, h)), "logits")
     b.emit(Op.OUTPUT, (logits,), [])
-    return verify(b.build())
+    return verify(b.build(), ATTRIBUTE_DOMAINS)
 
 
 def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, wdt: str) -> Value:
-    cfg, dt = spec.config, spec.dtype_name
+    cfg, dt = spec.config, dtype_name(spec.dtype)
     h, inter, e, k = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts, cfg.top_k
     n, pairs = f"l{i}", f"T*{k}"
     logits = b.emit1(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from speq.frontend.spec import ModelSpec
 from speq.models.config import MoEConfig
+from speq.models.spec import ModelSpec
 
 _DTYPES = {
     "F64": torch.float64,

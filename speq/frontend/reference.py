@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from speq.frontend.spec import DTYPE_NAMES, ModelSpec
+from speq.ir.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from speq.models.model import MoEForCausalLM
+from speq.models.spec import ModelSpec
 
 
 def from_reference(
@@ -17,7 +18,7 @@ def from_reference(
             f"speq.compile expects a speq.models.MoEForCausalLM, got {type(model).__name__}"
         )
     dtype = dtype or model.embed.dtype
-    if dtype not in DTYPE_NAMES or not dtype.is_floating_point:
+    if DTYPE_NAMES.get(dtype) not in FLOAT_DTYPES:
         raise ValueError(
             f"unsupported compute dtype {dtype}: use float16, bfloat16, float32 or float64"
         )

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from speq.ir.ops import Op, Tag, has_tag
+from speq.ir.printer import format_graph
 
 Dim = int | str  # a size, or a symbol such as "T" (new tokens) or "T*2" (token-choice pairs)
 
@@ -122,6 +123,4 @@ class Graph:
         return Graph(self.name, nodes)
 
     def __str__(self) -> str:
-        from speq.ir.printer import format_graph
-
         return format_graph(self)

@@ -6,12 +6,14 @@ entries a pass chose to show are printed after ``#``. Deterministic for a given 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from speq.ir.graph import Graph, Node
+if TYPE_CHECKING:  # the printer reads nodes and graphs; graph.py imports it for __str__
+    from speq.ir.graph import Graph, Node
 
-# meta keys that are part of the printed form (placement and kernel choice made by passes)
-PRINTED_META = ("stream", "region", "kernel", "phase")
+# meta keys that are part of the printed form: what `lower` decides and the executors read (the
+# replay region a node runs in, and the kernel it dispatches to)
+PRINTED_META = ("region", "kernel")
 
 
 def format_attr(v: Any) -> str:

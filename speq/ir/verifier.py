@@ -8,59 +8,19 @@ one OUTPUT, and that no replay region holds a DATA_DEPENDENT node or one that re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from typing import Any
 
+from speq.ir.dtypes import FLOAT_DTYPES, INT_DTYPES
 from speq.ir.graph import Graph, Node, Value
 from speq.ir.ops import Op, Tag
 from speq.ir.printer import format_graph
 from speq.ir.program import Program
+from speq.ir.schema import CLASSES, SCHEMAS
 
-FLOATS = frozenset({"f16", "bf16", "f32", "f64"})
-INTS = frozenset({"i32", "i64"})
-
-
-@dataclass(frozen=True)
-class Schema:
-    """``inputs``: dtype classes of the inputs (None: any number of any type); ``outputs``: count."""
-
-    inputs: tuple[str, ...] | None
-    outputs: int
-    attrs: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()  # trailing inputs that may be absent
-
-
-SCHEMAS: dict[Op, Schema] = {
-    Op.INPUT: Schema((), 1, ("name",)),
-    Op.PARAM: Schema((), 1, ("name",)),
-    Op.EMBED: Schema(("int", "float"), 1),
-    Op.RMSNORM: Schema(("float", "float"), 1, ("eps",)),
-    Op.LINEAR: Schema(("float", "float"), 1),
-    Op.ROPE: Schema(("float", "int"), 1, ("heads", "theta")),
-    Op.KV_WRITE: Schema(("float", "float", "int"), 1, ("layer",)),
-    Op.ATTENTION: Schema(("float", "kv", "int"), 1, ("layer", "heads", "kv_heads")),
-    Op.ADD: Schema(("float", "float"), 1),
-    Op.SWIGLU: Schema(("float",), 1),
-    Op.ROUTER: Schema(("float",), 2, ("k", "layer", "mode", "renormalize")),
-    Op.GATHER: Schema(("float", "int"), 1),
-    Op.EXPERT_GEMM: Schema(("float", "int", "float"), 1, ("layer",)),
-    Op.SCATTER: Schema(("float", "float"), 1),
-    # the optional last input is the WAIT that made the layer's experts resident
-    Op.FUSED_MOE: Schema(
-        ("float", "int", "float", "weights", "weights"), 1, ("layer",), optional=("residency",)
-    ),
-    # source "nextgate": (hidden, next router weight); source "elb": (draft ids, draft weights)
-    Op.PREFETCH: Schema(None, 0, ("layer", "source")),
-    Op.WAIT: Schema(("int",), 1, ("layer",)),
-    Op.OUTPUT: Schema(None, 0),
-}
-
-_CLASSES = {
-    "float": FLOATS,
-    "weights": FLOATS | {"i4", "i8"},  # dense, or weight-only quantized (the draft's experts)
-    "int": INTS,
-    "kv": frozenset({"kv"}),
-    "residency": frozenset({"residency"}),
-}
+# the values an attribute may take, by (op, attribute): given by the layers that own the tables
+# (e.g. the routing functions a ROUTER's ``mode`` names), so that the IR imports none of them
+Domains = Mapping[tuple[Op, str], Collection[Any]]
 
 
 class VerificationError(ValueError):
@@ -68,20 +28,20 @@ class VerificationError(ValueError):
 
 
 def _class_of(dtype: str) -> str | None:
-    return "float" if dtype in FLOATS else "int" if dtype in INTS else None
+    return "float" if dtype in FLOAT_DTYPES else "int" if dtype in INT_DTYPES else None
 
 
-def verify(graph: Graph | Program) -> Graph | Program:
+def verify(graph: Graph | Program, domains: Domains | None = None) -> Graph | Program:
     """Check ``graph`` (or every graph of a program); return it unchanged or raise
-    ``VerificationError`` showing the fault."""
+    ``VerificationError`` showing the fault. ``domains``: the values some attributes may take."""
     if isinstance(graph, Program):
         for g in graph:
-            verify(g)
+            verify(g, domains)
         return graph
     defined: dict[str, Value] = {}
     outputs = 0
     for i, node in enumerate(graph.nodes):
-        problem = _check_node(node, defined)
+        problem = _check_node(node, defined, domains or {})
         if problem is None and node.op is Op.OUTPUT:
             outputs += 1
             if i != len(graph.nodes) - 1:
@@ -95,7 +55,7 @@ def verify(graph: Graph | Program) -> Graph | Program:
     return graph
 
 
-def _check_node(node: Node, defined: dict[str, Value]) -> str | None:
+def _check_node(node: Node, defined: dict[str, Value], domains: Domains) -> str | None:
     name = node.op.name.lower()
     for v in node.inputs:
         if v.name not in defined:
@@ -114,14 +74,20 @@ def _check_node(node: Node, defined: dict[str, Value]) -> str | None:
         if not len(schema.inputs) <= n <= len(full):
             expected = f"{len(schema.inputs)}" + (f" to {len(full)}" if schema.optional else "")
             return f"{name} takes {expected} inputs, got {n}"
-        for pos, (v, cls) in enumerate(zip(node.inputs, full)):
-            if v.dtype not in _CLASSES[cls]:
-                return f"{name} input {pos} (%{v.name}) must be {cls}, got {v.dtype}"
+        for pos, (v, (arg, cls)) in enumerate(zip(node.inputs, full)):
+            if v.dtype not in CLASSES[cls]:
+                return (
+                    f"{name} input {pos} (%{v.name}) must be {cls}, got {v.dtype} (the {arg} input)"
+                )
     if len(node.outputs) != schema.outputs:
         return f"{name} produces {schema.outputs} outputs, got {len(node.outputs)}"
     missing = [a for a in schema.attrs if a not in node.attrs]
     if missing:
         return f"{name} is missing attribute(s) {missing}"
+    for attr, value in node.attrs.items():
+        allowed = domains.get((node.op, attr))
+        if allowed is not None and value not in allowed:
+            return f"{name} has {attr}={value!r}; expected one of {sorted(allowed)}"
     if node.op is Op.PREFETCH:
         source = node.attrs["source"]
         want = {"nextgate": ("float", "float"), "elb": ("int", "float")}.get(source)

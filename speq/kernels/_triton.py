@@ -1,31 +1,42 @@
-"""Guarded Triton import and the choice between the Triton and torch backends.
+"""Whether Triton is there, and the choice between the Triton and torch backends.
 
 The package must import on machines without Triton (macOS, CPU-only CI images), so every other
-module asks this one whether Triton is there. The ``@triton.jit`` modules (``_*_kernels.py``) are
-imported lazily, at the first launch: Triton reads ``TRITON_INTERPRET`` when a function is
-decorated, so importing them late lets tests switch the interpreter on before that happens.
+module asks this one whether Triton is there. Nothing imports Triton before a kernel is first
+launched: Triton reads ``TRITON_INTERPRET`` when a function is decorated, and importing Triton
+decorates its own ``triton.language`` helpers, so an early import would leave them compiled for
+a GPU while the kernels that call them run in the interpreter. This module finds Triton without
+importing it; the ``@triton.jit`` modules (``_*_kernels.py``) are imported at the first launch.
+That lets tests (and users) switch the interpreter on after ``import speq``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 from typing import Literal
 
 import torch
 
+# the dtypes the Triton kernels take; float64 (speq's exact tests) runs the torch paths
+TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
 log = logging.getLogger(__name__)
 
-try:  # pragma: no cover - exercised by whichever environment runs the tests
-    import triton
 
-    HAS_TRITON = True
-    TRITON_VERSION: str | None = triton.__version__
-except Exception as exc:  # ImportError, or a broken install that fails while importing
-    triton = None
-    HAS_TRITON = False
-    TRITON_VERSION = None
-    log.debug("Triton unavailable (%s); kernels use the torch backend", exc)
+def _find_triton() -> tuple[bool, str | None]:
+    """(installed, version) of Triton, found without importing it."""
+    try:
+        if importlib.util.find_spec("triton") is None:  # also when sys.modules blocks it
+            return False, None
+        return True, importlib.metadata.version("triton")
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError) as exc:
+        log.debug("Triton unavailable (%s); kernels use the torch backend", exc)
+        return False, None
+
+
+HAS_TRITON, TRITON_VERSION = _find_triton()
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -35,6 +46,8 @@ def interpreter_active() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     if not HAS_TRITON:
         return False
+    import triton  # asked at a launch: see the module docstring
+
     try:
         return bool(triton.knobs.runtime.interpret)
     except AttributeError:  # older Triton without knobs

@@ -1,5 +1,6 @@
-"""Kernel configurations for the fused MoE: the config type, an analytic default, tuned JSON
-lookups, the search space, and the offline tuner behind ``speq tune``.
+"""Kernel configurations for the fused MoE: the config type, an analytic default, and tuned JSON
+lookups. The search space and the offline tuner behind ``speq tune`` are in
+:mod:`speq.kernels.tuner`.
 
 Tuned configs live in ``speq/kernels/configs/`` as one JSON file per
 (E, N, K, dtype, device name, Triton version), where N is the expert intermediate size I and K
@@ -13,24 +14,20 @@ without a file get :func:`default_config`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import logging
 import math
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from speq.kernels._triton import HAS_TRITON, TRITON_VERSION, cdiv, next_power_of_2
+from speq.kernels._triton import TRITON_VERSION, cdiv, next_power_of_2
 from speq.kernels.alignment import ALIGN_METHODS
-from speq.kernels.shapes import PRESETS, MoEShape, get_shape
 
 __all__ = [
     "CONFIG_DIR",
@@ -41,14 +38,9 @@ __all__ = [
     "get_config",
     "load_configs",
     "nearest_bucket",
-    "search_space",
-    "tune_main",
-    "tune_shape",
     "weight_format",
     "write_configs",
 ]
-
-log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -243,38 +235,6 @@ def get_config(
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def search_space(
-    num_tokens: int, top_k: int, *, group_size: int | None = None
-) -> list[KernelConfig]:
-    """Candidate configs for one token count: tile shapes, grouping, warps, stages, split-K for
-    tiny T and the direct alignment for decode-sized T. Pruned by the rows a block can fill."""
-    num_pairs = num_tokens * top_k
-    max_m = max(MIN_BLOCK, min(128, next_power_of_2(num_pairs)))
-    block_ms = [m for m in (16, 32, 64, 128) if m <= max_m]
-    block_ks = (64, 128, 256)
-    if group_size is not None and _is_pow2(group_size):
-        block_ks = tuple(k for k in block_ks if k <= group_size) or (max(MIN_BLOCK, group_size),)
-    split_ks = (1, 2, 4, 8) if num_pairs <= 32 else (1,)
-    aligns = ("sorted", "direct") if num_tokens <= 4 else ("sorted",)
-    out = []
-    for m in block_ms:
-        for n in (32, 64, 128, 256):
-            for k in block_ks:
-                if m * n > 128 * 128 or n * k > 256 * 128:
-                    continue
-                for group_m in (1, 8) if m >= 64 else (1,):
-                    for warps in (4, 8):
-                        if warps == 8 and m * n < 64 * 128:
-                            continue
-                        for stages in (3, 4):
-                            for split in split_ks:
-                                for align in aligns:
-                                    out.append(
-                                        KernelConfig(m, n, k, group_m, warps, stages, split, align)
-                                    )
-    return out
-
-
 def write_configs(path: Path, configs: Mapping[int, KernelConfig], meta: Mapping[str, Any]) -> None:
     """Write one tuned file (buckets sorted ascending)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,140 +243,3 @@ def write_configs(path: Path, configs: Mapping[int, KernelConfig], meta: Mapping
         "configs": {str(t): configs[t].to_dict() for t in sorted(configs)},
     }
     path.write_text(json.dumps(body, indent=2) + "\n")
-
-
-def tune_shape(
-    shape: MoEShape,
-    dtype: torch.dtype,
-    buckets: Sequence[int],
-    *,
-    bits: int = 0,
-    group_size: int = 128,
-    max_candidates: int | None = None,
-    rep_ms: int = 20,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
-) -> dict[int, tuple[KernelConfig, float]]:
-    """Time every candidate of :func:`search_space` for each bucket on the current CUDA device,
-    inside a CUDA graph (``triton.testing.do_bench_cudagraph``), and return bucket ->
-    (best config, its time in microseconds). Candidates that fail to compile or launch are
-    skipped."""
-    if not torch.cuda.is_available() or not HAS_TRITON:
-        raise RuntimeError("tuning needs a CUDA device and Triton")
-    import triton.testing
-
-    from speq.kernels.fused_moe import fused_moe
-    from speq.kernels.quant import quantize_experts
-    from speq.kernels.routing import route_topk
-
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    e, h, i = shape.num_experts, shape.hidden, shape.intermediate
-    w13 = torch.randn(e, 2 * i, h, device=dev, dtype=dtype, generator=gen) / math.sqrt(h)
-    w2 = torch.randn(e, h, i, device=dev, dtype=dtype, generator=gen) / math.sqrt(i)
-    if bits:
-        w13, w2 = quantize_experts(w13, bits, group_size), quantize_experts(w2, bits, group_size)
-    slots = torch.arange(e, dtype=torch.int32, device=dev)
-    best: dict[int, tuple[KernelConfig, float]] = {}
-    for tokens in buckets:
-        x = torch.randn(tokens, h, device=dev, dtype=dtype, generator=gen)
-        logits = torch.randn(tokens, e, device=dev, generator=gen)
-        ids, weights = route_topk(logits, shape.top_k)
-        candidates = search_space(tokens, shape.top_k, group_size=group_size if bits else None)
-        if max_candidates is not None and len(candidates) > max_candidates:
-            stride = len(candidates) / max_candidates  # an even sample across the space
-            candidates = [candidates[int(j * stride)] for j in range(max_candidates)]
-        for cfg in progress(candidates):
-            fn = functools.partial(fused_moe, x, w13, w2, ids, weights, slots, config=cfg)
-            try:
-                fn()
-                us = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
-            except Exception as exc:  # out of shared memory, registers, ...
-                log.debug("config %s failed: %s", cfg, exc)
-                continue
-            if tokens not in best or us < best[tokens][1]:
-                best[tokens] = (cfg, us)
-        if tokens in best:
-            log.info(
-                "%s T=%d: %.1f us with %s", shape.name, tokens, best[tokens][1], best[tokens][0]
-            )
-    return best
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    table |= {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if name not in table:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(table)}")
-    return table[name]
-
-
-def tune_main(argv: list[str] | None = None) -> int:
-    """``speq tune``: tune the fused MoE for model presets or an explicit shape and write JSON
-    configs. Without a CUDA device it says so and returns 0."""
-    parser = argparse.ArgumentParser(
-        prog="speq tune", description="Tune the fused MoE Triton kernel and write JSON configs."
-    )
-    parser.add_argument(
-        "--model",
-        action="append",
-        choices=sorted(PRESETS),
-        help="model preset (repeatable; default: every preset)",
-    )
-    parser.add_argument("--E", type=int, help="number of experts (explicit shape)")
-    parser.add_argument("--N", type=int, help="expert intermediate size I (explicit shape)")
-    parser.add_argument("--K", type=int, help="hidden size H (explicit shape)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (explicit shape)")
-    parser.add_argument("--dtype", type=_parse_dtype, default=torch.bfloat16)
-    parser.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="0 = dense")
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
-    parser.add_argument("--max-candidates", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=CONFIG_DIR, help="output directory")
-    args = parser.parse_args(argv)
-
-    shapes = [get_shape(m) for m in args.model or []]
-    explicit = (args.E, args.N, args.K)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            parser.error("--E, --N and --K go together")
-        shapes.append(MoEShape("custom", args.E, args.top_k, args.K, args.N))
-    if not shapes:  # no shape given: every preset
-        shapes = [get_shape(m) for m in sorted(PRESETS)]
-    if not torch.cuda.is_available() or not HAS_TRITON:
-        print("speq tune: tuning needs a CUDA device (and Triton); nothing to do on this machine.")
-        return 0
-
-    from tqdm import tqdm
-
-    device_name = torch.cuda.get_device_name()
-    group_size = args.group_size if args.bits else None
-    for shape in shapes:
-        start = time.perf_counter()
-        best = tune_shape(
-            shape,
-            args.dtype,
-            args.buckets,
-            bits=args.bits,
-            group_size=args.group_size,
-            max_candidates=args.max_candidates,
-            progress=lambda it, s=shape: tqdm(it, desc=s.name, leave=False),
-        )
-        path = config_path(
-            shape.num_experts,
-            shape.intermediate,
-            shape.hidden,
-            weight_format(args.dtype, args.bits, group_size),
-            device_name,
-            config_dir=args.out,
-        )
-        meta = {
-            "model": shape.name,
-            "top_k": shape.top_k,
-            "device": device_name,
-            "triton": TRITON_VERSION,
-            "torch": torch.__version__,
-            "us": {str(t): round(us, 2) for t, (_, us) in sorted(best.items())},
-        }
-        write_configs(path, {t: cfg for t, (cfg, _) in best.items()}, meta)
-        print(f"{shape.name}: {len(best)} buckets in {time.perf_counter() - start:.0f} s -> {path}")
-    return 0

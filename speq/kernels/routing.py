@@ -17,22 +17,119 @@ Contract, for token t and choice j (0 <= j < k):
 
 ids are int32. Weights are float32, or float64 for float64 logits on the torch path (speq's exact
 tests run float64 models); the Triton kernel takes float16, bfloat16 and float32 logits.
+
+The routing functions are one registry, `ROUTING_FUNCTIONS`: name → torch reference, Triton
+entry, cost. Everything else reads it: `MoEConfig.router_mode` is validated against it, capture
+writes the name into each ROUTER node, the verifier checks the name against it (it is given the
+table by the frontend and the pass pipeline), the runtime's ROUTER and next-layer PREFETCH
+implementations call `route_topk`, and the cost model prices a ROUTER node from its entry.
+Adding a routing function (DeepSeek-V3's sigmoid with a correction bias, say) touches:
+
+1. this module: a reference function and a `RoutingFunction` entry in `ROUTING_FUNCTIONS`;
+2. ``_routing_kernels.py``: its Triton code, if it has a kernel (without one, ``triton=None``,
+   the torch reference serves every device);
+3. a test case in ``tests/kernels/test_routing.py``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
-from speq.kernels._triton import Backend, cdiv, next_power_of_2, select_backend
+from speq.kernels._triton import TRITON_DTYPES, Backend, cdiv, next_power_of_2, select_backend
 
-__all__ = ["ROUTING_MODES", "RoutingMode", "route_topk", "route_topk_torch"]
+__all__ = [
+    "ROUTING_FUNCTIONS",
+    "ROUTING_MODES",
+    "RoutingFunction",
+    "route_topk",
+    "route_topk_torch",
+    "routing_function",
+]
 
-RoutingMode = Literal["softmax_topk", "topk_softmax"]
-ROUTING_MODES: tuple[str, ...] = ("softmax_topk", "topk_softmax")
-TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 MAX_TRITON_EXPERTS = 4096
+
+Route = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class RoutingFunction:
+    """One way to turn router logits [T, E] into (expert ids [T, k], routing weights [T, k]).
+
+    ``torch(logits, k, renormalize)``: the reference (ids int32, weights in ``promote(dtype,
+    fp32)``), the CPU path; ``triton(logits, k, renormalize)``: the kernel's entry, or None when
+    the reference serves every device; ``flops_per_logit``: what the cost model charges per
+    logit (the selection and the weights' arithmetic)."""
+
+    name: str
+    torch: Route
+    triton: Route | None
+    flops_per_logit: float
+
+
+def _select(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k experts of each row of ``x`` (NaN as -inf), ties to the lowest id: a stable
+    descending sort keeps equal logits in ascending id order."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _softmax_topk(x: torch.Tensor, k: int, renormalize: bool) -> torch.Tensor:
+    order = _select(x, k)
+    weights = torch.softmax(x, dim=-1).gather(1, order)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return order, weights
+
+
+def _topk_softmax(x: torch.Tensor, k: int, renormalize: bool) -> torch.Tensor:
+    order = _select(x, k)
+    return order, torch.softmax(x.gather(1, order), dim=-1)
+
+
+def _reference(fn) -> Route:
+    def route(logits: torch.Tensor, k: int, renormalize: bool):
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+        order, weights = fn(x, k, renormalize)
+        return order.to(torch.int32), weights
+
+    return route
+
+
+# MODE of the Triton routing kernel (_routing_kernels.SOFTMAX_TOPK / TOPK_SOFTMAX)
+_SOFTMAX_TOPK, _TOPK_SOFTMAX = 0, 1
+
+
+def _triton(mode: int) -> Route:
+    def route(logits: torch.Tensor, k: int, renormalize: bool):
+        return _route_topk_triton(logits, k, renormalize, mode=mode)
+
+    return route
+
+
+ROUTING_FUNCTIONS: Mapping[str, RoutingFunction] = MappingProxyType(
+    {
+        f.name: f
+        for f in (
+            RoutingFunction("softmax_topk", _reference(_softmax_topk), _triton(_SOFTMAX_TOPK), 5.0),
+            RoutingFunction("topk_softmax", _reference(_topk_softmax), _triton(_TOPK_SOFTMAX), 5.0),
+        )
+    }
+)
+ROUTING_MODES: tuple[str, ...] = tuple(ROUTING_FUNCTIONS)  # the registry's names, in order
+
+
+def routing_function(mode: str) -> RoutingFunction:
+    """The registry entry of ``mode``, or a ValueError listing the routing functions."""
+    try:
+        return ROUTING_FUNCTIONS[mode]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown routing function {mode!r}: expected one of {ROUTING_MODES}"
+        ) from None
 
 
 def _check(router_logits: torch.Tensor, k: int, mode: str) -> None:
@@ -43,36 +140,25 @@ def _check(router_logits: torch.Tensor, k: int, mode: str) -> None:
     num_experts = router_logits.shape[1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, E={num_experts}], got {k}")
-    if mode not in ROUTING_MODES:
+    if mode not in ROUTING_FUNCTIONS:
         raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
 
 
 def route_topk_torch(
     router_logits: torch.Tensor,
     k: int,
-    mode: RoutingMode = "softmax_topk",
+    mode: str = "softmax_topk",
     renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference routing in torch (float32, or float64 for float64 logits); see the module doc."""
     _check(router_logits, k, mode)
-    compute = torch.promote_types(router_logits.dtype, torch.float32)
-    x = router_logits.to(compute)
-    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
-    # A stable descending sort keeps equal logits in ascending id order: the documented tie rule.
-    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
-    if mode == "softmax_topk":
-        weights = torch.softmax(x, dim=-1).gather(1, order)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-    else:
-        weights = torch.softmax(x.gather(1, order), dim=-1)
-    return order.to(torch.int32), weights
+    return ROUTING_FUNCTIONS[mode].torch(router_logits, k, renormalize)
 
 
 def route_topk(
     router_logits: torch.Tensor,
     k: int,
-    mode: RoutingMode = "softmax_topk",
+    mode: str = "softmax_topk",
     renormalize: bool = True,
     *,
     backend: Backend = "auto",
@@ -84,16 +170,18 @@ def route_topk(
     reference.
     """
     _check(router_logits, k, mode)
-    chosen = select_backend(
-        backend, router_logits.device, (router_logits.dtype,), TRITON_DTYPES, "route_topk"
-    )
-    if chosen == "torch":
-        return route_topk_torch(router_logits, k, mode, renormalize)
-    return _route_topk_triton(router_logits, k, mode, renormalize)
+    fn = ROUTING_FUNCTIONS[mode]
+    if fn.triton is None and backend == "triton":
+        raise ValueError(f"route_topk: routing function {mode!r} has no Triton kernel")
+    chosen = "torch"
+    if fn.triton is not None:
+        dtypes = (router_logits.dtype,)
+        chosen = select_backend(backend, router_logits.device, dtypes, TRITON_DTYPES, "route_topk")
+    return (fn.torch if chosen == "torch" else fn.triton)(router_logits, k, renormalize)
 
 
 def _route_topk_triton(
-    logits: torch.Tensor, k: int, mode: str, renormalize: bool
+    logits: torch.Tensor, k: int, renormalize: bool, *, mode: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from speq.kernels import _routing_kernels as kern
 
@@ -120,7 +208,7 @@ def _route_topk_triton(
         weights.stride(0),
         weights.stride(1),
         TOP_K=k,
-        MODE=(kern.SOFTMAX_TOPK if mode == "softmax_topk" else kern.TOPK_SOFTMAX).value,
+        MODE=mode,
         RENORMALIZE=renormalize,
         BLOCK_T=block_t,
         BLOCK_E=block_e,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROUTER_MODES = ("softmax_topk", "topk_softmax")
+from speq.kernels.routing import ROUTING_FUNCTIONS, ROUTING_MODES
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,9 @@ class MoEConfig:
     ``top_k`` of ``num_experts`` SwiGLU experts of width ``expert_intermediate_size``, plus a
     shared expert of width ``shared_expert_intermediate_size`` when that is non-zero.
 
-    ``router_mode`` is ``"softmax_topk"`` (softmax over all experts, then the top k, renormalised
-    to sum 1 when ``norm_topk_prob``) or ``"topk_softmax"`` (top k logits, then softmax over them).
+    ``router_mode`` names a routing function of `speq.kernels.routing.ROUTING_FUNCTIONS`:
+    ``"softmax_topk"`` (softmax over all experts, then the top k, renormalised to sum 1 when
+    ``norm_topk_prob``) or ``"topk_softmax"`` (top k logits, then softmax over them).
     """
 
     vocab_size: int
@@ -96,7 +97,10 @@ class MoEConfig:
                 ">= 1 when first_dense_layers > 0",
             )
         _require(
-            "router_mode", self.router_mode, lambda v: v in ROUTER_MODES, f"one of {ROUTER_MODES}"
+            "router_mode",
+            self.router_mode,
+            lambda v: v in ROUTING_FUNCTIONS,
+            f"one of {ROUTING_MODES}",
         )
         _require("rope_theta", self.rope_theta, lambda v: v > 0, "> 0")
         _require("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "> 0")

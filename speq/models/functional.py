@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from speq.kernels.routing import route_topk_torch
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, computed in at least fp32."""
@@ -63,8 +65,6 @@ def route(
     """Router logits ``[T, E]`` to ``(ids int64 [T, k], weights [T, k])``: the routing kernel's
     torch reference (ids in descending weight order, equal weights to the lower expert id,
     weights in ``promote(logits.dtype, fp32)``)."""
-    from speq.kernels.routing import route_topk_torch
-
     ids, weights = route_topk_torch(logits, k, mode, renormalize)
     return ids.long(), weights
 

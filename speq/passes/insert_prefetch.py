@@ -1,13 +1,15 @@
-"""insert_prefetch: make expert residency explicit for an offloading policy.
+"""insert_prefetch: make expert residency explicit for offloading.
 
-Precondition: fuse_moe ran (every routed-expert block is one FUSED_MOE). Each FUSED_MOE gets a WAIT on its routing ids right before it: the runtime makes the
-layer's experts resident there (a DATA_DEPENDENT host sync) and the FUSED_MOE reads them through
-the slot table the WAIT returns (under ``resident`` every WAIT is a hit). For ``nextgate`` every MoE layer but the last also gets a PREFETCH
-right after its router: the next MoE layer's router applied to this layer's MoE input predicts the
-experts to copy while this layer computes. For ``speq`` every router of the draft graph gets a
-PREFETCH from the Expert Lookahead Buffer: the draft's choice for the token it processes is
-recorded there, and the runtime's three-phase scheduler decides which copies to start. Which
-experts is known only at run time.
+Precondition: fuse_moe ran (every routed-expert block is one FUSED_MOE). Each FUSED_MOE gets a
+WAIT on its routing ids right before it: the runtime makes the layer's experts resident there (a
+DATA_DEPENDENT host sync) and the FUSED_MOE reads them through the residency the WAIT returns
+(its ``residency`` input; with everything resident every WAIT is a hit). With ``next_layer``
+(the ``nextgate`` policy) every MoE layer but the last also gets a PREFETCH right after its
+router: the next MoE layer's router applied to this layer's MoE input predicts the experts to
+copy while this layer computes. When the program has a draft graph (``speq``), every router of
+the draft gets a PREFETCH from the Expert Lookahead Buffer: the draft's choice for the token it
+processes is recorded there, and the runtime's three-phase scheduler decides which copies to
+start. Which experts is known only at run time.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from collections.abc import Callable
 from speq.ir.graph import Graph, Node, Value
 from speq.ir.ops import Op, Tag
 from speq.ir.program import Program
+from speq.ir.schema import input_named
 from speq.ir.verifier import VerificationError
 
 
-def insert_prefetch(policy: str) -> Callable[[Program], Program]:
+def insert_prefetch(next_layer: bool = False) -> Callable[[Program], Program]:
     def insert_prefetch(program: Program) -> Program:
-        program = program.with_graph(_target(program["step"], policy))
+        program = program.with_graph(_target(program["step"], next_layer))
         if "draft" in program:
             program = program.with_graph(_draft(program["draft"]))
         return program
@@ -41,24 +44,24 @@ def _draft(graph: Graph) -> Graph:
     return graph.replace_nodes(out)
 
 
-def _target(graph: Graph, policy: str) -> Graph:
+def _target(graph: Graph, next_layer: bool) -> Graph:
     if graph.with_tag(Tag.MOE_CHAIN):
         raise VerificationError("insert_prefetch needs fuse_moe first: unfused expert ops remain")
     routers = {n.outputs[0].name: n for n in graph.find(Op.ROUTER)}
     moes = graph.find(Op.FUSED_MOE)
     next_router: dict[int, tuple[Node, int]] = {}
-    if policy == "nextgate":
+    if next_layer:
         for a, b in itertools.pairwise(moes):
-            nxt = routers[b.inputs[1].name], b.attrs["layer"]
-            next_router[id(routers[a.inputs[1].name])] = nxt
+            nxt = routers[input_named(b, "ids").name], b.attrs["layer"]
+            next_router[id(routers[input_named(a, "ids").name])] = nxt
     producers = graph.producers()
     out: list[Node] = []
     for node in graph:
         if node.op is Op.FUSED_MOE:
             layer = node.attrs["layer"]
             ready = Value(f"l{layer}.resident", (), "residency")
-            out.append(Node(Op.WAIT, (node.inputs[1],), (ready,), {"layer": layer}))
-            node = node.replace(inputs=(*node.inputs[:5], ready))
+            out.append(Node(Op.WAIT, (input_named(node, "ids"),), (ready,), {"layer": layer}))
+            node = node.replace(inputs=(*node.inputs, ready))
         out.append(node)
         if node.op is Op.ROUTER and id(node) in next_router:
             out.extend(_nextgate(node, *next_router[id(node)], producers))

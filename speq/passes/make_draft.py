@@ -14,10 +14,8 @@ from collections.abc import Callable
 
 from speq.ir.graph import Graph, Node, Value
 from speq.ir.ops import Op, Tag
-from speq.ir.program import Program
+from speq.ir.program import DRAFT_PREFIX, Program
 from speq.ir.verifier import VerificationError
-
-DRAFT_PREFIX = "draft."
 
 
 def make_draft(bits: int, group_size: int) -> Callable[[Program], Program]:

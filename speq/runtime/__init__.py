@@ -1,4 +1,5 @@
-"""The runtime that executes compiled graphs: sampling, and (as it grows) expert offloading."""
+"""The runtime that executes compiled programs: the `Engine` (speq.runtime.engine), its backends
+and policies (registries), the offloading runtime, the speculative loop, sampling and metrics."""
 
 from speq.runtime.sampling import SamplingParams
 

@@ -1,112 +1,140 @@
-"""Choosing an emulated link whose compute : transfer ratio matches a real device.
+"""`Calibrator`: measures, on the backend in use, what the governor decides from.
 
-On a real GPU, fetching one expert over PCIe takes many times longer than computing one decode
-layer with everything resident (Phi-3.5-MoE on an A100 over PCIe 4.0, by the cost model: about
-22x). The CPU computes far slower than a GPU, so an honest emulation slows the link down by the
-same factor as the compute: the CPU's measured layer time over the GPU's modelled one. Then one
-expert copy costs the same number of layer-times on the CPU as on the real device.
+Pass times first (one draft pass and target passes over several token counts, experts read
+where they are, no copies: wall clock, or the sim backend's virtual clock), then short
+virtual-clock probes: speculation at a fixed k for the acceptance, the routing locality and the
+cache's reuse, and one-token decoding with the draft's memory as cache for the copies per token
+of the other split. The probes count experts, not time, so the virtual clock serves them without
+waiting. The result is a `speq.cost.Calibration`, which the governor pass turns into the policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from speq.frontend.spec import ModelSpec
-from speq.sim.cost import link_seconds, step_seconds
-from speq.sim.presets import expert_bytes, get_preset
-from speq.sim.profiles import get_profile
+from speq.cost import CacheModel, Calibration, HardwareModel, SpecPolicy
+from speq.runtime.link import VirtualLink
+from speq.runtime.policies import OnDemand
+from speq.runtime.sampling import SamplingParams
+from speq.runtime.speculative import Speq
+
+if TYPE_CHECKING:
+    from speq.runtime.engine import Engine
+
+PASS_TOKENS = (1, 2, 3, 5, 9, 17)  # the target pass sizes timed (T_verify is interpolated)
 
 
-@dataclass(frozen=True)
-class LinkCalibration:
-    """An emulated link (``link_gbps``, ``link_latency_us``) on which one expert copy of this
-    model takes ``ratio`` decode-layer times of this machine, as one expert of ``reference``
-    does on ``profile``."""
+class Calibrator:
+    """Calibration of one engine (see the module docstring)."""
 
-    reference: str
-    profile: str
-    ratio: float  # expert copy time / resident decode time of one layer, on the reference
-    time_scale: float  # CPU layer time / reference layer time
-    cpu_layer_ms: float
-    expert_bytes: int
-    link_gbps: float
-    link_latency_us: float
+    def __init__(self, engine: Engine, probe_k: int = 8, probe_tokens: int = 32) -> None:
+        self.engine, self.probe_k, self.probe_tokens = engine, probe_k, probe_tokens
+        self.draft_slots = 0  # expert slots beside the draft when it last calibrated
 
-    def describe(self) -> str:
-        return (
-            f"emulated link {self.link_gbps:.4g} GB/s, {self.link_latency_us:.4g} us latency: one "
-            f"expert copy takes {self.ratio:.1f} decode-layer times, as for {self.reference} on "
-            f"{self.profile} (cost model); CPU decode layer {self.cpu_layer_ms:.3f} ms (measured)"
+    def measure(self, prompt: torch.Tensor | None) -> Calibration:
+        """Calibrate on ``prompt`` (None: a fixed random prompt, at compile time) with the draft
+        on the device."""
+        engine = self.engine
+        cfg = engine.config
+        self.draft_slots = engine.memory.slots  # the cache beside the draft
+        if prompt is None:
+            # a fixed random prompt: a counting sequence makes the model babble digits that
+            # touch only a few experts, which says nothing about a cache's misses on real text
+            gen = torch.Generator().manual_seed(0)
+            prompt = torch.randint(0, cfg.vocab_size, (16,), generator=gen)
+        draft_s, verify = self.time_passes(prompt[None])
+        copy_s = VirtualLink(*engine.link_params).cost(engine.store.expert_bytes)
+        source = f"measured ({engine.backend.name})"
+        hw = HardwareModel(draft_s, verify, copy_s, source=source)
+        k = self.probe_k
+        n = max(1, min(self.probe_tokens, cfg.max_seq_len - prompt.shape[0] - k - 1))
+        acceptance, needs, new, tokens = self.probe(prompt, k, n)
+        cache = CacheModel.observed(cfg, engine.memory.slots, needs, new, tokens)
+        fits = cache.largest_fitting_k(cfg)
+        if cache.kept(needs) < needs / 2 and fits:
+            # the probe's windows overflowed the cache, which hides how much a window keeps from
+            # the one before: probe again at the largest k whose window fits
+            _, needs, new, _ = self.probe(prompt, fits, n)
+            cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+        ttft = engine.options.ttft_budget_ms
+        return Calibration(
+            hw,
+            tuple(acceptance or [0.5]),
+            cache,
+            plain_copies_per_token=self.plain_copies_per_token(prompt, n),
+            ttft_budget_s=math.inf if ttft is None else ttft / 1e3,
         )
 
+    def time_passes(
+        self, prompt: torch.Tensor, tokens: Sequence[int] = PASS_TOKENS, repeats: int = 3
+    ) -> tuple[float, dict[int, float]]:
+        """Median seconds of one draft pass and of target passes over each of ``tokens`` new
+        tokens, compute only (experts are read where they are, no copies), on the wall clock or
+        the sim backend's virtual clock."""
+        engine = self.engine
+        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True)
+        cache = engine.kv_cache()
+        p = int(prompt.shape[-1])
+        ids = prompt.reshape(-1)
+        engine.step("step", ids, cache, 0, session)
+        clock = session.link.now if engine.backend.modelled_time else time.perf_counter
 
-def reference_times(reference: str, profile: str) -> tuple[float, float]:
-    """(resident decode time of one layer, one expert copy time) in seconds, from the cost model."""
-    from speq.frontend.capture import capture
+        def timed(graph: str, t: int) -> float:
+            samples = []
+            for _ in range(repeats):
+                x = ids[:t] if t <= p else ids.repeat(t // p + 1)[:t]
+                t0 = clock()
+                engine.step(graph, x, cache, p, session)
+                samples.append(clock() - t0)
+                cache.truncate(p)
+            return statistics.median(samples)
 
-    cfg, prof = get_preset(reference), get_profile(profile)
-    layer = (
-        step_seconds(capture(ModelSpec(cfg, torch.bfloat16)), cfg, 1, 512, prof) / cfg.num_layers
-    )
-    return layer, link_seconds(expert_bytes(cfg), prof)
+        draft = timed("draft", 1) if "draft" in engine.program else 0.0
+        verify = {t: timed("step", t) for t in tokens}
+        session.finish("calibrate", 0, 0)
+        return draft, verify
 
+    def probe(
+        self, prompt: torch.Tensor, k: int, n: int
+    ) -> tuple[list[float], float, float, float]:
+        """Speculate at a fixed ``k`` for ``n`` tokens on the virtual clock: (acceptance by draft
+        position, experts needed at verification per cycle, of which copied during the cycle,
+        tokens per window), the cache's steady state (past the first cycle, which starts from
+        the prefill's experts)."""
+        engine = self.engine
+        probe = Speq(SpecPolicy(k=k))
+        session = engine.session(probe, virtual=True)
+        engine.decode(prompt, n, SamplingParams(), session)
+        session.finish("calibrate", prompt.shape[0], n)
+        st = probe.stats
+        steady = slice(1 if st.cycles > 1 else 0, None)
+        ks, io = st.k_per_cycle[steady], st.io_per_cycle[steady]
+        needs, new = (sum(x) / len(io) for x in zip(*io))
+        return probe.extra_metrics()["acceptance_by_position"], needs, new, 1 + sum(ks) / len(ks)
 
-def calibrate_link(
-    compiled,
-    prompt: torch.Tensor,
-    tokens: int = 16,
-    repeats: int = 3,
-    reference: str = "phi-3.5-moe",
-    profile: str = "a100-40g-pcie4",
-) -> LinkCalibration:
-    """Time ``compiled`` (a resident `CompiledModel`) decoding here; return the matching link."""
-    gpu_layer, copy = reference_times(reference, profile)
-    samples = []
-    for _ in range(repeats):
-        compiled.generate(prompt, tokens)
-        samples.append(compiled.metrics.tpot_ms)
-    cpu_layer = statistics.median(samples) * 1e-3 / compiled.config.num_layers
-    scale = cpu_layer / gpu_layer
-    latency = get_profile(profile).link_latency_us * 1e-6 * scale
-    nbytes = compiled.store.expert_bytes
-    gbps = nbytes / (copy * scale - latency) / 1e9
-    return LinkCalibration(
-        reference, profile, copy / gpu_layer, scale, cpu_layer * 1e3, nbytes, gbps, latency * 1e6
-    )
-
-
-def time_passes(
-    compiled, prompt: torch.Tensor, tokens: Sequence[int] = (1, 2, 3, 5, 9, 17), repeats: int = 3
-):
-    """Median seconds of one draft pass and of target passes over each of ``tokens`` new tokens,
-    compute only: experts are read where they are, no copies (wall clock, or the sim backend's
-    virtual clock)."""
-    import time
-
-    from speq.runtime.speculative import SpecPolicy, Speq
-
-    session = compiled._session(Speq(SpecPolicy(k=1)), virtual=True)
-    cache = compiled.kv_cache()
-    p = int(prompt.shape[-1])
-    ids = prompt.reshape(-1)
-    compiled._step("step", ids, cache, 0, session)
-    clock = session.link.now if compiled.options.backend == "sim" else time.perf_counter
-
-    def timed(graph: str, t: int) -> float:
-        samples = []
-        for _ in range(repeats):
-            x = ids[:t] if t <= p else ids.repeat(t // p + 1)[:t]
-            t0 = clock()
-            compiled._step(graph, x, cache, p, session)
-            samples.append(clock() - t0)
-            cache.truncate(p)
-        return statistics.median(samples)
-
-    draft = timed("draft", 1) if "draft" in compiled.program else 0.0
-    verify = {t: timed("step", t) for t in tokens}
-    session.finish("calibrate", 0, 0)
-    return draft, verify
+    def plain_copies_per_token(self, prompt: torch.Tensor, n: int) -> float:
+        """The other split of the memory: no draft, its bytes as cache slots, one token per
+        pass. A virtual-clock run (with LRU and no prefetch, which experts miss does not depend
+        on timing); its copies per token in the steady state, past the first half of the run,
+        as the speculative probe's cycles are counted past the first."""
+        engine = self.engine
+        mem = engine.memory
+        slots = min(
+            len(engine.store.keys()), mem.slots + engine.draft.device_bytes // mem.expert_bytes
+        )
+        session = engine.session(OnDemand(), virtual=True, slots=slots)
+        moved: list[int] = []
+        counters = session.runtime.counters
+        engine.decode(
+            prompt, n, SamplingParams(), session, lambda _: moved.append(counters.experts_moved)
+        )
+        session.finish("calibrate", prompt.shape[0], n)
+        half = len(moved) // 2
+        return (moved[-1] - (moved[half - 1] if half else 0)) / (len(moved) - half)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,10 +48,26 @@ class Residency:
 
 
 class OffloadPolicy:
-    """Hooks a policy adds to the runtime. The base class fetches on demand only."""
+    """Hooks a policy adds to the runtime. The base class fetches on demand only.
+
+    Class attributes say what a policy needs from the rest of speq (the registry in
+    speq.runtime.policies is read for them, never the policy's name): ``drafts``, a draft graph
+    and its quantized experts; ``next_layer_prefetch``, PREFETCH nodes fed by the next layer's
+    router; ``knows_future``, the run's routing recorded first (lookahead eviction needs it);
+    ``all_resident``, a slot for every expert. `for_run` makes the instance for one run."""
 
     name = "ondemand"
     eviction = "lru"
+    drafts = False
+    next_layer_prefetch = False
+    knows_future = False
+    all_resident = False
+
+    @classmethod
+    def for_run(cls, engine: Any, prompt: torch.Tensor, n: int, sampling: Any) -> OffloadPolicy:
+        """The policy for one `generate` of ``n`` tokens after ``prompt`` by ``engine`` (a
+        `speq.runtime.engine.Engine`, for the recordings some policies need first)."""
+        return cls()
 
     def extra_metrics(self) -> dict:
         """Policy-specific numbers for `Metrics.extra`."""

@@ -1,5 +1,8 @@
-"""The baseline offloading policies, by name. Each says how experts get onto the device:
+"""The offloading policies, by name: `POLICIES` (name → class) is the registry that options are
+validated against and runs look policies up in. Each says how experts get onto the device:
 
+- ``speq``: a quantized draft predicts the experts and they are prefetched while it drafts
+  (speq.runtime.speculative).
 - ``resident``: every expert is on the device from the start (the compute bound).
 - ``ondemand``: an LRU cache; a miss is fetched when the layer needs it (Mixtral-Offloading
   without speculation).
@@ -16,19 +19,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
 
 from speq.runtime.cache import next_use_from_schedule
 from speq.runtime.link import Priority
 from speq.runtime.offload import OffloadPolicy, OffloadRuntime
+from speq.runtime.speculative import Speq
 from speq.runtime.store import ExpertKey
-
-POLICIES = ("speq", "resident", "ondemand", "nextgate", "oracle")
 
 Schedule = Sequence[tuple[int, frozenset[int]]]  # (layer, experts) of every need, in order
 
 
 class Resident(OffloadPolicy):
     name = "resident"
+    all_resident = True
 
 
 class OnDemand(OffloadPolicy):
@@ -51,6 +58,7 @@ class NextGate(OffloadPolicy):
     """Prefetching happens at the PREFETCH nodes that insert_prefetch places for this policy."""
 
     name = "nextgate"
+    next_layer_prefetch = True
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,12 @@ def belady_plan(
 class Oracle(OffloadPolicy):
     name = "oracle"
     eviction = "lookahead"
+    knows_future = True
+
+    @classmethod
+    def for_run(cls, engine: Any, prompt: torch.Tensor, n: int, sampling: Any) -> Oracle:
+        """Record the run's routing first (a virtual-clock pass; its cost is not measured)."""
+        return cls(*engine.record_needs(prompt, n, sampling))
 
     def __init__(
         self, schedule: Schedule, group_of: Mapping[int, int], capacity: Sequence[int]
@@ -120,3 +134,16 @@ class Oracle(OffloadPolicy):
             f = self.plan[self._issued]
             rt.fetch_into(f.key, f.victim, Priority.NORMAL)
             self._issued += 1
+
+
+POLICIES: Mapping[str, type[OffloadPolicy]] = MappingProxyType(
+    {p.name: p for p in (Speq, Resident, OnDemand, NextGate, Oracle)}
+)
+
+
+def get_policy(name: str) -> type[OffloadPolicy]:
+    """The policy class called ``name``, or a ValueError listing those that exist."""
+    try:
+        return POLICIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown policy {name!r}: expected one of {tuple(POLICIES)}") from None

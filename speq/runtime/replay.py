@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from speq.ir.graph import Graph, Node
-from speq.ir.interpreter import RunContext, plan_implementations, run_node
 from speq.ir.ops import Op
+from speq.ir.run import ImplTable, RunContext, plan_implementations, run_node
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,13 @@ class Replayer:
         graph: Graph,
         inputs: Mapping[str, Any],
         ctx: RunContext,
-        backends: tuple[str, ...],
+        kernels: ImplTable,
     ) -> tuple[torch.Tensor, ...]:
-        """Like `speq.ir.interpreter.run_graph`; graph outputs are fresh tensors."""
+        """Like `speq.ir.run.run_graph`; graph outputs are fresh tensors."""
         if ctx.cache is not self._cache:  # captures write into the cache they were made with
             self._captured.clear()
             self._cache = ctx.cache
-        impls = plan_implementations(graph, backends)
+        impls = plan_implementations(graph, kernels)
         tokens = inputs["tokens"].shape[0]
         env: dict[str, Any] = {}
         for seg in self._plan(graph):
@@ -126,7 +126,7 @@ class Replayer:
                 elif node.op is Op.OUTPUT:
                     return tuple(_fresh(env[v.name]) for v in node.inputs)
                 else:
-                    run_node(node, env, ctx, impls[node.op], ctx.observer)
+                    run_node(node, env, ctx, impls[id(node)], ctx.observer)
                     self.stats.eager_nodes += 1
         raise ValueError(f"graph {graph.name} has no output node")
 
@@ -192,7 +192,7 @@ class Replayer:
         """Run a region's nodes on ``env`` (its buffers); return its outputs. No observer: inside
         a captured graph there is no per-node time."""
         for node in seg.nodes:
-            run_node(node, env, ctx, impls[node.op])
+            run_node(node, env, ctx, impls[id(node)])
         return {name: env[name] for name in seg.outputs}
 
 

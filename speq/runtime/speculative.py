@@ -27,43 +27,15 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from speq.cost import Governor, SpecPolicy
 from speq.runtime.link import Priority
 from speq.runtime.offload import OffloadPolicy, OffloadRuntime
 from speq.runtime.sampling import SamplingParams, probabilities
 from speq.runtime.store import ExpertKey
-
-DEFAULT_K = 4  # SpecPolicy's default k (speq.compile with k=None lets the governor choose)
-
-
-@dataclass(frozen=True)
-class SpecPolicy:
-    """The speculative policy: ``k`` drafted tokens per cycle, and the prefetch phases over the
-    k+1 draft passes of a cycle. Pass s is in phase I while ``s < phase2_start * (k+1)``, in phase
-    III from ``phase3_start * (k+1)`` on, in phase II between; phase II starts at most
-    ``phase2_width`` copies per draft pass."""
-
-    k: int = DEFAULT_K
-    phase2_start: float = 0.0
-    phase3_start: float = 0.5
-    phase2_width: int = 2
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
-        if not 0 <= self.phase2_start <= self.phase3_start <= 1:
-            raise ValueError("phase boundaries must satisfy 0 <= phase2_start <= phase3_start <= 1")
-        if self.phase2_width < 0:
-            raise ValueError(f"phase2_width must be >= 0, got {self.phase2_width}")
-
-    def phase(self, s: int, k: int) -> int:
-        """The phase (1, 2 or 3) of draft pass ``s`` of ``k + 1``; the last pass is always in
-        phase III, as drafting ends there."""
-        if s >= k or s >= self.phase3_start * (k + 1):
-            return 3
-        return 2 if s >= self.phase2_start * (k + 1) else 1
 
 
 class ExpertLookaheadBuffer:
@@ -129,7 +101,7 @@ class SpecStats:
 
 
 @dataclass(frozen=True)
-class _Route:
+class PendingRoute:
     """One draft router's choice on its way to the host: readable once ``done`` (a device
     event; None for host tensors) has completed."""
 
@@ -156,6 +128,19 @@ class Speq(OffloadPolicy):
 
     name = "speq"
     eviction = "lookahead"
+    drafts = True
+
+    @classmethod
+    def for_run(cls, engine: Any, prompt: torch.Tensor, n: int, sampling: Any) -> Speq:
+        """Under the governor's policy (and its online k) when the program has one, else at the
+        options' fixed k; with perfect prediction, the run's routing is recorded first."""
+        routing = None
+        if engine.options.predictor == "oracle":
+            routing = engine.record_routing(prompt, n, sampling)
+        if engine.governed is not None:
+            governed = engine.governed
+            return cls(governed.spec, Governor(governed, engine.config), routing)
+        return cls(SpecPolicy(k=engine.options.k), routing=routing)
 
     def __init__(
         self,
@@ -163,7 +148,7 @@ class Speq(OffloadPolicy):
         governor=None,
         routing: Mapping[tuple[int, int], Sequence[int]] | None = None,
     ) -> None:
-        """``governor``: a `speq.passes.governor.Governor` that re-solves k after every cycle;
+        """``governor``: a `speq.cost.Governor` that re-solves k after every cycle;
         None keeps ``policy.k``. ``routing``: perfect prediction, for benchmarks: the target's
         own experts by (position, layer), recorded in a first pass; the ELB then holds these
         instead of the draft router's choice (the draft still runs and proposes the tokens)."""
@@ -178,7 +163,7 @@ class Speq(OffloadPolicy):
         self.cycle_start = 0.0
         self.draft_pass = 0
         self._issued_this_pass = 0
-        self._routes: deque[_Route] = deque()
+        self.pending: deque[PendingRoute] = deque()  # router choices on their way to the host
         self.verifying = False
         self.verify_layer = -1
 
@@ -241,20 +226,21 @@ class Speq(OffloadPolicy):
             ids, weights = _to_pinned(ids), _to_pinned(weights)
             done = torch.cuda.Event()
             done.record()
-        self._routes.append(_Route(rt, self.draft_pass, layer, ids, weights, done))
+        self.pending.append(PendingRoute(rt, self.draft_pass, layer, ids, weights, done))
         self.read_routes(wait=False)
 
     def read_routes(self, wait: bool) -> None:
         """Record queued router choices in the ELB and start their phase's copies, in order:
         those whose copy is done, or all of them with ``wait`` (the end of a draft pass, when
         its token has been read and the device has caught up anyway)."""
-        while self._routes and (wait or self._routes[0].ready()):
-            r = self._routes.popleft()
+        while self.pending and (wait or self.pending[0].ready()):
+            r = self.pending.popleft()
             if r.done is not None:
                 r.done.synchronize()
-            self._schedule(r)
+            self.schedule(r)
 
-    def _schedule(self, r: _Route) -> None:
+    def schedule(self, r: PendingRoute) -> None:
+        """Record one draft router's choice in the ELB and start the copies its phase allows."""
         rt, layer = r.rt, r.layer
         chosen, gates = r.ids.reshape(-1).tolist(), r.weights.reshape(-1).float().tolist()
         if self.routing is not None:

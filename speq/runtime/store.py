@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speq.frontend.spec import ModelSpec
+from speq.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from speq.frontend.spec import ModelSpec
+from speq.ir.dtypes import FLOAT_DTYPES
 from speq.ir.graph import Dim, Graph, Node, Value
 from speq.ir.ops import Op
+from speq.kernels.routing import routing_function
 from speq.models.config import MoEConfig
+from speq.models.spec import ModelSpec
 from speq.sim.profiles import HardwareProfile
-
-FLOAT_DTYPES = frozenset({"f16", "bf16", "f32", "f64"})
 
 # bytes per element of the non-float dtypes; "kv" and "residency" are tokens that order nodes
 # (the KV cache written, a layer's experts made resident) and carry no data
@@ -190,7 +190,8 @@ def _attention(node: Node, c: _Ctx) -> NodeCost:
 @_register(Op.ROUTER)
 def _router(node: Node, c: _Ctx) -> NodeCost:
     (logits,) = node.inputs
-    return NodeCost(5.0 * c.numel(logits), c.nbytes(logits, *node.outputs))
+    flops = routing_function(node.attrs["mode"]).flops_per_logit * c.numel(logits)
+    return NodeCost(flops, c.nbytes(logits, *node.outputs))
 
 
 @_register(Op.GATHER)

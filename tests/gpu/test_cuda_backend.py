@@ -57,12 +57,12 @@ def test_cuda_graph_replay_equals_the_same_regions_run_eagerly(policy, k):
     outs = {}
     for capture in (True, False):
         cm = speq.compile(model, opts)
-        assert cm.replayer is not None and cm.replayer.capture
+        assert cm.engine.replayer is not None and cm.engine.replayer.capture
         if not capture:
-            cm.replayer = Replayer(capture=False)
+            cm.engine.replayer = Replayer(capture=False)
         outs[capture] = cm.generate(PROMPT, 16)
-        stats = cm.replayer.stats
+        stats = cm.engine.replayer.stats
         assert stats.replays > stats.captures > 0
     assert torch.equal(outs[True], outs[False])
     off = speq.compile(model, dataclasses.replace(opts, cuda_graphs=False))
-    assert off.replayer is None
+    assert off.engine.replayer is None

@@ -5,6 +5,7 @@ from golden import check_golden
 from helpers import VARIANTS, tiny_model
 from speq.frontend import capture, from_reference
 from speq.ir import Op, RunContext, run_graph
+from speq.runtime.ops_eager import EAGER_TABLE
 
 GOLDEN_VARIANT = dict(
     num_layers=2,
@@ -47,11 +48,16 @@ def test_interpreter_equals_eager_model(variant):
     with torch.no_grad():
         ref = model(ids[None])[0]
         cache = model.new_cache()
-        (prefill,) = run_graph(graph, {"tokens": ids[:9], "pos": 0}, RunContext(params, cache, 0))
+        (prefill,) = run_graph(
+            graph, {"tokens": ids[:9], "pos": 0}, RunContext(params, cache, 0), EAGER_TABLE
+        )
         steps = [prefill]
         for p in range(9, 13):
             (logits,) = run_graph(
-                graph, {"tokens": ids[p : p + 1], "pos": p}, RunContext(params, cache, p)
+                graph,
+                {"tokens": ids[p : p + 1], "pos": p},
+                RunContext(params, cache, p),
+                EAGER_TABLE,
             )
             steps.append(logits)
     got = torch.cat(steps)

@@ -100,7 +100,7 @@ def test_host_value_reader_inside_replay_region(graph):
     from speq.passes.fuse_moe import fuse_moe
     from speq.passes.insert_prefetch import insert_prefetch
 
-    step = insert_prefetch("ondemand")(Program((fuse_moe(graph),)))["step"]
+    step = insert_prefetch()(Program((fuse_moe(graph),)))["step"]
     bad = _swap(step, Op.FUSED_MOE, lambda n: n.annotate(region=2))
     with pytest.raises(
         VerificationError,

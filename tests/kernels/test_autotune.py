@@ -1,5 +1,5 @@
-"""KernelConfig, the analytic default, the JSON config files and lookup, and ``speq tune``'s
-entry point on a machine without CUDA."""
+"""KernelConfig, the analytic default, the JSON config files and lookup, the tuner's search
+space, and ``speq tune``'s command line on a machine without CUDA."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ import json
 import pytest
 import torch
 
-from speq.kernels import PRESETS, KernelConfig, default_config, get_config
+from speq.cli import main
+from speq.kernels import PRESETS, KernelConfig, MoEShape, default_config, get_config
 from speq.kernels._triton import TRITON_VERSION
 from speq.kernels.autotune import (
     DEFAULT_BUCKETS,
     config_path,
     load_configs,
     nearest_bucket,
-    search_space,
-    tune_main,
     weight_format,
     write_configs,
 )
 from speq.kernels.shapes import get_shape
+from speq.kernels.tuner import search_space
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -110,13 +110,44 @@ def test_shapes_table() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
-def test_tune_main_without_cuda(capsys) -> None:
-    assert tune_main(["--model", "mixtral-8x7b"]) == 0
+def test_tune_without_cuda(capsys) -> None:
+    threads = str(torch.get_num_threads())  # main sets torch's threads: keep them for later tests
+    assert main(["--threads", threads, "tune", "--model", "mixtral-8x7b"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "CUDA" in out[0]
 
 
 @pytest.mark.parametrize("argv", [["--E", "8"], ["--model", "nope"]])
-def test_tune_main_rejects_bad_arguments(argv: list[str]) -> None:
-    with pytest.raises(SystemExit):
-        tune_main(argv)
+def test_tune_rejects_bad_arguments(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", *argv])
+    assert exc.value.code == 2  # argparse's usage error
+
+
+def test_tune_writes_what_the_tuner_found(tmp_path, monkeypatch, capsys) -> None:
+    """The command's GPU path on the CPU: a stand-in tuner, the real file writing and lookup."""
+    import speq.kernels.tuner as tuner
+
+    found = {1: (KernelConfig(split_k=2, align="direct"), 12.5), 64: (KernelConfig(), 80.0)}
+    seen = {}
+
+    def fake_tune_shape(shape, dtype, buckets, **kw):
+        seen.update(shape=shape, dtype=dtype, buckets=buckets, **kw)
+        return found
+
+    monkeypatch.setattr(tuner, "tuning_available", lambda: True)
+    monkeypatch.setattr(tuner, "tune_shape", fake_tune_shape)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    threads = str(torch.get_num_threads())
+    argv = ["--threads", threads, "tune", "--E", "8", "--N", "64", "--K", "32", "--top-k", "2"]
+    argv += ["--dtype", "fp16", "--bits", "4", "--group-size", "32", "--buckets", "1", "64"]
+    assert main([*argv, "--max-candidates", "5", "--out", str(tmp_path)]) == 0
+    assert seen["shape"] == MoEShape("custom", num_experts=8, top_k=2, hidden=32, intermediate=64)
+    assert seen["dtype"] == torch.float16 and seen["buckets"] == [1, 64]
+    assert (seen["bits"], seen["group_size"], seen["max_candidates"]) == (4, 32, 5)
+    path = config_path(8, 64, 32, "float16-int4g32", "Fake GPU", TRITON_VERSION, tmp_path)
+    assert load_configs(path) == {t: cfg for t, (cfg, _) in found.items()}
+    meta = json.loads(path.read_text())["meta"]
+    assert meta["model"] == "custom" and meta["us"] == {"1": 12.5, "64": 80.0}
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("custom: 2 buckets in ") and line.endswith(f"-> {path}")

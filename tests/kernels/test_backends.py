@@ -3,6 +3,7 @@ compiled ahead of time for NVIDIA GPUs (what the interpreter does not check)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -114,7 +115,7 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 @pytest.mark.skipif(
-    not (Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia").is_dir()
+    not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia").is_dir()
     if HAS_TRITON
     else True,
     reason="this Triton has no NVIDIA backend",

@@ -6,7 +6,7 @@ import torch
 
 import speq
 from helpers import speq_budget, tiny_config, tiny_model
-from speq.passes.governor import (
+from speq.cost import (
     K_MAX,
     CacheModel,
     Governor,
@@ -170,19 +170,19 @@ def test_compile_drops_the_draft_when_its_memory_serves_better_as_cache():
 def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
     """The k = 8 probe's windows overflow a small cache, which hides the reuse between windows:
     the calibration probes again at the largest k whose window fits, and takes reuse from it."""
-    from speq.compiler import CompiledModel
+    from speq.runtime.calibrate import Calibrator
 
     model = tiny_model(torch.float64, num_layers=3, num_experts=8, top_k=1)
     budget = speq_budget(model, 7)
     probes = []
-    probe = CompiledModel._probe
+    probe = Calibrator.probe
 
     def spy(self, prompt, k, n):
         out = probe(self, prompt, k, n)
         probes.append((k, out[1], out[2]))
         return out
 
-    monkeypatch.setattr(CompiledModel, "_probe", spy)
+    monkeypatch.setattr(Calibrator, "probe", spy)
     opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=0.01)
     cache = speq.compile(model, opts).governed.cache
     (k1, needs1, _), (k2, needs2, new2) = probes
@@ -198,21 +198,21 @@ def test_a_run_that_copies_more_than_calibrated_switches_to_the_draft(monkeypatc
     draft is dropped. The run then copies experts at every step, so after the warm-up and one
     observation window the governor brings the draft back over the link and speculates, with
     the output unchanged. The next run starts from the calibrated split again."""
-    from speq.compiler import SWITCH_WARMUP, SWITCH_WINDOW, CompiledModel
-    from speq.passes.governor import Estimate
+    from speq.cost import Calibration, Estimate
+    from speq.runtime.switch import SWITCH_WARMUP, SWITCH_WINDOW
 
     model = tiny_model(torch.float64, num_layers=3)
     prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
     expected = speq.compile(model).generate(prompt, 24)
     budget = speq_budget(model, 4)
-    govern = CompiledModel._govern
+    govern = Calibration.govern
 
-    def misjudged(self, prompt, *args, **kwargs):
-        policy = govern(self, prompt, *args, **kwargs)
+    def misjudged(self, cfg):
+        policy = govern(self, cfg)
         free = Estimate(0, 1.0, 1e-6, 0.0, 0.0, 0.0, 1e-6)  # predicted: no copies, no time
         return dataclasses.replace(policy, plain=free)
 
-    monkeypatch.setattr(CompiledModel, "_govern", misjudged)
+    monkeypatch.setattr(Calibration, "govern", misjudged)
     opts = speq.CompileOptions(
         policy="speq",
         device_memory=budget,

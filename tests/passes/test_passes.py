@@ -10,6 +10,8 @@ from speq.passes.fuse_moe import fuse_moe
 from speq.passes.insert_prefetch import insert_prefetch
 from speq.passes.lower import lower
 from speq.passes.make_draft import make_draft
+from speq.runtime.backends import KERNELS
+from speq.runtime.policies import get_policy
 
 GOLDEN_VARIANT = dict(num_layers=3, first_dense_layers=1, dense_intermediate_size=40)
 
@@ -71,14 +73,14 @@ def test_fuse_moe_before_expected():
 
 
 def test_insert_prefetch_nextgate_golden(captured):
-    program = insert_prefetch("nextgate")(Program((fuse_moe(captured),)))
+    program = insert_prefetch(next_layer=True)(Program((fuse_moe(captured),)))
     check_golden("insert_prefetch_nextgate", str(verify(program)))
 
 
 def test_insert_prefetch_counts(captured):
     fused = Program((fuse_moe(captured),))
     for policy in ("resident", "ondemand", "oracle", "nextgate"):
-        g = verify(insert_prefetch(policy)(fused)["step"])
+        g = verify(insert_prefetch(get_policy(policy).next_layer_prefetch)(fused)["step"])
         assert len(g.find(Op.WAIT)) == 2
         assert all(n.inputs[-1].dtype == "residency" for n in g.find(Op.FUSED_MOE))
         # nextgate: a PREFETCH for every MoE layer but the first, issued one layer early
@@ -87,13 +89,13 @@ def test_insert_prefetch_counts(captured):
 
 def test_insert_prefetch_needs_fuse_moe_first(captured):
     with pytest.raises(VerificationError, match="fuse_moe first"):
-        insert_prefetch("ondemand")(Program((captured,)))
+        insert_prefetch()(Program((captured,)))
 
 
 def test_make_draft_and_elb_prefetch_golden(captured):
     program = make_draft(4, 128)(Program((fuse_moe(captured),)))
     assert program.names() == ["step", "draft"]
-    program = verify(insert_prefetch("speq")(program))
+    program = verify(insert_prefetch()(program))
     check_golden("speq_draft", str(program["draft"]))
     draft = program["draft"]
     assert not draft.find(Op.WAIT)  # the draft's experts are resident
@@ -123,20 +125,23 @@ def test_compile_keeps_every_pass(policy, names):
     assert cm.graphs.names() == names
     for record in cm.graphs:
         verify(record.program)
-    assert cm.program is cm.graphs["lower"]
+    # the program that runs holds the lowered graphs; the governor only annotates it
+    assert cm.program is cm.graphs[-1]
+    assert all(a is b for a, b in zip(cm.program, cm.graphs["lower"], strict=True))
+    assert ("policy" in cm.program.annotations) == (policy == "speq")
     assert cm.graph is cm.program["step"]
 
 
 def test_lower_places_every_node(captured):
-    program = insert_prefetch("nextgate")(Program((fuse_moe(captured),)))
-    lowered = verify(lower(("offload", "eager"))(program))["step"]
+    program = insert_prefetch(next_layer=True)(Program((fuse_moe(captured),)))
+    lowered = verify(lower(KERNELS)(program))["step"]
     check_golden("lower_nextgate", str(lowered))
     work = [n for n in lowered if n.op not in (Op.INPUT, Op.PARAM, Op.OUTPUT)]
-    assert all("kernel" in n.meta and "stream" in n.meta for n in work)
-    for n in lowered.find(Op.WAIT):
-        assert n.meta["stream"] == "host" and "region" not in n.meta
-    for n in lowered.find(Op.PREFETCH):
-        assert n.meta["stream"] == "copy" and "region" not in n.meta
+    # every meta key lower writes is read by an executor: the kernel by the run loop, the region
+    # by the replayer (copies go on the link's stream, not a node's)
+    assert all("kernel" in n.meta and set(n.meta) <= {"kernel", "region"} for n in work)
+    for n in lowered.find(Op.WAIT) + lowered.find(Op.PREFETCH):
+        assert "region" not in n.meta
     assert lowered.find(Op.FUSED_MOE)[0].meta["kernel"] == "offload:fused_moe"
     assert lowered.find(Op.RMSNORM)[0].meta["kernel"] == "eager:rmsnorm"
     # regions are runs of compute between host syncs: layer 1's PREFETCH, WAIT and FUSED_MOE
@@ -144,9 +149,9 @@ def test_lower_places_every_node(captured):
     regions = [n.meta["region"] for n in work if "region" in n.meta]
     assert regions == sorted(regions) and len(set(regions)) == 3
     for n in lowered.find(Op.FUSED_MOE):
-        assert n.meta["stream"] == "compute" and "region" not in n.meta
+        assert "region" not in n.meta
     with pytest.raises(ValueError, match="after insert_prefetch"):
-        lower(("offload", "eager"))(Program((fuse_moe(captured),)))
+        lower(KERNELS)(Program((fuse_moe(captured),)))
 
 
 def test_insert_prefetch_before_expected():
@@ -181,5 +186,5 @@ def test_insert_prefetch_before_expected():
             Node(Op.OUTPUT, (y,), ()),
         ],
     )
-    got = insert_prefetch("ondemand")(Program((verify(before),)))["step"]
+    got = insert_prefetch()(Program((verify(before),)))["step"]
     assert str(verify(got)) == str(verify(expected))

@@ -6,10 +6,10 @@ import torch
 
 import speq
 from helpers import speq_budget, tiny_model
-from speq.ir.interpreter import run_graph
 from speq.ir.ops import Op
+from speq.ir.run import run_graph
 from speq.models.kv_cache import KVCache
-from speq.runtime.execute import BACKENDS
+from speq.runtime.backends import KERNELS
 from speq.runtime.replay import Replayer, segments
 from speq.runtime.speculative import SpecPolicy, Speq
 
@@ -52,9 +52,9 @@ def test_replayed_regions_keep_greedy_output(policy, k):
     expected = speq.compile(model).generate(PROMPT, 12)
     opts = speq.CompileOptions(policy=policy, k=k, device_memory=speq_budget(model, 4))
     cm = speq.compile(model, opts)
-    cm.replayer = Replayer(capture=False)
+    cm.engine.replayer = Replayer(capture=False)
     assert torch.equal(cm.generate(PROMPT, 12), expected)
-    stats = cm.replayer.stats
+    stats = cm.engine.replayer.stats
     assert stats.replays > stats.captures > 0 and stats.eager_nodes > 0
     captures, replays = stats.captures, stats.replays
     assert torch.equal(cm.generate(PROMPT, 12), expected)  # the same KV cache: no new capture
@@ -68,17 +68,17 @@ def test_one_step_equals_the_interpreter_at_any_position():
         model, speq.CompileOptions(policy="ondemand", device_memory=speq_budget(model, 3))
     )
     graph = cm.program["step"]
-    session = cm._session(Speq(SpecPolicy(k=1)), virtual=True)
+    session = cm.engine.session(Speq(SpecPolicy(k=1)), virtual=True)
     caches = [KVCache(cm.config, 1, torch.float64) for _ in range(2)]
     replayer = Replayer(capture=False)
     tokens = PROMPT[0]
     for pos in range(len(tokens)):
         x = tokens[pos : pos + 1]
         ref = run_graph(
-            graph, {"tokens": x, "pos": pos}, session.context(caches[0], pos, 1), BACKENDS
+            graph, {"tokens": x, "pos": pos}, session.context(caches[0], pos, 1), KERNELS
         )
         ctx = session.context(caches[1], pos, 1)
-        got = replayer.run(graph, {"tokens": x, "pos": torch.tensor(pos)}, ctx, BACKENDS)
+        got = replayer.run(graph, {"tokens": x, "pos": torch.tensor(pos)}, ctx, KERNELS)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(caches[1].k[:, :, : pos + 1], caches[0].k[:, :, : pos + 1])
     assert replayer.stats.captures == len(segments(graph)) - sum(
@@ -89,7 +89,7 @@ def test_one_step_equals_the_interpreter_at_any_position():
         graph,
         {"tokens": tokens[:1], "pos": torch.tensor(0)},
         session.context(KVCache(cm.config, 1, torch.float64), 0, 1),
-        BACKENDS,
+        KERNELS,
     )
     assert replayer.stats.captures == 2 * captures  # a new KV cache: captured again
 

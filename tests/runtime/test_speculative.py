@@ -182,7 +182,7 @@ def test_perfect_prediction_replays_the_targets_own_routing():
         h.remove()
     opts = speq.CompileOptions(policy="speq", k=3, predictor="oracle", backend="sim")
     cm = speq.compile(model, opts)
-    recorded = cm._record_routing(PROMPT[0], N, SamplingParams())
+    recorded = cm.engine.record_routing(PROMPT[0], N, SamplingParams())
     first = PROMPT.shape[1] - 1
     assert recorded == {
         key: experts for key, experts in truth.items() if first <= key[0] < first + N
@@ -304,17 +304,17 @@ def test_router_choices_read_at_the_end_of_their_draft_pass_fill_the_same_elb(mo
         policy="speq", k=4, device_memory=speq_budget(model, 4), link_gbps=0.05, backend="sim"
     )
     queued, rows = [], []
-    schedule, record = speculative.Speq._schedule, speculative.ExpertLookaheadBuffer.record
+    schedule, record = speculative.Speq.schedule, speculative.ExpertLookaheadBuffer.record
 
     def spy_schedule(self, r):
-        queued.append(len(self._routes))  # rows still waiting behind this one
+        queued.append(len(self.pending))  # rows still waiting behind this one
         schedule(self, r)
 
     def spy_record(self, s, layer, ids, weights):
         rows.append((s, layer, tuple(ids), tuple(weights)))
         record(self, s, layer, ids, weights)
 
-    monkeypatch.setattr(speculative.Speq, "_schedule", spy_schedule)
+    monkeypatch.setattr(speculative.Speq, "schedule", spy_schedule)
     monkeypatch.setattr(speculative.ExpertLookaheadBuffer, "record", spy_record)
     at_once = speq.compile(model, opts)
     assert torch.equal(at_once.generate(PROMPT, N), expected)
@@ -322,7 +322,7 @@ def test_router_choices_read_at_the_end_of_their_draft_pass_fill_the_same_elb(mo
     rows_at_once, m_at_once = list(rows), at_once.metrics
     queued.clear(), rows.clear()
 
-    monkeypatch.setattr(speculative._Route, "ready", lambda self: False)  # copies in flight
+    monkeypatch.setattr(speculative.PendingRoute, "ready", lambda self: False)  # copies in flight
     late = speq.compile(model, opts)
     assert torch.equal(late.generate(PROMPT, N), expected)
     assert max(queued) == 3 - 1  # a pass's rows, read together when it ends

@@ -4,8 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import tiny_model
-from speq.frontend import ModelSpec, capture, from_reference
+from speq.frontend import capture, from_reference
 from speq.ir import Node, Op, Value
+from speq.models.spec import ModelSpec
 from speq.sim import (
     NodeCost,
     active_params,

@@ -1,9 +1,9 @@
 import pytest
 
 from speq.cli import main
-from speq.passes.governor import K_MAX
+from speq.cost import K_MAX
+from speq.passes.governor import modelled_hardware, roofline
 from speq.sim import get_preset, get_profile
-from speq.sim.roofline import modelled_hardware, roofline
 
 
 def test_modelled_hardware_orders_its_times():

@@ -1,9 +1,5 @@
-"""The offloading backend's op implementations, and `Session`: one generate call's runtime.
-
-Ops not listed here run with the eager implementations. Expert weights are not device tensors
-under offloading: their PARAM nodes yield nothing and FUSED_MOE reads the slot pool through the
-residency its WAIT returned.
-"""
+"""`Session`: the state of one generate call's run: the offloading runtime, the clock, the
+timeline and the metrics it ends with."""
 
 from __future__ import annotations
 
@@ -11,51 +7,17 @@ from typing import Any
 
 import torch
 
-from speq.frontend.spec import ModelSpec
 from speq.ir.graph import Node
-from speq.ir.interpreter import RunContext, lookup, register
 from speq.ir.ops import Op
-from speq.models import functional as fn
+from speq.ir.run import RunContext
+from speq.ir.schema import bind
 from speq.models.kv_cache import KVCache
-from speq.runtime.link import Link, Priority
+from speq.models.spec import ModelSpec
+from speq.runtime.backends import Backend
+from speq.runtime.link import Link
 from speq.runtime.metrics import Counters, Metrics, Timeline
 from speq.runtime.offload import OffloadRuntime
 from speq.sim.cost import node_cost, node_seconds
-
-BACKENDS = ("offload", "eager")
-
-
-@register(Op.PARAM, "offload")
-def _param(node, args, ctx):
-    name = node.attrs["name"]
-    if ctx.runtime.store.is_expert_param(name):
-        return (None,)
-    return (ctx.params[name],)
-
-
-@register(Op.WAIT, "offload")
-def _wait(node, args, ctx):
-    return (ctx.runtime.need(node.attrs["layer"], args[0]),)
-
-
-@register(Op.FUSED_MOE, "offload")
-def _fused_moe(node, args, ctx):
-    if len(args) == 5:  # no WAIT: resident weights (the draft's quantized experts)
-        return lookup(Op.FUSED_MOE, ("eager",))(node, args, ctx)
-    x, ids, weights, _, _, residency = args
-    return (ctx.runtime.moe(x, ids, weights, residency),)
-
-
-@register(Op.PREFETCH, "offload")
-def _prefetch(node, args, ctx):
-    a = node.attrs
-    if a["source"] == "elb":  # the draft's routing, into the Expert Lookahead Buffer
-        ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
-        return ()
-    hidden, router = args
-    ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"])
-    ctx.runtime.prefetch(a["layer"], sorted(set(ids.reshape(-1).tolist())), Priority.NORMAL)
-    return ()
 
 
 class Session:
@@ -66,7 +28,7 @@ class Session:
         spec: ModelSpec,
         params: dict[str, torch.Tensor],
         runtime: OffloadRuntime,
-        backend: str,
+        backend: Backend,
         profile: Any = None,
         timeline: Timeline | None = None,
         seconds_cache: dict | None = None,
@@ -88,10 +50,11 @@ class Session:
         return RunContext(self.params, cache, pos, self.runtime, self._observe)
 
     def _observe(self, node: Node, args: tuple, outs: tuple, seconds: float) -> None:
-        if self.backend == "sim":
+        if self.backend.modelled_time:
             touched = None
-            if node.op is Op.FUSED_MOE and len(args) == 6:  # the WAIT's Residency is last
-                touched = sum(len(c) for c in args[5].chunks)
+            residency = bind(node, args)["residency"] if node.op is Op.FUSED_MOE else None
+            if residency is not None:  # the experts the WAIT made resident
+                touched = sum(len(c) for c in residency.chunks)
             key = (id(node), self._tokens, self._context, touched)
             seconds = self._seconds.get(key)
             if seconds is None:
@@ -128,7 +91,7 @@ class Session:
         stalls = d.needs - d.hits  # demand fetches and late prefetches: the compute waited
         return Metrics(
             policy=policy,
-            backend=self.backend,
+            backend=self.backend.name,
             prompt_tokens=prompt_tokens,
             tokens=new_tokens,
             prefill_ms=(prefill_end - self._start) * 1e3,

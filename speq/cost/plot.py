@@ -1,48 +1,19 @@
-"""The Amortization Roofline of a model on a hardware profile, and its plot.
+"""The Amortization Roofline of a policy, as a plot.
 
 x: amortization intensity I(k) = tokens committed per cycle / bytes copied per cycle (tokens per
 GB); y: throughput Theta(k) (tokens/s). The I/O roof is Theta = B_link * I; each k has a compute
 roof tokens(k) / (T_draft(k) + T_verify(k+1)); the operating point of k is where the cost model
-puts Theta(k); the governor's k* is marked. Pass times come from the cost model (bf16 weights,
-INT4 draft experts), acceptance and miss rate from the caller.
+puts Theta(k); the governor's k* is marked.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from speq.frontend.capture import capture
-from speq.frontend.spec import ModelSpec
-from speq.ir.program import Program
+from speq.cost.roofline import Policy
 from speq.models.config import MoEConfig
-from speq.passes.fuse_moe import fuse_moe
-from speq.passes.governor import CacheModel, HardwareModel, Policy, govern
-from speq.passes.make_draft import make_draft
-from speq.sim.cost import link_seconds, step_seconds
 from speq.sim.presets import expert_bytes
 from speq.sim.profiles import HardwareProfile
-
-
-def modelled_hardware(
-    cfg: MoEConfig, profile: HardwareProfile, context: int = 512
-) -> HardwareModel:
-    """Draft-pass, verify and copy times of ``cfg`` on ``profile`` from the cost model."""
-    program = make_draft(4, 128)(Program((fuse_moe(capture(ModelSpec(cfg, torch.bfloat16))),)))
-    draft = step_seconds(program["draft"], cfg, 1, context, profile)
-    verify = {t: step_seconds(program["step"], cfg, t, context, profile) for t in (1, 2, 3, 5, 9)}
-    return HardwareModel(
-        draft, verify, link_seconds(expert_bytes(cfg), profile), source=f"modelled ({profile.name})"
-    )
-
-
-def roofline(
-    cfg: MoEConfig, profile: HardwareProfile, acceptance: float, miss_rate: float
-) -> Policy:
-    return govern(
-        cfg, modelled_hardware(cfg, profile), [acceptance], CacheModel.from_miss_rate(miss_rate)
-    )
 
 
 def plot(

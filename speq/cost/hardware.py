@@ -1,0 +1,27 @@
+"""`HardwareModel`: the seconds of the pieces of a speculative cycle on one backend."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """Seconds of the pieces of a cycle on the backend in use (measured, or from a profile)."""
+
+    draft_pass_s: float  # one one-token draft pass
+    verify_s: Mapping[int, float]  # target pass time by tokens T (interpolated between)
+    copy_s: float  # one expert over the link
+    source: str = "measured"
+
+    def verify(self, tokens: int) -> float:
+        pts = sorted(self.verify_s.items())
+        if tokens <= pts[0][0] or len(pts) == 1:
+            return pts[0][1]
+        for (t0, s0), (t1, s1) in itertools.pairwise(pts):
+            if tokens <= t1:
+                return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+        (t0, s0), (t1, s1) = pts[-2], pts[-1]
+        return s1 + (s1 - s0) / (t1 - t0) * (tokens - t1)

@@ -1,0 +1,112 @@
+"""The run loop: execute a graph node by node with an implementation table.
+
+The IR holds no implementations. A backend supplies an `ImplTable`: named sets of op
+implementations, searched in order. `lower` records in each node's ``kernel`` meta which one it
+chose (``"<set>:<op>"``); the run loop dispatches on that name, and on the op for graphs that were
+never lowered (the captured graph in tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from speq.ir.graph import Graph, Node
+from speq.ir.ops import Op
+
+
+@dataclass
+class RunContext:
+    """What a graph reads besides its inputs: weights, the KV cache and the start position; the
+    offloading ``runtime`` when there is one; and an ``observer(node, args, outs, seconds)``
+    called after every node (the sim backend advances its clock there, timelines record)."""
+
+    params: Mapping[str, Any]
+    cache: Any  # a speq.models.KVCache
+    pos: int = 0
+    runtime: Any = None
+    observer: Callable[[Node, tuple[Any, ...], tuple[Any, ...], float], None] | None = None
+
+
+Impl = Callable[[Node, tuple[Any, ...], RunContext], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class ImplTable:
+    """Sets of op implementations by name, searched in order: ``(("offload", {...}), ("eager",
+    {...}))`` runs an op from ``offload`` when that set has it, else from ``eager``."""
+
+    sets: tuple[tuple[str, Mapping[Op, Impl]], ...]
+
+    def kernel(self, op: Op) -> str:
+        """``"<set>:<op>"``: the first set that implements ``op``."""
+        for name, impls in self.sets:
+            if op in impls:
+                return f"{name}:{op.name.lower()}"
+        names = tuple(name for name, _ in self.sets)
+        raise NotImplementedError(f"no implementation of {op.name.lower()} in {names}")
+
+    def kernels(self) -> dict[Op, str]:
+        """The kernel of every op some set implements."""
+        return {op: self.kernel(op) for _, impls in self.sets for op in impls}
+
+    def impl(self, kernel: str) -> Impl:
+        """The implementation a ``"<set>:<op>"`` name stands for."""
+        name, _, op = kernel.partition(":")
+        for set_name, impls in self.sets:
+            if set_name == name and Op[op.upper()] in impls:
+                return impls[Op[op.upper()]]
+        raise KeyError(kernel)
+
+
+def plan_implementations(graph: Graph, table: ImplTable) -> dict[int, Impl]:
+    """The implementation of every node of ``graph`` (by ``id``): the one its ``kernel`` meta
+    names (a ValueError when ``table`` lacks it), else the first for its op."""
+    out: dict[int, Impl] = {}
+    missing = set()
+    for node in graph:
+        if node.op in (Op.INPUT, Op.OUTPUT):
+            continue
+        kernel = node.meta.get("kernel") or table.kernel(node.op)
+        try:
+            out[id(node)] = table.impl(kernel)
+        except KeyError:
+            missing.add(kernel)
+    if missing:
+        names = tuple(name for name, _ in table.sets)
+        raise ValueError(
+            f"the lowered plan names kernels {sorted(missing)} that {names} do not provide"
+        )
+    return out
+
+
+def run_node(node: Node, env: dict[str, Any], ctx: RunContext, impl: Impl, observer=None) -> None:
+    """Run one node on the values in ``env`` and store its outputs there; ``observer(node, args,
+    outs, seconds)`` after it when given."""
+    args = tuple(env[v.name] for v in node.inputs)
+    t0 = time.perf_counter()
+    outs = impl(node, args, ctx)
+    if observer is not None:
+        observer(node, args, outs, time.perf_counter() - t0)
+    for v, t in zip(node.outputs, outs, strict=True):
+        env[v.name] = t
+
+
+def run_graph(
+    graph: Graph, inputs: Mapping[str, Any], ctx: RunContext, table: ImplTable
+) -> tuple[torch.Tensor, ...]:
+    """Run ``graph`` and return the tensors of its OUTPUT node."""
+    env: dict[str, Any] = {}
+    impls = plan_implementations(graph, table)
+    for node in graph.nodes:
+        if node.op is Op.INPUT:
+            env[node.out.name] = inputs[node.attrs["name"]]
+            continue
+        if node.op is Op.OUTPUT:
+            return tuple(env[v.name] for v in node.inputs)
+        run_node(node, env, ctx, impls[id(node)], ctx.observer)
+    raise ValueError(f"graph {graph.name} has no output node")

@@ -1,0 +1,77 @@
+"""`DraftWeights`: the draft's quantized experts, on the device while speculation uses them and in
+host memory while the governor gives their bytes to the expert cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from speq.ir.ops import Op
+from speq.ir.program import DRAFT_PREFIX, Program
+from speq.runtime.link import Copy, Priority
+from speq.runtime.offload import OffloadRuntime
+from speq.runtime.store import ExpertStore
+
+
+class DraftWeights:
+    """The weight-only quantized copies of the routed experts that the draft graph's quantized
+    PARAM nodes (those with ``bits``) name, made from the host store."""
+
+    def __init__(self, program: Program, store: ExpertStore, device: torch.device) -> None:
+        from speq.kernels import quantize_experts  # lazily: see speq.kernels._triton
+
+        self.device = device
+        self.params: dict[str, object] = {}  # the weights where the draft graph reads them
+        self.nbytes = 0  # of every quantized expert (codes and scales)
+        self.on_device = False
+        if "draft" not in program:
+            return
+        for node in program["draft"].find(Op.PARAM):
+            if "bits" in node.attrs:
+                name = node.attrs["name"]
+                dense = store.dense_param(name.removeprefix(DRAFT_PREFIX))
+                q = quantize_experts(dense, node.attrs["bits"], node.attrs["group_size"])
+                self.params[name] = q.to(device)
+                self.nbytes += q.nbytes
+        self.on_device = True
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the draft holds on the device now."""
+        return self.nbytes if self.on_device else 0
+
+    def drop(self) -> None:
+        """Keep the weights in host memory only (their device memory becomes cache slots)."""
+        if self.on_device:
+            self.params = {k: v.to("cpu") for k, v in self.params.items()}
+            self.on_device = False
+
+    def restore(self) -> None:
+        """Bring the weights back to the device, untimed (between runs)."""
+        if not self.on_device and self.params:
+            self.params = {k: v.to(self.device) for k, v in self.params.items()}
+            self.on_device = True
+
+    def upload(self, rt: OffloadRuntime, copies_weights: bool) -> None:
+        """Mid-run: bring the weights back over ``rt``'s link while the compute waits (a real
+        copy when the backend copies weights; else only its time and bytes, and the host
+        tensors serve the compute)."""
+        host = self.params
+        src: tuple[torch.Tensor, ...] = ()
+        dst: tuple[torch.Tensor, ...] = ()
+        device = dict(host)
+        if copies_weights:
+            device = {
+                k: dataclasses.replace(
+                    q,
+                    data=torch.empty_like(q.data, device=self.device),
+                    scales=torch.empty_like(q.scales, device=self.device),
+                )
+                for k, q in host.items()
+            }
+            src = tuple(t for q in host.values() for t in (q.data, q.scales))
+            dst = tuple(t for q in device.values() for t in (q.data, q.scales))
+        rt.upload(Copy("draft", -1, self.nbytes, Priority.DEMAND, rt.link.now(), src, dst))
+        self.params = device
+        self.on_device = True

@@ -1,0 +1,362 @@
+"""`Engine`: runs a compiled program on a backend.
+
+It owns what one compiled model needs at run time: the host expert store and the device pool,
+the memory plan, the draft's weights, a session per decode (link, expert cache, offloading
+runtime and policy), the one-token and speculative decode loops, the recordings that the oracle
+policies need first, calibration (speq.runtime.calibrate), and the memory split the governor
+chose, read from ``program.annotations["policy"]``, including the switch to the draft mid-run
+(speq.runtime.switch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from speq.cost import Calibration, Policy
+from speq.ir.program import Program
+from speq.ir.run import run_graph
+from speq.models.kv_cache import KVCache
+from speq.models.spec import ModelSpec
+from speq.runtime.backends import SIM, get_backend
+from speq.runtime.budget import MemoryPlan, parse_budget, plan_memory
+from speq.runtime.cache import ExpertCache
+from speq.runtime.calibrate import Calibrator
+from speq.runtime.draft import DraftWeights
+from speq.runtime.metrics import Metrics, Timeline
+from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
+from speq.runtime.options import CompileOptions
+from speq.runtime.policies import OnDemand, RoutingRecorder, get_policy
+from speq.runtime.replay import Replayer
+from speq.runtime.sampling import SamplingParams, pick
+from speq.runtime.session import Session
+from speq.runtime.speculative import Speq, speculative_decode
+from speq.runtime.store import ExpertStore
+from speq.runtime.switch import MidRunSwitch
+from speq.sim.profiles import get_profile
+
+
+class Engine:
+    """Runs ``program`` (the output of the pass pipeline) for ``spec``'s model, whose weights are
+    ``params``, as ``options`` say."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        params: dict[str, torch.Tensor],
+        program: Program,
+        options: CompileOptions,
+    ) -> None:
+        self.spec, self.options, self.program = spec, options, program
+        self.backend = get_backend(options.backend)
+        self.policy_class = get_policy(options.policy)
+        self.profile = get_profile(options.profile)
+        self.device = self.backend.device
+        self.store = ExpertStore(spec, params, pin=self.backend.pins_memory)
+        self.params = {k: v.to(self.device) for k, v in self.store.resident.items()}
+        self.draft = DraftWeights(program, self.store, self.device)
+        self.memory = self._plan_memory()
+        self.pool: ExpertPool | None = None
+        self._pool_filled = False  # a pool holding every expert is filled once
+        self._allocate_pool()
+        self.node_seconds: dict = {}  # the sim backend's modelled node times, reused
+        self.governed: Policy | None = None
+        self.metrics: Metrics | None = None  # of the last generate
+        self.switch = MidRunSwitch(self)
+        self.calibrator = Calibrator(self)
+        self.replayer: Replayer | None = None
+        self._kv: KVCache | None = None  # the decodes' KV cache under replay (see kv_cache)
+        if self.backend.device_type == "cuda" and options.cuda_graphs:
+            from speq.kernels._triton import TRITON_DTYPES
+
+            if spec.dtype in TRITON_DTYPES:  # float64 runs torch paths that sync with the host
+                self.replayer = Replayer(capture=True)
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def config(self):
+        return self.spec.config
+
+    @property
+    def governs(self) -> bool:
+        """Whether the governor chooses this program's policy (speculation without a fixed k)."""
+        return self.policy_class.drafts and self.options.k is None
+
+    @property
+    def link_params(self) -> tuple[float, float]:
+        """(GB/s, latency in us) of the host -> device link: the options', else the profile's."""
+        lat = self.options.link_latency_us
+        return (
+            self.options.link_gbps or self.profile.link_gbps,
+            self.profile.link_latency_us if lat is None else lat,
+        )
+
+    def use(self, program: Program) -> None:
+        """Run ``program`` from now on, and the split of device memory its policy chose: without
+        a draft, the draft's bytes become expert cache slots."""
+        self.program = program
+        self.governed = program.annotations.get("policy")
+        if self.governed is not None and not self.governed.use_draft:
+            self.drop_draft()
+
+    def _plan_memory(self) -> MemoryPlan:
+        cfg, store, options = self.config, self.store, self.options
+        total = len(store.keys())
+        if self.policy_class.all_resident:
+            min_slots = total
+        elif options.cache_allocation == "per_layer":
+            min_slots = cfg.top_k * len(store.layers)
+        else:
+            min_slots = cfg.top_k
+        budget = None if options.device_memory is None else parse_budget(options.device_memory)
+        counted = options.memory_dtype or self.spec.dtype
+
+        def size(nbytes: int) -> int:  # bytes of a weight or cache tensor in the counted dtype
+            return nbytes * counted.itemsize // self.spec.dtype.itemsize
+
+        return plan_memory(
+            budget,
+            non_expert_bytes=size(store.resident_bytes),
+            kv_bytes=size(KVCache(cfg, 1, self.spec.dtype, "meta").nbytes),
+            draft_bytes=self.draft.device_bytes,
+            expert_bytes=size(store.expert_bytes),
+            min_slots=min_slots,
+            max_slots=total,
+        )
+
+    def _allocate_pool(self) -> None:
+        if self.backend.copies_weights:
+            self.pool = None  # freed before the new one is allocated
+            self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
+            self._pool_filled = False
+
+    def replan(self) -> None:
+        """Plan the memory again (the draft came or went) and allocate the pool it leaves."""
+        self.memory = self._plan_memory()
+        self._allocate_pool()
+
+    def drop_draft(self) -> None:
+        """The draft's weights to host memory, their bytes to the expert cache."""
+        if self.draft.on_device:
+            self.draft.drop()
+            self.replan()
+
+    def restore_draft(self) -> None:
+        """The draft back on the device (between runs, not timed) if a decision dropped it."""
+        if self.draft.params and not self.draft.on_device:
+            self.draft.restore()
+            self.replan()
+
+    # ------------------------------------------------------------------ sessions
+    def session(
+        self, policy: OffloadPolicy, virtual: bool = False, slots: int | None = None
+    ) -> Session:
+        """A runtime for one decode under ``policy``: on the backend, or (``virtual``) on the sim
+        backend's clock without copying anything; ``slots`` (virtual only) overrides the
+        planned cache size."""
+        slots = self.memory.slots if slots is None else slots
+        backend = SIM if virtual else self.backend
+        cache = self.cache(policy, slots)
+        timeline = Timeline() if self.options.trace_path and not virtual else None
+        link = backend.link(*self.link_params, self.device)
+        pool = None if virtual else self.pool
+        runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline)
+        if policy.all_resident or slots >= len(self.store.keys()):
+            self._preload(cache)  # every expert fits: all are resident from the start
+        params = {**self.params, **self.draft.params} if self.draft.on_device else self.params
+        return Session(
+            self.spec, params, runtime, backend, self.profile, timeline, self.node_seconds
+        )
+
+    def cache(self, policy: OffloadPolicy, slots: int) -> ExpertCache:
+        """An empty expert cache of ``slots`` slots with ``policy``'s eviction."""
+        return ExpertCache(
+            slots,
+            self.store.layers,
+            self.config.num_experts,
+            allocation=self.options.cache_allocation,
+            eviction=self.options.eviction or policy.eviction,
+            next_use=getattr(policy, "next_use", None),
+            device=self.device,
+        )
+
+    def _preload(self, cache: ExpertCache) -> None:
+        """Every expert resident, in a fixed slot order (the pool is filled once)."""
+        fill = not self._pool_filled
+        for slot, key in enumerate(self.store.keys()):
+            entry = cache.insert(key)
+            assert entry.slot == slot, "resident slots are assigned in order"
+            if fill and self.pool is not None:
+                self.pool.w13[slot].copy_(self.store.w13[key.layer][key.expert])
+                self.pool.w2[slot].copy_(self.store.w2[key.layer][key.expert])
+        self._pool_filled = True
+
+    def record_needs(self, prompt: torch.Tensor, n: int, sampling: SamplingParams):
+        """The run's expert needs, from a one-token-at-a-time virtual-clock pass (not measured):
+        (every need in order, the cache's slot group of each layer, each group's slots)."""
+        session = self.session(OnDemand(), virtual=True)
+        self.decode(prompt, n, sampling, session)
+        session.finish("record", 0, 0)
+        cache = session.runtime.cache
+        return session.runtime.needs_log, cache.group_of, cache.group_slots
+
+    def record_routing(
+        self, prompt: torch.Tensor, n: int, sampling: SamplingParams
+    ) -> dict[tuple[int, int], frozenset[int]]:
+        """The target's experts at each (position, MoE layer) of the output, from a one-token-
+        at-a-time virtual-clock pass (not measured)."""
+        recorder = RoutingRecorder()
+        session = self.session(recorder, virtual=True)
+        self.decode(prompt, n, sampling, session)
+        session.finish("record", 0, 0)
+        layers = len(self.store.layers)
+        needs = recorder.needs[layers if prompt.shape[0] > 1 else 0 :]  # past the prefill pass
+        first = prompt.shape[0] - 1  # the position of the first one-token step
+        return {(first + i // layers, layer): experts for i, (layer, experts) in enumerate(needs)}
+
+    # ------------------------------------------------------------------ running
+    def step(
+        self, graph: str, tokens: torch.Tensor, cache: KVCache, pos: int, session: Session
+    ) -> torch.Tensor:
+        """One forward pass of ``graph`` over ``tokens`` at ``pos``: the logits."""
+        ctx = session.context(cache, pos, tokens.shape[0])
+        inputs = {"tokens": tokens.to(self.device), "pos": pos}
+        kernels = session.backend.kernels
+        if self.replayer is None:
+            (logits,) = run_graph(self.program[graph], inputs, ctx, kernels)
+        else:  # the position as a device tensor: one capture serves every position
+            inputs["pos"] = torch.tensor(pos, device=self.device)
+            (logits,) = self.replayer.run(self.program[graph], inputs, ctx, kernels)
+        cache.length = pos + tokens.shape[0]
+        return logits
+
+    def kv_cache(self) -> KVCache:
+        """An empty KV cache for one decode. Under replay the same one every time: captured
+        regions write into the cache they were captured with (and stale entries past the
+        length are never read: attention masks every position after the query's)."""
+        if self.replayer is None:
+            return KVCache(self.config, 1, self.spec.dtype, self.device)
+        if self._kv is None:
+            self._kv = KVCache(self.config, 1, self.spec.dtype, self.device)
+        self._kv.truncate(0)
+        return self._kv
+
+    def decode(
+        self,
+        prompt: torch.Tensor,
+        n: int,
+        sampling: SamplingParams,
+        session: Session,
+        callback: Callable[[int], None] | None = None,
+        may_switch: bool = False,
+    ) -> list[int]:
+        """Process the prompt but its last token, then decode ``n`` tokens from there. With
+        ``may_switch``, one-token decoding of a governed model that dropped its draft watches
+        its copies per token and switches to speculation when the governor says so."""
+        gen = sampling.generator()
+        cache = self.kv_cache()
+        if prompt.shape[0] > 1:
+            self.step("step", prompt[:-1], cache, 0, session)
+        session.prefill_done()
+
+        def speculate(speq: Speq, out: list[int], n: int) -> list[int]:
+            def emit(tokens: list[int]) -> None:
+                for t in tokens:
+                    if callback is not None:
+                        callback(t)
+
+            return speculative_decode(
+                lambda graph, tokens, pos: self.step(graph, tokens, cache, pos, session),
+                cache.truncate,
+                speq,
+                out,
+                n,
+                self.config.max_seq_len,
+                sampling,
+                gen,
+                session.link.now,
+                emit,
+            )
+
+        policy = session.runtime.policy
+        if isinstance(policy, Speq):
+            return speculate(policy, prompt.tolist(), n)
+        out = prompt.tolist()
+        watch = self.switch.watch(session.runtime) if may_switch else None
+        for i in range(n):
+            logits = self.step("step", torch.tensor([out[-1]]), cache, len(out) - 1, session)[-1]
+            out.append(pick(logits.cpu(), sampling, gen))
+            if callback is not None:
+                callback(out[-1])
+            if watch is not None:
+                speq = watch.after_token(i + 1, n - i - 1, session)
+                if speq is not None:
+                    return speculate(speq, out, n - i - 1)
+        return out
+
+    def calibrate(self, prompt: torch.Tensor | None) -> Calibration:
+        """Measure what the governor decides from (`Calibrator.measure`), with the draft on the
+        device; `use` then applies the program the governor pass annotated."""
+        self.restore_draft()
+        return self.calibrator.measure(prompt)
+
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        n: int,
+        sampling: SamplingParams,
+        callback: Callable[[int], None] | None = None,
+    ) -> list[int]:
+        """Decode ``n`` tokens after ``prompt`` (1-D int64, checked): the prompt and the new
+        tokens; what was measured is in ``self.metrics``."""
+        may_switch = self.governed is not None and not self.governed.use_draft
+        if may_switch:
+            self.drop_draft()  # a run that switched to the draft left it resident
+            self.switch.prepare(prompt, n, sampling)
+        policy: OffloadPolicy
+        if may_switch:
+            policy = OnDemand()  # the governor's split: no draft, a larger cache
+        else:
+            policy = self.policy_class.for_run(self, prompt, n, sampling)
+        session = self.session(policy)
+        try:
+            out = self.decode(prompt, n, sampling, session, callback, may_switch)
+        finally:
+            self.metrics = metrics = session.finish(self.options.policy, prompt.shape[0], n)
+        if self.draft.on_device:
+            metrics.extra["draft_bytes"] = self.draft.nbytes
+        if may_switch:  # new tokens decoded before switching to the draft; None: no switch
+            metrics.extra["switched_to_draft_after"] = self.switch.switched_after
+        if session.timeline is not None:
+            session.timeline.write(self.options.trace_path)
+        return out
+
+    def check_request(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """``input_ids`` as a 1-D int64 CPU tensor, or a ValueError saying what was expected of
+        it or of ``max_new_tokens``."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
+        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1:
+            raise ValueError(
+                f"input_ids must have shape [1, T] or [T] (speq decodes one sequence at a time), "
+                f"got {tuple(input_ids.shape)}"
+            )
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: give at least one prompt token")
+        v = self.config.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= v:
+            raise ValueError(f"input_ids must lie in [0, {v}) (the vocabulary size)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        total = input_ids.shape[0] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({input_ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{total} exceeds the model's max_seq_len ({self.config.max_seq_len})"
+            )
+        return input_ids.to(torch.int64).cpu()

@@ -1,0 +1,127 @@
+"""The eager implementations of the IR's ops: plain torch, one node at a time (the reference
+every other path is checked against, and what runs an op that no other set implements).
+
+``EAGER`` maps each op to its implementation; backends list it last in their `ImplTable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from speq.ir.ops import Op
+from speq.ir.run import Impl, ImplTable
+from speq.ir.schema import bind
+from speq.kernels.routing import route_topk
+from speq.models import functional as fn
+
+EAGER: dict[Op, Impl] = {}
+
+
+def _eager(op: Op) -> Callable[[Impl], Impl]:
+    def deco(f: Impl) -> Impl:
+        EAGER[op] = f
+        return f
+
+    return deco
+
+
+@_eager(Op.PARAM)
+def _param(node, args, ctx):
+    return (ctx.params[node.attrs["name"]],)
+
+
+@_eager(Op.EMBED)
+def _embed(node, args, ctx):
+    tokens, table = args
+    return (table[tokens],)
+
+
+@_eager(Op.RMSNORM)
+def _rmsnorm(node, args, ctx):
+    return (fn.rms_norm(args[0], args[1], node.attrs["eps"]),)
+
+
+@_eager(Op.LINEAR)
+def _linear(node, args, ctx):
+    return (args[0] @ args[1].t(),)
+
+
+# ROPE, KV_WRITE and ATTENTION take the start position ``pos`` as an int, or as a 0-d device
+# tensor: then no shape depends on its value (the write is an index_copy_, attention reads the
+# whole cache, masked), so a CUDA graph can capture them once and replay them at every position.
+
+
+@_eager(Op.ROPE)
+def _rope(node, args, ctx):
+    x, pos = args
+    t = x.shape[0]
+    positions = pos + torch.arange(t, device=x.device)
+    y = fn.rope(x.view(t, node.attrs["heads"], -1), positions, node.attrs["theta"])
+    return (y.reshape(t, -1),)
+
+
+@_eager(Op.KV_WRITE)
+def _kv_write(node, args, ctx):
+    k, v, pos = args
+    t, kvh = k.shape[0], ctx.cache.k.shape[3]
+    k, v, layer = k.view(1, t, kvh, -1), v.view(1, t, kvh, -1), node.attrs["layer"]
+    if isinstance(pos, torch.Tensor):
+        ctx.cache.write_at(layer, k, v, pos + torch.arange(t, device=k.device))
+    else:
+        ctx.cache.write(layer, k, v, pos)
+    return (ctx.cache,)
+
+
+@_eager(Op.ATTENTION)
+def _attention(node, args, ctx):
+    q, cache, pos = args
+    t = q.shape[0]
+    end = cache.max_len if isinstance(pos, torch.Tensor) else pos + t
+    k, v = cache.view(node.attrs["layer"], end)
+    o = fn.attention(q.view(1, t, node.attrs["heads"], -1), k, v, pos)
+    return (o.reshape(t, -1),)
+
+
+@_eager(Op.ADD)
+def _add(node, args, ctx):
+    return (args[0] + args[1],)
+
+
+@_eager(Op.SWIGLU)
+def _swiglu(node, args, ctx):
+    return (fn.swiglu(args[0]),)
+
+
+@_eager(Op.ROUTER)
+def _router(node, args, ctx):
+    a = node.attrs
+    ids, weights = route_topk(args[0], a["k"], a["mode"], a["renormalize"])
+    return ids.long(), weights
+
+
+@_eager(Op.GATHER)
+def _gather(node, args, ctx):
+    return (fn.gather_pairs(*args),)
+
+
+@_eager(Op.EXPERT_GEMM)
+def _expert_gemm(node, args, ctx):
+    return (fn.expert_gemm(*args),)
+
+
+@_eager(Op.SCATTER)
+def _scatter(node, args, ctx):
+    return (fn.scatter_pairs(*args),)
+
+
+@_eager(Op.FUSED_MOE)
+def _fused_moe(node, args, ctx):
+    from speq.kernels.fused_moe import fused_moe  # lazily: see speq.kernels._triton
+
+    a = bind(node, args)
+    return (fused_moe(a["x"], a["w13"], a["w2"], a["ids"].to(torch.int32), a["weights"]),)
+
+
+EAGER_TABLE = ImplTable((("eager", EAGER),))  # the reference interpreter's table

@@ -1,0 +1,60 @@
+"""The offloading implementations of the IR's ops (the ``offload`` set of every backend's table).
+
+Ops not listed here run with the eager implementations. Expert weights are not device tensors
+under offloading: their PARAM nodes yield nothing and FUSED_MOE reads the slot pool through the
+residency its WAIT returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from speq.ir.ops import Op
+from speq.ir.run import Impl
+from speq.ir.schema import bind
+from speq.models import functional as fn
+from speq.runtime.link import Priority
+from speq.runtime.ops_eager import EAGER
+
+OFFLOAD: dict[Op, Impl] = {}
+
+
+def _offload(op: Op) -> Callable[[Impl], Impl]:
+    def deco(f: Impl) -> Impl:
+        OFFLOAD[op] = f
+        return f
+
+    return deco
+
+
+@_offload(Op.PARAM)
+def _param(node, args, ctx):
+    name = node.attrs["name"]
+    if ctx.runtime.store.is_expert_param(name):
+        return (None,)
+    return (ctx.params[name],)
+
+
+@_offload(Op.WAIT)
+def _wait(node, args, ctx):
+    return (ctx.runtime.need(node.attrs["layer"], args[0]),)
+
+
+@_offload(Op.FUSED_MOE)
+def _fused_moe(node, args, ctx):
+    a = bind(node, args)
+    if a["residency"] is None:  # no WAIT: resident weights (the draft's quantized experts)
+        return EAGER[Op.FUSED_MOE](node, args, ctx)
+    return (ctx.runtime.moe(a["x"], a["ids"], a["weights"], a["residency"]),)
+
+
+@_offload(Op.PREFETCH)
+def _prefetch(node, args, ctx):
+    a = node.attrs
+    if a["source"] == "elb":  # the draft's routing, into the Expert Lookahead Buffer
+        ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
+        return ()
+    hidden, router = args
+    ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"])
+    ctx.runtime.prefetch(a["layer"], sorted(set(ids.reshape(-1).tolist())), Priority.NORMAL)
+    return ()

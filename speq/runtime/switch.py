@@ -1,0 +1,104 @@
+"""The mid-run switch to the draft.
+
+The governor splits device memory once, on a calibration prompt, whose routing may reuse experts
+far more than the text decoded later. A run that decodes one token at a time without the draft
+(the governor gave its bytes to the expert cache) watches its copies per token and the experts a
+layer its tokens were routed over; past ``SWITCH_WARMUP`` tokens (which fill the cache from the
+prompt's experts) it re-weighs the split on the last ``SWITCH_WINDOW`` of them
+(`speq.cost.switch_to_draft`). When speculating is predicted to save more than switching costs,
+the cache is freed, the draft comes over the link while the compute waits, the smaller pool is
+allocated, and the run goes on speculating.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from speq.cost import CacheModel, Governor, Policy, switch_to_draft
+from speq.runtime.link import VirtualLink
+from speq.runtime.offload import OffloadRuntime
+from speq.runtime.sampling import SamplingParams
+from speq.runtime.session import Session
+from speq.runtime.speculative import Speq
+
+if TYPE_CHECKING:
+    from speq.runtime.engine import Engine
+
+SWITCH_WARMUP = 4
+SWITCH_WINDOW = 8
+
+
+class MidRunSwitch:
+    """The switch of one engine: `prepare` before a run, `watch` during it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.switched_after: int | None = None  # new tokens decoded before the last run switched
+        self.routing: dict | None = None  # perfect prediction, should the run switch
+
+    def prepare(self, prompt: torch.Tensor, n: int, sampling: SamplingParams) -> None:
+        """Before a run that may switch: record the run's routing when the ELB is to hold the
+        target's own (``predictor="oracle"``)."""
+        self.switched_after = None
+        self.routing = None
+        if self.engine.options.predictor == "oracle":
+            self.routing = self.engine.record_routing(prompt, n, sampling)
+
+    def watch(self, rt: OffloadRuntime) -> Watch:
+        return Watch(self, rt)
+
+    def cost_s(self) -> float:
+        """Seconds a switch costs: the draft's upload, and copying a cache's worth of experts
+        again into the smaller cache."""
+        engine = self.engine
+        link = VirtualLink(*engine.link_params)
+        return link.cost(engine.draft.nbytes) + engine.calibrator.draft_slots * link.cost(
+            engine.store.expert_bytes
+        )
+
+    def switch(self, session: Session, policy: Policy) -> Speq:
+        """Give the cache's memory back to the draft, which comes over the link while the
+        compute waits, and speculate under ``policy`` with the smaller cache (it starts empty:
+        the old slots are freed before the draft and the new pool are allocated)."""
+        engine, rt = self.engine, session.runtime
+        rt.quiesce()
+        rt.pool = engine.pool = None
+        engine.draft.upload(rt, session.backend.copies_weights)
+        session.params.update(engine.draft.params)
+        engine.replan()
+        speq = Speq(policy.spec, Governor(policy, engine.config), self.routing)
+        rt.rebind(engine.cache(speq, engine.memory.slots), engine.pool, speq)
+        return speq
+
+
+class Watch:
+    """One run's copies per token, kept after each new token."""
+
+    def __init__(self, switch: MidRunSwitch, rt: OffloadRuntime) -> None:
+        self.switch, self.rt = switch, rt
+        self.marks = [(rt.counters.experts_moved, len(rt.needs_log))]  # after each token
+
+    def after_token(self, done: int, remaining: int, session: Session) -> Speq | None:
+        """After the ``done``-th new token, ``remaining`` to go: the speculative policy to go on
+        with if the run switches now, else None."""
+        rt = self.rt
+        self.marks.append((rt.counters.experts_moved, len(rt.needs_log)))
+        if not (done >= SWITCH_WARMUP + SWITCH_WINDOW and remaining > 0):
+            return None
+        (moved0, log0), (moved1, log1) = self.marks[-1 - SWITCH_WINDOW], self.marks[-1]
+        experts: dict[int, set[int]] = {}
+        for layer, chosen in rt.needs_log[log0:log1]:
+            experts.setdefault(layer, set()).update(chosen)
+        per_layer = sum(map(len, experts.values())) / max(len(experts), 1)
+        engine = self.switch.engine
+        pool = CacheModel.observed_pool(engine.config, per_layer, SWITCH_WINDOW)
+        copies = (moved1 - moved0) / SWITCH_WINDOW
+        policy = switch_to_draft(
+            engine.governed, engine.config, copies, pool, remaining, self.switch.cost_s()
+        )
+        if policy is None:
+            return None
+        self.switch.switched_after = done
+        return self.switch.switch(session, policy)
