@@ -225,7 +225,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", help="a speq checkpoint folder (config.json + model.safetensors)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and of sampling")
-    p.add_argument("--random", action="store_true", help="a seeded random model of the demo shape")
+    p.add_argument(
+        "--random",
+        action="store_true",
+        help="a seeded random model of a small demo-family shape (speq.models.demo.RANDOM_DEMO_CONFIG)",
+    )
 
 
 def _add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

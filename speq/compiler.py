@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from speq.cost import Calibration, Policy
+from speq.cost import Policy
 from speq.frontend.capture import capture
 from speq.frontend.checkpoint import from_checkpoint
 from speq.frontend.reference import from_reference
@@ -50,15 +50,21 @@ class CompiledModel:
         self.engine = Engine(spec, params, graphs.final, options)
         self._calibrated_on_input = not self.engine.governs
         if self.engine.governs:
-            self._govern(self.engine.calibrate(None), "governor")
+            self._govern(None, "governor")
 
-    def _govern(self, calibration: Calibration, name: str) -> None:
-        """Run the governor pass on ``calibration`` and have the engine run what it chose."""
+    def _govern(self, prompt: torch.Tensor | None, name: str) -> None:
+        """Calibrate the engine on ``prompt`` (None: a fixed random one), run the governor pass
+        on what it measured, and have the engine run the policy the pass chose."""
+        t0 = time.perf_counter()
+        calibration = self.engine.calibrate(prompt)
+        took = (
+            f"calibrated on the {self.options.backend} backend in {time.perf_counter() - t0:.2f} s"
+        )
         self.graphs = run_pass(
             self.graphs,
             name,
             governor(self.config, calibration),
-            note=lambda p: "governor: " + p.annotations["policy"].describe(),
+            note=lambda p: f"governor ({took}): " + p.annotations["policy"].describe(),
         )
         self.engine.use(self.program)
 
@@ -127,8 +133,7 @@ class CompiledModel:
             # the compile-time choice came from a random prompt; real text routes differently
             # (it reuses experts), which decides whether the draft earns its memory
             self._calibrated_on_input = True
-            calibration = self.engine.calibrate(prompt)
-            self._govern(calibration, "governor (recalibrated on the first prompt)")
+            self._govern(prompt, "governor (recalibrated on the first prompt)")
         out = self.engine.generate(prompt, max_new_tokens, sampling, callback)
         return torch.tensor([out], dtype=torch.int64)
 

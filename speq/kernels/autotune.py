@@ -28,6 +28,7 @@ import torch
 
 from speq.kernels._triton import TRITON_VERSION, cdiv, next_power_of_2
 from speq.kernels.alignment import ALIGN_METHODS
+from speq.kernels.routing import expected_distinct_experts
 
 __all__ = [
     "CONFIG_DIR",
@@ -109,11 +110,6 @@ def weight_format(dtype: torch.dtype, bits: int = 0, group_size: int | None = No
     return name if not bits else f"{name}-int{bits}g{group_size}"
 
 
-def _expected_active_experts(num_pairs: int, num_experts: int) -> float:
-    """E[number of distinct experts] when P pairs pick experts uniformly."""
-    return num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** num_pairs)
-
-
 def default_config(
     num_tokens: int,
     num_experts: int,
@@ -132,7 +128,7 @@ def default_config(
     never exceed the problem (rounded up to a power of two, at least 16).
     """
     num_pairs = max(1, num_tokens * top_k)
-    active = max(1.0, _expected_active_experts(num_pairs, num_experts))
+    active = max(1.0, expected_distinct_experts(num_experts, top_k, max(1, num_tokens)))
     rows_per_expert = num_pairs / active
     small_n = max(MIN_BLOCK, next_power_of_2(min(intermediate, hidden)))
     small_k = max(MIN_BLOCK, next_power_of_2(min(intermediate, hidden)))

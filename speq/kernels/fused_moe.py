@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from speq.kernels._triton import (
+    TRITON_DTYPES,
     Backend,
     cdiv,
     interpreter_active,
@@ -43,7 +44,6 @@ from speq.kernels.quant import QuantizedExperts
 __all__ = ["MoEDims", "fused_moe", "fused_moe_torch"]
 
 Weights = torch.Tensor | QuantizedExperts
-TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
 @dataclass(frozen=True)

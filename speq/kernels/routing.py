@@ -45,6 +45,7 @@ __all__ = [
     "ROUTING_FUNCTIONS",
     "ROUTING_MODES",
     "RoutingFunction",
+    "expected_distinct_experts",
     "route_topk",
     "route_topk_torch",
     "routing_function",
@@ -130,6 +131,13 @@ def routing_function(mode: str) -> RoutingFunction:
         raise ValueError(
             f"unknown routing function {mode!r}: expected one of {ROUTING_MODES}"
         ) from None
+
+
+def expected_distinct_experts(num_experts: float, top_k: int, tokens: float) -> float:
+    """Expected number of distinct experts that ``tokens`` tokens touch when each picks ``top_k``
+    distinct experts of ``num_experts`` uniformly at random: E * (1 - (1 - k/E) ** T) (all E
+    when k >= E)."""
+    return num_experts * (1.0 - (1.0 - min(top_k / num_experts, 1.0)) ** tokens)
 
 
 def _check(router_logits: torch.Tensor, k: int, mode: str) -> None:

@@ -12,7 +12,9 @@ from speq.models.tokenizer import Tokenizer
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "demo-moe"
 
-DEMO_CONFIG = MoEConfig(
+# The shape of `random_demo_model`: the demo's family, smaller than the shipped checkpoint (whose
+# config is the checkpoint's own config.json: 4 layers, 8 experts top-2, hidden 192, vocab 4096)
+RANDOM_DEMO_CONFIG = MoEConfig(
     vocab_size=512,
     hidden_size=128,
     num_layers=4,
@@ -26,8 +28,9 @@ DEMO_CONFIG = MoEConfig(
 
 
 def random_demo_model(seed: int = 0) -> MoEForCausalLM:
-    """A randomly initialised model of the demo's shape (untrained: its text is noise)."""
-    return MoEForCausalLM(DEMO_CONFIG, seed=seed)
+    """A randomly initialised model of `RANDOM_DEMO_CONFIG`'s shape (untrained: its text is
+    noise)."""
+    return MoEForCausalLM(RANDOM_DEMO_CONFIG, seed=seed)
 
 
 def demo_model(dtype: torch.dtype | None = None) -> tuple[MoEForCausalLM, Tokenizer]:

@@ -26,7 +26,7 @@ from types import MappingProxyType
 from speq.ir.dtypes import FLOAT_DTYPES
 from speq.ir.graph import Dim, Graph, Node, Value
 from speq.ir.ops import Op
-from speq.kernels.routing import routing_function
+from speq.kernels.routing import expected_distinct_experts, routing_function
 from speq.models.config import MoEConfig
 from speq.models.spec import ModelSpec
 from speq.sim.profiles import HardwareProfile
@@ -104,13 +104,6 @@ def resolve_dim(d: Dim, tokens: int) -> int:
         else:
             raise ValueError(f"cost model: cannot resolve symbolic dim {d!r} (expected T or T*k)")
     return size
-
-
-def expected_distinct_experts(num_experts: float, top_k: int, tokens: float) -> float:
-    """Expected number of distinct experts that ``tokens`` tokens touch when each picks ``top_k``
-    distinct experts of ``num_experts`` uniformly at random: E * (1 - (1 - k/E) ** T) (all E
-    when k >= E)."""
-    return num_experts * (1.0 - (1.0 - min(top_k / num_experts, 1.0)) ** tokens)
 
 
 # ---- per-op costs (a registry keyed by op; an op missing here is an error, not a silent 0) ----
