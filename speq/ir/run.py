@@ -35,6 +35,16 @@ class RunContext:
 Impl = Callable[[Node, tuple[Any, ...], RunContext], tuple[Any, ...]]
 
 
+def implements(table: dict[Op, Impl], op: Op) -> Callable[[Impl], Impl]:
+    """A decorator that makes a function ``table``'s implementation of ``op``."""
+
+    def deco(f: Impl) -> Impl:
+        table[op] = f
+        return f
+
+    return deco
+
+
 @dataclass(frozen=True)
 class ImplTable:
     """Sets of op implementations by name, searched in order: ``(("offload", {...}), ("eager",

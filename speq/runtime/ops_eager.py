@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from speq.ir.ops import Op
-from speq.ir.run import Impl, ImplTable
+from speq.ir.run import Impl, ImplTable, implements
 from speq.ir.schema import bind
 from speq.kernels.routing import route_topk
 from speq.models import functional as fn
@@ -20,11 +20,7 @@ EAGER: dict[Op, Impl] = {}
 
 
 def _eager(op: Op) -> Callable[[Impl], Impl]:
-    def deco(f: Impl) -> Impl:
-        EAGER[op] = f
-        return f
-
-    return deco
+    return implements(EAGER, op)
 
 
 @_eager(Op.PARAM)

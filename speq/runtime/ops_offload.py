@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from speq.ir.ops import Op
-from speq.ir.run import Impl
+from speq.ir.run import Impl, implements
 from speq.ir.schema import bind
 from speq.models import functional as fn
 from speq.runtime.link import Priority
@@ -20,11 +20,7 @@ OFFLOAD: dict[Op, Impl] = {}
 
 
 def _offload(op: Op) -> Callable[[Impl], Impl]:
-    def deco(f: Impl) -> Impl:
-        OFFLOAD[op] = f
-        return f
-
-    return deco
+    return implements(OFFLOAD, op)
 
 
 @_offload(Op.PARAM)
