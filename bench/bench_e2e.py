@@ -26,7 +26,7 @@ INT4 draft is about a quarter of the expert bytes, in float64 only a sixteenth. 
     resident (no budget)       every expert resident, one token per step
 
 Timing is on the ``cpu`` backend: this machine's compute, and a host -> device link emulated by
-a copy thread whose bandwidth is calibrated once per link profile (speq.runtime.calibrate) so
+a copy thread whose bandwidth is calibrated once per link profile (speq.compare.calibrate_link) so
 that one expert copy costs as many decode-layer times here as a Phi-3.5-MoE expert costs on the
 A100 over that link. TPOT is wall-clock ms per output token. Runs are interleaved (every repeat
 runs every prompt under every contender), so load from other processes falls on all of them;

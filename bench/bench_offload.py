@@ -1,7 +1,7 @@
 """Offloading policies side by side on the cpu backend: one prompt, two device budgets.
 
 The emulated link is calibrated so that one expert copy costs as many decode-layer times on this
-CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (speq.runtime.calibrate). Each
+CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (speq.compare.calibrate_link). Each
 budget is the same total device memory for every policy; speq spends part of it on its resident
 INT4 draft, so it has fewer expert slots ("ondemand-same-cache" gets only speq's slots). Sizes
 are counted in bf16, as the model would split the memory on a GPU (compute stays float64, so

@@ -1,8 +1,9 @@
 """The numerical definitions every other path is checked against.
 
-The eager model, the IR interpreter and the CPU runtime all call these functions, so a speq
-result can be compared with the model's own forward pass. Shapes use T for new tokens, H for the
-hidden size, E for experts, k for experts per token and S for cached positions.
+The eager model, the eager op implementations (speq.runtime.ops_eager) and the CPU runtime all
+call these functions, so a speq result can be compared with the model's own forward pass. Shapes
+use T for new tokens, H for the hidden size, E for experts, k for experts per token and S for
+cached positions.
 """
 
 from __future__ import annotations

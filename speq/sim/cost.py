@@ -109,13 +109,13 @@ def resolve_dim(d: Dim, tokens: int) -> int:
 # ---- per-op costs (a registry keyed by op; an op missing here is an error, not a silent 0) ----
 
 _CostFn = Callable[[Node, _Ctx], NodeCost]
-_COSTS: dict[Op, _CostFn] = {}
+COSTS: dict[Op, _CostFn] = {}  # the cost function of every op (a test checks all are here)
 
 
 def _register(*ops: Op) -> Callable[[_CostFn], _CostFn]:
     def deco(fn: _CostFn) -> _CostFn:
         for op in ops:
-            _COSTS[op] = fn
+            COSTS[op] = fn
         return fn
 
     return deco
@@ -246,7 +246,7 @@ def node_cost(
         raise ValueError(
             f"experts_touched must be in [0, num_experts={cfg.num_experts}], got {experts_touched}"
         )
-    fn = _COSTS.get(node.op)
+    fn = COSTS.get(node.op)
     if fn is None:
         raise NotImplementedError(f"cost model: no cost for op {node.op.name.lower()}")
     return fn(node, _Ctx(cfg, tokens, context, dtype_bytes, experts_touched))
