@@ -2,6 +2,7 @@
 
 from speq.compiler import CompiledModel, CompileOptions, compile
 from speq.models.model import MoEForCausalLM
+from speq.runtime.errors import TransferError
 
 __version__ = "0.1.0"
 
@@ -11,4 +12,4 @@ def load(path: str) -> MoEForCausalLM:
     return MoEForCausalLM.from_pretrained(path)
 
 
-__all__ = ["CompileOptions", "CompiledModel", "__version__", "compile", "load"]
+__all__ = ["CompileOptions", "CompiledModel", "TransferError", "__version__", "compile", "load"]
