@@ -163,7 +163,7 @@ class Engine:
         pool = None if virtual else self.pool
         runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline)
         if policy.all_resident or slots >= len(self.store.keys()):
-            self._preload(cache)  # every expert fits: all are resident from the start
+            self._preload(cache, pool)  # every expert fits: all are resident from the start
         params = {**self.params, **self.draft.params} if self.draft.on_device else self.params
         return Session(
             self.spec, params, runtime, backend, self.profile, timeline, self.node_seconds
@@ -181,16 +181,17 @@ class Engine:
             device=self.device,
         )
 
-    def _preload(self, cache: ExpertCache) -> None:
-        """Every expert resident, in a fixed slot order (the pool is filled once)."""
-        fill = not self._pool_filled
+    def _preload(self, cache: ExpertCache, pool: ExpertPool | None) -> None:
+        """Every expert resident, in a fixed slot order; the engine's pool (``pool``, None for a
+        virtual session, which copies nothing) is filled once."""
+        fill = pool is not None and not self._pool_filled
         for slot, key in enumerate(self.store.keys()):
             entry = cache.insert(key)
             assert entry.slot == slot, "resident slots are assigned in order"
-            if fill and self.pool is not None:
-                self.pool.w13[slot].copy_(self.store.w13[key.layer][key.expert])
-                self.pool.w2[slot].copy_(self.store.w2[key.layer][key.expert])
-        self._pool_filled = True
+            if fill:
+                pool.w13[slot].copy_(self.store.w13[key.layer][key.expert])
+                pool.w2[slot].copy_(self.store.w2[key.layer][key.expert])
+        self._pool_filled = self._pool_filled or fill
 
     def record_needs(self, prompt: torch.Tensor, n: int, sampling: SamplingParams):
         """The run's expert needs, from a one-token-at-a-time virtual-clock pass (not measured):

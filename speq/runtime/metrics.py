@@ -4,9 +4,70 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+
+# Every key of `Metrics`, in order: (unit, meaning). The same keys for every policy and run; a
+# figure that does not apply to a run is None. Times are wall-clock ms on the cpu and cuda
+# backends and virtual ms (from the hardware profile) on the sim backend.
+FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "policy": ("name", "the policy that ran (CompileOptions.policy)"),
+        "backend": ("name", "the backend it ran on"),
+        "prompt_tokens": ("tokens", "prompt length"),
+        "tokens": ("tokens", "new tokens generated"),
+        "prefill_ms": ("ms", "processing the prompt but its last token"),
+        "tpot_ms": ("ms / token", "decode time per new token: decode_ms / tokens"),
+        "decode_ms": ("ms", "time to decode the new tokens"),
+        "hit_rate": ("fraction", "(layer, expert) needs resident and loaded when needed"),
+        "covered_rate": ("fraction", "needs resident or already being copied (no demand fetch)"),
+        "stalls_per_token": ("copies / token", "copies the compute waited for, per new token"),
+        "token_hit_rate": (
+            "fraction",
+            "(token, layer, top-k choice) routings whose expert needed no waited-for copy",
+        ),
+        "needs": ("count", "(layer, expert) needs while decoding"),
+        "hits": ("count", "of which resident and loaded"),
+        "late": ("count", "of which still being copied by a prefetch"),
+        "demand_fetches": ("count", "of which not cached: fetched on demand"),
+        "experts_moved": ("count", "expert copies started while decoding (retries included)"),
+        "bytes_moved": ("bytes", "bytes over the link while decoding (in the compute dtype)"),
+        "prefetches_issued": ("count", "prefetch copies over the whole run"),
+        "prefetches_used": ("count", "prefetched experts later needed"),
+        "prefetches_wasted": ("count", "prefetched experts evicted or left unused"),
+        "stall_ms": ("ms", "time the compute waited for copies while decoding"),
+        "prefill_bytes_moved": ("bytes", "bytes over the link during the prefill"),
+        "cache_slots": ("slots", "expert cache slots (full-precision experts on the device)"),
+        "copy_retries": ("count", "failed copies that were tried again"),
+        "draft_bytes": (
+            "bytes",
+            "the draft's quantized experts on the device at the end; None: no draft",
+        ),
+        "switched_to_draft_after": (
+            "tokens",
+            "new tokens decoded before the run switched to the draft; None: it did not",
+        ),
+        "acceptance_rate": ("fraction", "accepted drafted tokens / drafted tokens (speq)"),
+        "tokens_per_cycle": ("tokens", "committed tokens per draft-verify cycle (speq)"),
+        "acceptance_by_position": ("fractions", "acceptance of the i-th drafted token (speq)"),
+        "cycles": ("count", "draft-verify cycles (speq)"),
+        "k_per_cycle": ("tokens", "tokens drafted in each cycle (speq)"),
+        "elb_precision": ("fraction", "predicted experts that verification used (speq)"),
+        "elb_recall": ("fraction", "experts verification used that were predicted (speq)"),
+        "elb_precision_by_layer": ("fractions", "elb_precision by MoE layer (speq)"),
+        "elb_recall_by_layer": ("fractions", "elb_recall by MoE layer (speq)"),
+        "verify_hit_rate": ("fraction", "hit_rate of the verification passes (speq)"),
+        "verify_covered_rate": ("fraction", "covered_rate of the verification passes (speq)"),
+        "verify_miss_rate": ("fraction", "1 - verify_hit_rate (speq)"),
+        "verify_new_rate": ("fraction", "verification needs copied during their cycle (speq)"),
+        "verify_needs": ("count", "(layer, expert) needs of the verification passes (speq)"),
+        "draft_ms": ("ms", "time spent drafting (speq)"),
+        "verify_ms": ("ms", "time spent verifying (speq)"),
+    }
+)
 
 
 @dataclass
@@ -23,6 +84,7 @@ class Counters:
     experts_moved: int = 0
     bytes_moved: int = 0
     stall_s: float = 0.0  # time the compute waited for copies
+    copy_retries: int = 0  # failed copies tried again
 
     def minus(self, other: Counters) -> Counters:
         return Counters(
@@ -47,7 +109,8 @@ class Metrics:
     serves every token of the window routed to that expert. ``stalls_per_token`` divides those
     copies by the new tokens, so the work spent on rejected drafts counts against it.
     Times are wall-clock milliseconds on the
-    cpu and cuda backends and virtual milliseconds on the sim backend. Readable as ``m.x`` or
+    cpu and cuda backends and virtual milliseconds on the sim backend. `FIELDS` lists every key
+    with its unit and meaning; every run has them all. Readable as ``m.x`` or
     ``m["x"]``."""
 
     policy: str
@@ -73,7 +136,16 @@ class Metrics:
     stall_ms: float
     prefill_bytes_moved: int
     cache_slots: int
+    copy_retries: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """``extra`` holds every key of `FIELDS` that is not a field (None where not given)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(self.extra) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"Metrics: undocumented keys {unknown} (add them to FIELDS)")
+        self.extra = {k: self.extra.get(k) for k in FIELDS if k not in fields}
 
     def __getitem__(self, key: str) -> Any:
         if key in self.extra:
@@ -89,7 +161,8 @@ class Metrics:
         raise AttributeError(key)
 
     def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if f.name != "extra"] + list(self.extra)
+        """Every key of `FIELDS`, in its order."""
+        return list(FIELDS)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: self[k] for k in self.keys()}

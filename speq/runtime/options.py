@@ -3,7 +3,10 @@ of policies, backends and cache layouts before any work is done)."""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -11,6 +14,7 @@ from speq.runtime.backends import BACKENDS
 from speq.runtime.budget import parse_budget
 from speq.runtime.cache import ALLOCATIONS, EVICTIONS
 from speq.runtime.policies import POLICIES
+from speq.sim.profiles import PROFILES
 
 PREDICTORS = ("draft", "oracle")
 
@@ -76,53 +80,86 @@ class CompileOptions:
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        """Every option checked before any work: a TypeError for a wrong type, a ValueError for
+        a bad value, each naming the option, the value and what is accepted."""
         for name, value, allowed in (
             ("policy", self.policy, tuple(POLICIES)),
             ("backend", self.backend, tuple(BACKENDS)),
+            ("profile", self.profile, tuple(PROFILES)),
             ("cache_allocation", self.cache_allocation, ALLOCATIONS),
+            ("predictor", self.predictor, PREDICTORS),
         ):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"CompileOptions.{name} = {value!r}: expected one of {allowed}")
         policy = POLICIES[self.policy]
         if self.eviction is not None and self.eviction not in EVICTIONS:
             raise ValueError(
-                f"CompileOptions.eviction = {self.eviction!r}: expected one of {EVICTIONS}"
+                f"CompileOptions.eviction = {self.eviction!r}: expected one of {EVICTIONS} or None"
             )
         if self.eviction == "lookahead" and not policy.knows_future:
             raise ValueError(
                 "CompileOptions.eviction = 'lookahead' needs a policy that knows the future (oracle)"
             )
-        if self.link_gbps is not None and not self.link_gbps > 0:
-            raise ValueError(f"CompileOptions.link_gbps must be > 0, got {self.link_gbps}")
-        if self.link_latency_us is not None and self.link_latency_us < 0:
-            raise ValueError(
-                f"CompileOptions.link_latency_us must be >= 0, got {self.link_latency_us}"
-            )
+        _number("link_gbps", self.link_gbps, "GB/s", lambda v: v > 0, "> 0")
+        _number("link_latency_us", self.link_latency_us, "microseconds", lambda v: v >= 0, ">= 0")
+        _number("ttft_budget_ms", self.ttft_budget_ms, "milliseconds", lambda v: v > 0, "> 0")
         unavailable = BACKENDS[self.backend].unavailable()
         if unavailable:
             raise ValueError(f"CompileOptions.backend = {self.backend!r} but {unavailable}")
         if self.device_memory is not None:
             parse_budget(self.device_memory)
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"CompileOptions.k must be an int >= 1 or None, got {self.k!r}")
+        for name, value in (("k", self.k), ("draft_group_size", self.draft_group_size)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"CompileOptions.{name} must be an int >= 1, got {value!r}")
+        if self.draft_group_size is None:
+            raise ValueError("CompileOptions.draft_group_size must be an int >= 1, got None")
         if self.k is not None and not policy.drafts:
             raise ValueError("CompileOptions.k applies to policy='speq' only")
-        if self.predictor not in PREDICTORS:
-            raise ValueError(
-                f"CompileOptions.predictor = {self.predictor!r}: expected one of {PREDICTORS}"
-            )
         if self.predictor != "draft" and not policy.drafts:
             raise ValueError("CompileOptions.predictor applies to policy='speq' only")
-        if self.memory_dtype is not None and not (
-            isinstance(self.memory_dtype, torch.dtype) and self.memory_dtype.is_floating_point
-        ):
-            raise ValueError(
-                f"CompileOptions.memory_dtype must be a floating torch.dtype or None, "
-                f"got {self.memory_dtype!r}"
+        for name, value in (("dtype", self.dtype), ("memory_dtype", self.memory_dtype)):
+            if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+                continue
+            error = ValueError if isinstance(value, torch.dtype) else TypeError
+            raise error(
+                f"CompileOptions.{name} must be a floating torch.dtype or None, got {value!r}"
             )
-        if self.draft_bits not in (4, 8):
-            raise ValueError(f"CompileOptions.draft_bits must be 4 or 8, got {self.draft_bits}")
-        if self.draft_group_size < 1:
-            raise ValueError(
-                f"CompileOptions.draft_group_size must be >= 1, got {self.draft_group_size}"
-            )
+        if not _is_int(self.draft_bits) or self.draft_bits not in (4, 8):
+            raise ValueError(f"CompileOptions.draft_bits must be 4 or 8, got {self.draft_bits!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"CompileOptions.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if self.trace_path is not None:
+            _check_writable(self.trace_path)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(name: str, value: object, unit: str, ok, expected: str) -> None:
+    """A numeric option: None, or a finite int or float for which ``ok`` holds."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"CompileOptions.{name} must be a number ({unit}) or None, got {value!r}")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"CompileOptions.{name} must be {expected} ({unit}), got {value!r}")
+
+
+def _check_writable(path: object) -> None:
+    """``trace_path``'s folder exists and is writable (checked now: the trace is written after
+    the work, which must not be lost to a bad path)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"CompileOptions.trace_path must be a path or None, got {path!r}")
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"CompileOptions.trace_path = {str(path)!r} is a folder; give a file path")
+    if not folder.is_dir():
+        raise ValueError(
+            f"CompileOptions.trace_path = {str(path)!r}: its folder {str(folder)!r} does not exist"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ValueError(
+            f"CompileOptions.trace_path = {str(path)!r}: its folder {str(folder)!r} is not writable"
+        )

@@ -129,10 +129,12 @@ class Oracle(OffloadPolicy):
             raise RuntimeError(
                 f"oracle: need {p} (layer {layer}, experts {list(experts)}) differs from the recording"
             )
-        # every planned fetch whose slot is free by now, in the order of need
+        # every planned fetch whose slot is free by now, in the order of need (none is needed
+        # for an expert already cached: where every expert fits, all are preloaded)
         while self._issued < len(self.plan) and self.plan[self._issued].after < p:
             f = self.plan[self._issued]
-            rt.fetch_into(f.key, f.victim, Priority.NORMAL)
+            if f.key not in rt.cache:
+                rt.fetch_into(f.key, f.victim, Priority.NORMAL)
             self._issued += 1
 
 

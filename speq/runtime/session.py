@@ -113,5 +113,6 @@ class Session:
             stall_ms=d.stall_s * 1e3,
             prefill_bytes_moved=self._prefill_counters.bytes_moved,
             cache_slots=self.runtime.cache.num_slots,
+            copy_retries=d.copy_retries,
             extra=self.runtime.policy.extra_metrics(),
         )
