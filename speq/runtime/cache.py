@@ -38,6 +38,7 @@ class Entry:
     uses: int = 0
     prefetched: bool = False  # brought in by a prefetch and not used yet
     loading: bool = field(default=False)
+    failed: BaseException | None = None  # its copy failed for good: no longer cached
 
 
 class ExpertCache:
@@ -152,6 +153,14 @@ class ExpertCache:
         if entry.prefetched:
             self.evicted_prefetches += 1
         return entry.slot
+
+    def discard(self, entry: Entry) -> None:
+        """Drop an entry whose copy failed for good, pinned or not: its slot is free again and
+        the expert is no longer resident (it holds no valid weights)."""
+        del self.entries[entry.key]
+        self.slot_owner[entry.slot] = None
+        self.slot_tables[entry.key.layer][entry.key.expert] = -1
+        self._free[self.group_of[entry.key.layer]].append(entry.slot)
 
     def victim(self, group: int, protect: frozenset[ExpertKey] = frozenset()) -> Entry | None:
         """The entry to evict from ``group``, or None if none may go."""

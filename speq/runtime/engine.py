@@ -323,6 +323,9 @@ class Engine:
         session = self.session(policy)
         try:
             out = self.decode(prompt, n, sampling, session, callback, may_switch)
+        except BaseException:  # an error or an interrupt: drop queued copies, stop the link
+            session.link.abort()
+            raise
         finally:
             self.metrics = metrics = session.finish(self.options.policy, prompt.shape[0], n)
         if self.draft.on_device:

@@ -6,13 +6,15 @@
 - `CudaLink` (cuda): non-blocking copies from pinned memory on a copy stream, with events.
 
 Copies are served highest priority first (demand fetches before prefetches), in issue order
-within a priority.
+within a priority. A copy that fails completes with its ``error`` set (the runtime retries it);
+`speq.testing.inject_copy_faults` makes copies fail on purpose, to test that path.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -43,6 +45,61 @@ class Copy:
     started_at: float | None = None
     done_at: float | None = None
     event: object = field(default=None, repr=False)
+    attempt: int = 1  # 1 for the first try of a transfer, then 2, 3, ... for its retries
+    error: BaseException | None = None  # set when the copy completed without its data
+
+    def retry(self, now: float) -> Copy:
+        """The next attempt at the same transfer, issued at ``now``."""
+        return Copy(
+            self.key,
+            self.slot,
+            self.nbytes,
+            self.priority,
+            now,
+            self.src,
+            self.dst,
+            attempt=self.attempt + 1,
+        )
+
+
+class CopyFault(RuntimeError):
+    """A copy made to fail (speq.testing.inject_copy_faults)."""
+
+
+class CopyCancelled(RuntimeError):
+    """A queued copy dropped because its run stopped."""
+
+
+class FaultInjector:
+    """Makes each copy fail with probability ``rate`` (reproducibly for a ``seed``)."""
+
+    def __init__(self, rate: float, seed: int = 0) -> None:
+        if not 0 <= rate <= 1:
+            raise ValueError(f"fault rate must be in [0, 1], got {rate!r}")
+        self.rate = rate
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def fails(self) -> bool:
+        with self._lock:
+            return self._rng.random() < self.rate
+
+
+_faults: list[FaultInjector] = []  # the active inject_copy_faults blocks, innermost last
+
+
+def transfer(copy: Copy, faults: FaultInjector | None, non_blocking: bool = False) -> None:
+    """Move ``copy``'s tensors, or set its ``error`` (an injected fault, or the copy's own)."""
+    if faults is not None and faults.fails():
+        copy.error = CopyFault(f"injected fault in the copy of {copy.key}")
+        for d in copy.dst:  # garbage, as a failed DMA may leave: the slot must never be read
+            d.fill_(float("nan")) if d.is_floating_point() else d.bitwise_not_()
+        return
+    try:
+        for s, d in zip(copy.src, copy.dst):
+            d.copy_(s, non_blocking=non_blocking)
+    except Exception as e:  # a device error: reported as the copy's, never as a dead thread
+        copy.error = e
 
 
 class Link(ABC):
@@ -53,6 +110,7 @@ class Link(ABC):
             raise ValueError(f"link needs gbps > 0 and latency_us >= 0, got {gbps}, {latency_us}")
         self.gbps = gbps
         self.latency_us = latency_us
+        self.faults = _faults[-1] if _faults else None
 
     def cost(self, nbytes: int) -> float:
         """Seconds one copy of ``nbytes`` occupies the link."""
@@ -76,6 +134,11 @@ class Link(ABC):
 
     def close(self) -> None:
         """Finish outstanding copies and release resources."""
+
+    def abort(self) -> None:
+        """Drop the copies not started (they complete with `CopyCancelled`) and release
+        resources: the run stopped."""
+        self.close()
 
 
 class EmulatedLink(Link):
@@ -118,8 +181,7 @@ class EmulatedLink(Link):
                     return
                 _, _, c = heapq.heappop(self._heap)
             c.started_at = self.now()
-            for s, d in zip(c.src, c.dst):
-                d.copy_(s)
+            transfer(c, self.faults)
             end = c.started_at + self.cost(c.nbytes)
             while (left := end - self.now()) > 0:
                 time.sleep(left)
@@ -131,6 +193,14 @@ class EmulatedLink(Link):
             self._closed = True
             self._cv.notify()
         self._thread.join()
+
+    def abort(self) -> None:
+        with self._cv:
+            for _, _, c in self._heap:
+                c.error, c.done_at = CopyCancelled(f"copy of {c.key} dropped"), self.now()
+                c.event.set()
+            self._heap.clear()
+        self.close()
 
 
 class VirtualLink(Link):
@@ -178,8 +248,7 @@ class VirtualLink(Link):
             heapq.heapify(self._pending)
             c = entry[2]
             c.started_at, c.done_at = start, start + self.cost(c.nbytes)
-            for s, d in zip(c.src, c.dst):
-                d.copy_(s)
+            transfer(c, self.faults)
             self._free_at = c.done_at
             if one:
                 return
@@ -210,8 +279,7 @@ class CudaLink(Link):
         # the slot may still be read by kernels queued on the compute stream before its eviction
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for s, d in zip(copy.src, copy.dst):
-                d.copy_(s, non_blocking=True)
+            transfer(copy, self.faults, non_blocking=True)
             copy.event = torch.cuda.Event()
             copy.event.record(stream)
         copy.started_at = self.now()
@@ -222,7 +290,10 @@ class CudaLink(Link):
     def wait(self, copies: Sequence[Copy]) -> float:
         t0 = time.perf_counter()
         for c in copies:
-            c.event.synchronize()
+            try:
+                c.event.synchronize()
+            except RuntimeError as e:  # the copy's CUDA error surfaces at the sync
+                c.error = c.error or e
             if c.done_at is None:
                 c.done_at = self.now()
         return time.perf_counter() - t0

@@ -4,6 +4,10 @@ At every MoE layer the step's WAIT node asks for the experts its tokens were rou
 ones are hits; missing ones are fetched on demand over the link while the compute waits (stall);
 a layer that needs more experts than its slots is computed in chunks. PREFETCH nodes and the
 policy's hooks start copies early. Every need, copy, byte and stall is counted.
+
+A copy that fails is tried again, up to `MAX_COPY_ATTEMPTS` times in all; one that fails every
+time is dropped from the cache (its slot never counts as resident), and the layer that needs it
+raises `speq.TransferError`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from typing import Any
 import torch
 
 from speq.runtime.cache import Entry, ExpertCache, NoSlotError
-from speq.runtime.link import Copy, Link, Priority
+from speq.runtime.errors import TransferError
+from speq.runtime.link import Copy, CopyCancelled, Link, Priority
 from speq.runtime.metrics import Counters, Timeline
 from speq.runtime.store import ExpertKey, ExpertStore
+
+MAX_COPY_ATTEMPTS = 8  # tries of one transfer before TransferError (a 20% fault rate: 3e-6)
 
 
 @dataclass(frozen=True)
@@ -152,12 +159,22 @@ class OffloadRuntime:
             entries.append(entry)
         if waits:
             t0 = self.link.now()
-            stall = self.link.wait(waits)
+            stall = self._await(entries)
             self.counters.stall_s += stall
             if self.timeline is not None and stall > 0:
                 self.timeline.span("compute", f"stall L{layer}", t0, t0 + stall, experts=len(waits))
-            self.settle()
+        for entry in entries:
+            if entry.failed is not None:
+                raise entry.failed
         return entries
+
+    def _await(self, entries: Sequence[Entry]) -> float:
+        """Wait until none of ``entries`` is loading (their retries included): the stall."""
+        stall = 0.0
+        while pending := [e.copy for e in entries if e.loading]:
+            stall += self.link.wait(pending)
+            self.settle()
+        return stall
 
     def _state(self, key: ExpertKey) -> int:
         """0: resident and loaded, 1: being copied, 2: not cached."""
@@ -215,8 +232,7 @@ class OffloadRuntime:
                 if not self._loading:
                     raise
                 oldest = min(self._loading, key=lambda e: e.copy.issued_at)
-                self.counters.stall_s += self.link.wait([oldest.copy])
-                self.settle()
+                self.counters.stall_s += self._await([oldest])
         self._prefetched = {e for e in self._prefetched if e.key in self.cache}
         nbytes = self.store.expert_bytes
         src: tuple[torch.Tensor, ...] = ()
@@ -224,24 +240,34 @@ class OffloadRuntime:
         if self.pool is not None:
             src = (self.store.w13[key.layer][key.expert], self.store.w2[key.layer][key.expert])
             dst = (self.pool.w13[entry.slot], self.pool.w2[entry.slot])
-        entry.copy = Copy(key, entry.slot, nbytes, priority, self.link.now(), src, dst)
         entry.loading = True
         self._loading[entry] = None
-        self.link.submit(entry.copy)
-        self.counters.experts_moved += 1
-        self.counters.bytes_moved += nbytes
+        self._submit(entry, Copy(key, entry.slot, nbytes, priority, self.link.now(), src, dst))
         return entry
 
-    def upload(self, copy: Copy) -> None:
-        """Move other weights (the draft's) over the link while the compute waits."""
+    def _submit(self, entry: Entry, copy: Copy) -> None:
+        entry.copy = copy
         self.link.submit(copy)
-        self.counters.stall_s += self.link.wait([copy])
+        self.counters.experts_moved += 1
         self.counters.bytes_moved += copy.nbytes
 
+    def upload(self, copy: Copy) -> None:
+        """Move other weights (the draft's) over the link while the compute waits, retrying a
+        failed copy like an expert's."""
+        while True:
+            self.link.submit(copy)
+            self.counters.stall_s += self.link.wait([copy])
+            self.counters.bytes_moved += copy.nbytes
+            if copy.error is None:
+                return
+            if copy.attempt >= MAX_COPY_ATTEMPTS:
+                raise TransferError(str(copy.key), copy.attempt, copy.error)
+            self.counters.copy_retries += 1
+            copy = copy.retry(self.link.now())
+
     def quiesce(self) -> None:
-        """Wait for every copy in flight and mark it loaded."""
-        if self._loading:
-            self.counters.stall_s += self.link.wait([e.copy for e in self._loading])
+        """Wait for every copy in flight (and its retries) and mark it loaded."""
+        self.counters.stall_s += self._await(list(self._loading))
         self.settle()
 
     def rebind(self, cache: ExpertCache, pool: ExpertPool | None, policy: OffloadPolicy) -> None:
@@ -254,6 +280,9 @@ class OffloadRuntime:
     def settle(self) -> None:
         """Mark entries whose copies have completed as loaded (and record them on the timeline)."""
         for entry in [e for e in self._loading if self.link.done(e.copy)]:
+            if entry.copy.error is not None:
+                self._retry_or_drop(entry)
+                continue
             entry.loading = False
             self._loading.pop(entry, None)
             if self.timeline is not None:
@@ -261,6 +290,22 @@ class OffloadRuntime:
                 self.timeline.span(
                     "copy", str(c.key), c.started_at, c.done_at, priority=c.priority.name
                 )
+
+    def _retry_or_drop(self, entry: Entry) -> None:
+        """A failed copy: try it again, or after `MAX_COPY_ATTEMPTS` tries drop the entry from
+        the cache with the error its next need raises."""
+        c = entry.copy
+        if c.attempt < MAX_COPY_ATTEMPTS and not isinstance(c.error, CopyCancelled):
+            self.counters.copy_retries += 1
+            self._submit(entry, c.retry(self.link.now()))
+            return
+        key = c.key
+        what = f"expert {key} (layer {key.layer}, expert {key.expert})"
+        entry.failed = TransferError(what, c.attempt, c.error)
+        entry.loading = False
+        self._loading.pop(entry, None)
+        self._prefetched.discard(entry)
+        self.cache.discard(entry)
 
     def unused_prefetches(self) -> int:
         """Prefetched experts still cached and never needed (wasted if the run ends now)."""
