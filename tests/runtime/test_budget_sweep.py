@@ -1,0 +1,121 @@
+"""The budget sweep: for every policy, on the sim backend (breadth) and the cpu backend (a
+sample), on the demo model and random models of several shapes, any device budget either
+compiles and generates exactly the all-resident greedy output, or, below the minimum, raises a
+ValueError that names the minimum. Budgets: the boundaries where the slot count changes and
+where every expert fits (each +-1 byte), and hypothesis-chosen ones in between."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import speq
+from helpers import tiny_model
+from speq.models.demo import demo_model
+
+PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
+N = 4
+POLICIES = {  # label -> (policy, k)
+    "resident": ("resident", None),
+    "ondemand": ("ondemand", None),
+    "nextgate": ("nextgate", None),
+    "oracle": ("oracle", None),
+    "speq-governed": ("speq", None),
+    "speq-k2": ("speq", 2),
+}
+SHAPES = {
+    "shared": dict(num_kv_heads=4, shared_expert_intermediate_size=16),
+    "dense-first": dict(
+        num_layers=3, first_dense_layers=1, dense_intermediate_size=40, router_mode="topk_softmax"
+    ),
+    "top1": dict(top_k=1),
+    "16-experts": dict(num_experts=16, top_k=2, num_layers=2),
+}
+
+
+@functools.cache
+def model(name: str):
+    if name == "demo":
+        return demo_model(dtype=torch.float64)[0]
+    return tiny_model(torch.float64, **SHAPES[name])
+
+
+@functools.cache
+def expected(name: str) -> torch.Tensor:
+    return speq.compile(model(name)).generate(PROMPT, N)
+
+
+@functools.cache
+def parts(name: str, policy: str) -> tuple[int, int, int, int, int]:
+    """(bytes always resident: non-expert weights, KV cache and the draft; bytes of one expert;
+    the fewest slots the policy runs with; slots for every expert; the draft's bytes)."""
+    drafts = policy == "speq"
+    opts = speq.CompileOptions(policy="speq", k=1) if drafts else speq.CompileOptions()
+    mem = speq.compile(model(name), opts).memory
+    total = len(speq.compile(model(name)).store.keys())
+    least = total if policy == "resident" else model(name).config.top_k
+    fixed = mem.non_expert_bytes + mem.kv_bytes + mem.draft_bytes
+    return fixed, mem.expert_bytes, least, total, mem.draft_bytes
+
+
+def boundaries(name: str, policy: str) -> list[int]:
+    fixed, expert, least, total, draft = parts(name, policy)
+    # where the slot count starts and changes, where every expert fits beside the draft, and
+    # where it would fit if the governor gave the draft's bytes to the cache
+    spare = total - draft // expert
+    slots = {least, least + 1, (least + total) // 2, total, spare, spare + 1}
+    slots = sorted(s for s in slots if least <= s <= total)
+    return sorted(
+        {fixed + s * expert + d for s in slots for d in (-1, 0)} | {2 * (fixed + total * expert)}
+    )
+
+
+def check(name: str, label: str, budget: int, backend: str) -> None:
+    policy, k = POLICIES[label]
+    fixed, expert, least, _, _ = parts(name, policy)
+    minimum = fixed + least * expert
+    opts = speq.CompileOptions(
+        policy=policy, k=k, device_memory=budget, backend=backend, link_gbps=1.0
+    )
+    if budget < minimum:
+        with pytest.raises(ValueError, match=f"below the minimum .*{minimum:,} bytes"):
+            speq.compile(model(name), opts)
+        return
+    cm = speq.compile(model(name), opts)
+    out = cm.generate(PROMPT, N)
+    assert torch.equal(out, expected(name)), (name, label, budget, backend)
+    assert 0 < cm.metrics.cache_slots <= parts(name, policy)[3]
+
+
+CASES = [(name, label) for name in ("demo", *SHAPES) for label in POLICIES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "label"), CASES)
+def test_every_boundary_budget_runs_exactly_or_names_the_minimum(name, label):
+    for budget in boundaries(name, label.split("-")[0]):
+        check(name, label, budget, "sim")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "label"), CASES)
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(fraction=st.floats(0.0, 1.2))
+def test_any_budget_runs_exactly_or_names_the_minimum(name, label, fraction):
+    fixed, expert, least, total, _ = parts(name, label.split("-")[0])
+    lo, hi = fixed + least * expert, fixed + total * expert
+    check(name, label, int(lo - expert + fraction * (hi - lo + expert)), "sim")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "label"), [("demo", "ondemand"), ("shared", "speq-k2"),
+                                             ("dense-first", "nextgate"), ("top1", "oracle"),
+                                             ("16-experts", "speq-governed")])  # fmt: skip
+def test_the_boundaries_on_the_cpu_backend(name, label):
+    """The cpu backend copies weights into a real pool (the sim backend does not)."""
+    for budget in boundaries(name, label.split("-")[0]):
+        check(name, label, budget, "cpu")
