@@ -125,7 +125,7 @@ class CompiledModel:
         reproducibly for a given ``seed``. ``callback(token)`` is called after each new token.
         Returns ``[1, T + max_new_tokens]`` int64; what was measured is in ``self.metrics``.
         """
-        prompt = self.engine.check_request(input_ids, max_new_tokens)
+        prompt = self.engine.check_request(input_ids, max_new_tokens, callback)
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         if max_new_tokens == 0:
             return prompt[None].clone()

@@ -336,9 +336,15 @@ class Engine:
             session.timeline.write(self.options.trace_path)
         return out
 
-    def check_request(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """``input_ids`` as a 1-D int64 CPU tensor, or a ValueError saying what was expected of
-        it or of ``max_new_tokens``."""
+    def check_request(
+        self, input_ids: torch.Tensor, max_new_tokens: int, callback: object = None
+    ) -> torch.Tensor:
+        """``input_ids`` as a 1-D int64 CPU tensor, or a ValueError (a TypeError for a wrong
+        type) saying what was expected of it, of ``max_new_tokens`` or of ``callback``."""
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {callback!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,25 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        """A TypeError for a wrong type, a ValueError for a bad value, naming the argument."""
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {self.do_sample!r}")
+        for name, value, optional in (
+            ("temperature", self.temperature, False),
+            ("top_p", self.top_p, True),
+        ):
+            if (value is None and optional) or (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+            ):
+                continue
+            raise TypeError(
+                f"{name} must be a number{' or None' if optional else ''}, got {value!r}"
+            )
+        for name, value in (("top_k", self.top_k), ("seed", self.seed)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be > 0 (and finite), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
