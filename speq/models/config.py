@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,40 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config from a dict of its fields (as `to_dict` writes them); a ValueError names each
+        unknown or missing field, or a field of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(
+                f"MoEConfig: expected a mapping (a JSON object) of field names to values, "
+                f"got {_json_type(d)}"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields), key=str)
         if unknown:
-            raise ValueError(f"MoEConfig: unknown field(s) {unknown}")
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(str(name), fields, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"MoEConfig: unknown field(s) {', '.join(hints)}; the fields are "
+                f"{', '.join(fields)}"
+            )
+        required = [
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in d]
+        if missing:
+            also = "" if len(missing) == len(required) else f" (required: {', '.join(required)})"
+            raise ValueError(f"MoEConfig: missing required field(s) {', '.join(missing)}{also}")
+        for name, value in d.items():
+            kind = _FIELD_TYPES.get(str(fields[name].type))
+            if kind is not None and not _is_a(value, kind):
+                raise ValueError(
+                    f"MoEConfig.{name} = {value!r} has the wrong type: expected {_KINDS[kind]}, "
+                    f"got {_json_type(value)}"
+                )
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -132,7 +163,79 @@ class MoEConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> MoEConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config from a JSON file; every error names the file."""
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                "expected a JSON object of MoEConfig fields"
+            ) from None
+        except OSError as e:
+            raise type(e)(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+# The JSON types a field's annotation accepts (from_dict), and how an error names them.
+_FIELD_TYPES = {
+    "int": "int",
+    "int | None": "int_or_none",
+    "bool": "bool",
+    "str": "str",
+    "float": "number",
+}
+_KINDS = {
+    "int": "an integer",
+    "int_or_none": "an integer or null",
+    "bool": "true or false",
+    "str": "a string",
+    "number": "a number",
+}
+
+
+def _is_a(value: object, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON true/false are not numbers
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "int_or_none":
+        return value is None or isinstance(value, int)
+    if kind == "number":
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
+
+
+def _json_type(value: object) -> str:
+    """``value``'s type as JSON names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def _require(name: str, value: object, ok, expected: str) -> None:

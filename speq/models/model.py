@@ -180,24 +180,59 @@ class MoEForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
-        """Load a folder written by ``save_pretrained`` (weights keep their stored dtype by default)."""
+        """Load a folder written by ``save_pretrained`` (weights keep their stored dtype by default).
+
+        A fault in the folder is a FileNotFoundError or ValueError naming the file at fault (and
+        the tensor or config field)."""
+        import safetensors
         from safetensors import safe_open
 
+        # safetensors' own error (a bad header or truncated data); older releases do not export it
+        corrupt = getattr(safetensors, "SafetensorError", Exception)
         folder = Path(path)
+        if not folder.exists():
+            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+        if not folder.is_dir():
+            raise ValueError(
+                f"{folder} is not a folder: a speq checkpoint is a folder with config.json and "
+                "model.safetensors"
+            )
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} is missing: not a speq checkpoint folder")
         config = MoEConfig.load(folder / "config.json")
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        stored = next(iter(state.values())).dtype
+        shard = folder / "model.safetensors"
+        size = shard.stat().st_size
+        if size == 0:
+            raise ValueError(f"corrupt safetensors file {shard}: the file is empty (0 bytes)")
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except OSError as e:
+            raise type(e)(f"cannot read {shard}: {e.strerror or e}") from None
+        except corrupt as e:
+            raise ValueError(f"corrupt safetensors file {shard} ({size} bytes): {e}") from None
+        stored = next(iter(state.values())).dtype if state else torch.float32
         model = cls(config, seed=0, dtype=dtype or stored)
-        missing, unexpected = model.load_state_dict(
-            {k: v.to(dtype or stored) for k, v in state.items()}, strict=False
-        )
-        if missing or unexpected:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ValueError(
-                f"{folder / 'model.safetensors'} does not match config.json: "
-                f"missing {missing}, unexpected {unexpected}"
+                f"{shard} lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more} that "
+                f"{folder / 'config.json'} requires"
             )
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise ValueError(
+                f"{shard} has tensor(s) {', '.join(map(repr, unexpected[:5]))} that the model "
+                f"{folder / 'config.json'} describes does not have"
+            )
+        for name, shape in expected.items():
+            if tuple(state[name].shape) != shape:
+                raise ValueError(
+                    f"{shard}: tensor {name!r} has shape {list(state[name].shape)}, but "
+                    f"{folder / 'config.json'} requires {list(shape)}"
+                )
+        model.load_state_dict({k: v.to(dtype or stored) for k, v in state.items()})
         return model
