@@ -119,3 +119,20 @@ def test_the_boundaries_on_the_cpu_backend(name, label):
     """The cpu backend copies weights into a real pool (the sim backend does not)."""
     for budget in boundaries(name, label.split("-")[0]):
         check(name, label, budget, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("policy", "budgets"), [("speq", ("18MB", "19MB", "20MB")), ("oracle", ("18MB", "30MB"))]
+)
+def test_the_budgets_that_crashed(policy, budgets):
+    """As reported: the shipped model (sizes counted in its own bf16; computed in float64 here,
+    so that outputs compare exactly), cpu backend, a slow link. speq at 18-20 MB raised
+    IndexError in compile (the no-draft probe's cache held every expert and preloaded a smaller
+    pool); oracle wherever every expert fits raised 'expert L0.E0 is already cached'."""
+    for budget in budgets:
+        opts = speq.CompileOptions(
+            policy=policy, device_memory=budget, link_gbps=0.05, memory_dtype=torch.bfloat16
+        )
+        out = speq.compile(model("demo"), opts).generate(PROMPT, N)
+        assert torch.equal(out, expected("demo")), budget
