@@ -52,13 +52,23 @@ class CompiledModel:
         if self.engine.governs:
             self._govern(None, "governor")
 
+    def calibrate(self, input_ids: torch.Tensor) -> None:
+        """Calibrate the governor on ``input_ids`` (text like what will be decoded, but not the
+        text measured) instead of on the first `generate`'s own prompt. Its time is
+        ``metrics["calibration_s"]`` of the runs after. A no-op for a policy without a governor."""
+        prompt = self.engine.check_request(input_ids, 0)
+        if self.engine.governs:
+            self._calibrated_on_input = True
+            self._govern(prompt, "governor (recalibrated on a calibration prompt)")
+
     def _govern(self, prompt: torch.Tensor | None, name: str) -> None:
         """Calibrate the engine on ``prompt`` (None: a fixed random one), run the governor pass
         on what it measured, and have the engine run the policy the pass chose."""
         t0 = time.perf_counter()
         calibration = self.engine.calibrate(prompt)
+        self.engine.calibration_s = time.perf_counter() - t0
         took = (
-            f"calibrated on the {self.options.backend} backend in {time.perf_counter() - t0:.2f} s"
+            f"calibrated on the {self.options.backend} backend in {self.engine.calibration_s:.2f} s"
         )
         self.graphs = run_pass(
             self.graphs,
@@ -131,7 +141,8 @@ class CompiledModel:
             return prompt[None].clone()
         if not self._calibrated_on_input:
             # the compile-time choice came from a random prompt; real text routes differently
-            # (it reuses experts), which decides whether the draft earns its memory
+            # (it reuses experts), which decides whether the draft earns its memory (`calibrate`
+            # gives other text to decide on)
             self._calibrated_on_input = True
             self._govern(prompt, "governor (recalibrated on the first prompt)")
         out = self.engine.generate(prompt, max_new_tokens, sampling, callback)

@@ -63,6 +63,7 @@ class Engine:
         self.node_seconds: dict = {}  # the sim backend's modelled node times, reused
         self.governed: Policy | None = None
         self.metrics: Metrics | None = None  # of the last generate
+        self.calibration_s: float | None = None  # the last calibration's seconds (wall clock)
         self.switch = MidRunSwitch(self)
         self.calibrator = Calibrator(self)
         self.replayer: Replayer | None = None
@@ -330,6 +331,7 @@ class Engine:
             self.metrics = metrics = session.finish(self.options.policy, prompt.shape[0], n)
         if self.draft.on_device:
             metrics.extra["draft_bytes"] = self.draft.nbytes
+        metrics.extra["calibration_s"] = self.calibration_s
         if may_switch:  # new tokens decoded before switching to the draft; None: no switch
             metrics.extra["switched_to_draft_after"] = self.switch.switched_after
         if session.timeline is not None:

@@ -46,6 +46,11 @@ FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
             "bytes",
             "the draft's quantized experts on the device at the end; None: no draft",
         ),
+        "calibration_s": (
+            "s",
+            "wall-clock time of the governor's calibration this run's policy came from (not in "
+            "any other time); None: no governor",
+        ),
         "switched_to_draft_after": (
             "tokens",
             "new tokens decoded before the run switched to the draft; None: it did not",

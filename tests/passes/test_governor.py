@@ -249,3 +249,22 @@ def test_switching_to_the_draft_pays_for_itself_or_does_not_happen():
     assert switch_to_draft(policy, CFG, copies, 2.5, 20, switch_s=saved_s * 1.01) is None
     assert switch_to_draft(policy, CFG, copies, 2.5, 20, switch_s=saved_s * 0.99) is not None
     assert switch_to_draft(policy, CFG, 0.0, 2.5, 20, switch_s=0.0) is None  # nothing to save
+
+
+def test_the_governor_calibrates_on_a_prompt_that_is_not_measured():
+    """`calibrate` takes other text than the measured prompt; generate then does not
+    recalibrate on its own prompt, and reports how long the calibration took."""
+    model = tiny_model(torch.float64, num_layers=3)
+    opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=speq_budget(model, 4))
+    cm = speq.compile(model, opts)
+    cm.calibrate(torch.tensor([[7, 8, 9, 10, 11, 12, 13]]))
+    names = cm.graphs.names()
+    assert names[-1] == "governor (recalibrated on a calibration prompt)"
+    measured = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    assert torch.equal(cm.generate(measured, 8), speq.compile(model).generate(measured, 8))
+    assert cm.graphs.names() == names  # no recalibration on the measured prompt
+    assert cm.metrics["calibration_s"] > 0
+    ondemand = speq.compile(model, speq.CompileOptions(policy="ondemand"))
+    ondemand.calibrate(measured)  # no governor: nothing to calibrate
+    ondemand.generate(measured, 2)
+    assert ondemand.metrics["calibration_s"] is None
