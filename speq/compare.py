@@ -87,7 +87,7 @@ def calibrate_link(
     cpu_layer = statistics.median(samples) * 1e-3 / compiled.config.num_layers
     scale = cpu_layer / gpu_layer
     latency = get_profile(profile).link_latency_us * 1e-6 * scale
-    nbytes = compiled.store.expert_bytes
+    nbytes = compiled.memory.expert_bytes  # as one copy moves it: in the deployment dtype
     gbps = nbytes / (copy * scale - latency) / 1e9
     return LinkCalibration(
         reference, profile, copy / gpu_layer, scale, cpu_layer * 1e3, nbytes, gbps, latency * 1e6

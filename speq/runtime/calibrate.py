@@ -50,7 +50,7 @@ class Calibrator:
             gen = torch.Generator().manual_seed(0)
             prompt = torch.randint(0, cfg.vocab_size, (16,), generator=gen)
         draft_s, verify = self.time_passes(prompt[None])
-        copy_s = VirtualLink(*engine.link_params).cost(engine.store.expert_bytes)
+        copy_s = VirtualLink(*engine.link_params).cost(engine.memory.expert_bytes)
         source = f"measured ({engine.backend.name})"
         hw = HardwareModel(draft_s, verify, copy_s, source=source)
         k = self.probe_k

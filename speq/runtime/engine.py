@@ -80,6 +80,15 @@ class Engine:
         return self.spec.config
 
     @property
+    def deployment_dtype(self) -> torch.dtype:
+        """The dtype the model's weights have where it is deployed (CompileOptions.memory_dtype,
+        else the compute dtype): device memory, every copy over the link and the sim backend's
+        node costs count bytes in it, so that a model computed in float64 for exact tests is
+        budgeted, moved and timed as the bf16 model it stands for. (The draft's INT4/INT8 codes
+        and fp32 scales have one size everywhere.)"""
+        return self.options.memory_dtype or self.spec.dtype
+
+    @property
     def governs(self) -> bool:
         """Whether the governor chooses this program's policy (speculation without a fixed k)."""
         return self.policy_class.drafts and self.options.k is None
@@ -111,10 +120,9 @@ class Engine:
         else:
             min_slots = cfg.top_k
         budget = None if options.device_memory is None else parse_budget(options.device_memory)
-        counted = options.memory_dtype or self.spec.dtype
 
         def size(nbytes: int) -> int:  # bytes of a weight or cache tensor in the counted dtype
-            return nbytes * counted.itemsize // self.spec.dtype.itemsize
+            return nbytes * self.deployment_dtype.itemsize // self.spec.dtype.itemsize
 
         return plan_memory(
             budget,
@@ -162,12 +170,20 @@ class Engine:
         timeline = Timeline() if self.options.trace_path and not virtual else None
         link = backend.link(*self.link_params, self.device)
         pool = None if virtual else self.pool
-        runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline)
+        expert = self.memory.expert_bytes
+        runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline, expert)
         if policy.all_resident or slots >= len(self.store.keys()):
             self._preload(cache, pool)  # every expert fits: all are resident from the start
         params = {**self.params, **self.draft.params} if self.draft.on_device else self.params
         return Session(
-            self.spec, params, runtime, backend, self.profile, timeline, self.node_seconds
+            self.spec,
+            params,
+            runtime,
+            backend,
+            self.profile,
+            timeline,
+            self.node_seconds,
+            self.deployment_dtype.itemsize,
         )
 
     def cache(self, policy: OffloadPolicy, slots: int) -> ExpertCache:

@@ -34,12 +34,15 @@ FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "late": ("count", "of which still being copied by a prefetch"),
         "demand_fetches": ("count", "of which not cached: fetched on demand"),
         "experts_moved": ("count", "expert copies started while decoding (retries included)"),
-        "bytes_moved": ("bytes", "bytes over the link while decoding (in the compute dtype)"),
+        "bytes_moved": (
+            "bytes",
+            "bytes over the link while decoding, in the deployment dtype (memory_dtype)",
+        ),
         "prefetches_issued": ("count", "prefetch copies over the whole run"),
         "prefetches_used": ("count", "prefetched experts later needed"),
         "prefetches_wasted": ("count", "prefetched experts evicted or left unused"),
         "stall_ms": ("ms", "time the compute waited for copies while decoding"),
-        "prefill_bytes_moved": ("bytes", "bytes over the link during the prefill"),
+        "prefill_bytes_moved": ("bytes", "bytes over the link during the prefill (as bytes_moved)"),
         "cache_slots": ("slots", "expert cache slots (full-precision experts on the device)"),
         "copy_retries": ("count", "failed copies that were tried again"),
         "draft_bytes": (

@@ -103,8 +103,12 @@ class OffloadRuntime:
         pool: ExpertPool | None,
         policy: OffloadPolicy,
         timeline: Timeline | None = None,
+        copy_bytes: int | None = None,
     ) -> None:
+        """``copy_bytes``: what one expert copy moves over the link, counted in the deployment
+        dtype (default: the store's dtype)."""
         self.store, self.cache, self.link, self.pool = store, cache, link, pool
+        self.copy_bytes = store.expert_bytes if copy_bytes is None else copy_bytes
         self.policy = policy
         self.timeline = timeline
         self.counters = Counters()
@@ -234,7 +238,7 @@ class OffloadRuntime:
                 oldest = min(self._loading, key=lambda e: e.copy.issued_at)
                 self.counters.stall_s += self._await([oldest])
         self._prefetched = {e for e in self._prefetched if e.key in self.cache}
-        nbytes = self.store.expert_bytes
+        nbytes = self.copy_bytes
         src: tuple[torch.Tensor, ...] = ()
         dst: tuple[torch.Tensor, ...] = ()
         if self.pool is not None:

@@ -48,14 +48,17 @@ class CompileOptions:
     - ``draft_bits`` / ``draft_group_size``: the draft's weight-only expert quantization (INT4 or
       INT8, symmetric, one scale per group along the reduction dimension).
     - ``predictor``: what fills speq's Expert Lookahead Buffer: the draft's routers (``draft``),
-      or ``oracle``: the target's own routing of the output, recorded in a first pass (perfect
-      prediction, the best any predictor can do; a benchmark bound, since it needs the output
-      first). The draft still proposes the tokens either way.
-    - ``memory_dtype``: the dtype in which the device budget counts the model's weights and KV
-      cache (default: the compute dtype). Tests and benchmarks compute in float64 so that outputs
-      compare exactly; setting this to the deployment dtype (bfloat16) makes the budget split
+      or ``oracle``: for every verification window, exactly the experts the target's
+      verification of that window routes to, rejected positions included, recorded in a first
+      speculative pass over the same windows (perfect prediction, the best any predictor can
+      do; a benchmark bound: it needs the output first, and its recording pass is not timed).
+      The draft still proposes the tokens either way.
+    - ``memory_dtype``: the deployment dtype: the one in which the device budget counts the
+      model's weights and KV cache, each expert copy's bytes over the link count, and the sim
+      backend's node times count (default: the compute dtype). Tests and benchmarks compute in
+      float64 so that outputs compare exactly; setting this to bfloat16 makes the budget split
       between non-expert weights, the draft (INT4/INT8 codes and fp32 scales, whatever the
-      compute dtype) and the expert slots as it would on a GPU.
+      compute dtype) and the expert slots, and the link's traffic, as they would be on a GPU.
     - ``cuda_graphs``: on the ``cuda`` backend, capture each replay region of the lowered plan
       as a CUDA graph and replay it (speq.runtime.replay); False runs every node eagerly, as do
       float64 models (their kernels' torch paths sync with the host).

@@ -32,9 +32,13 @@ class Session:
         profile: Any = None,
         timeline: Timeline | None = None,
         seconds_cache: dict | None = None,
+        dtype_bytes: int | None = None,
     ) -> None:
         """``seconds_cache``: modelled node times by (node, tokens, context, experts), kept by
-        the compiled model across calls (the sim backend's hot path)."""
+        the compiled model across calls (the sim backend's hot path); ``dtype_bytes``: bytes
+        per float element the modelled node times count (the deployment dtype's; default the
+        compute dtype's)."""
+        self.dtype_bytes = spec.dtype.itemsize if dtype_bytes is None else dtype_bytes
         self.spec, self.params, self.runtime = spec, params, runtime
         self._seconds = {} if seconds_cache is None else seconds_cache
         self.backend, self.profile, self.timeline = backend, profile, timeline
@@ -63,7 +67,7 @@ class Session:
                     self.spec.config,
                     self._tokens,
                     self._context,
-                    self.spec.dtype.itemsize,
+                    self.dtype_bytes,
                     experts_touched=touched,
                 )
                 seconds = self._seconds[key] = node_seconds(cost, self.profile)

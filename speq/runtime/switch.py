@@ -55,7 +55,7 @@ class MidRunSwitch:
         engine = self.engine
         link = VirtualLink(*engine.link_params)
         return link.cost(engine.draft.nbytes) + engine.calibrator.draft_slots * link.cost(
-            engine.store.expert_bytes
+            engine.memory.expert_bytes
         )
 
     def switch(self, session: Session, policy: Policy) -> Speq:

@@ -92,3 +92,36 @@ def test_cuda_backend_without_cuda_says_so():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="no CUDA device"):
         speq.CompileOptions(backend="cuda")
+
+
+def test_every_byte_on_the_link_counts_in_the_deployment_dtype(monkeypatch):
+    """A float64 model deployed as bf16 (memory_dtype): each expert copy moves the bf16 expert's
+    bytes, and the draft's upload (INT4 codes and fp32 scales, the same size everywhere) moves
+    its own, so the two cost on the link what they would on a GPU."""
+    import dataclasses
+
+    from speq.cost import Calibration, Estimate
+
+    model = tiny_model(torch.float64, num_layers=3)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    bf16 = dict(memory_dtype=torch.bfloat16, backend="sim", link_gbps=0.01)
+    cm = speq.compile(model, speq.CompileOptions(policy="ondemand", device_memory="60KB", **bf16))
+    cm.generate(prompt, 12)
+    expert = cm.memory.expert_bytes
+    assert expert * 4 == cm.store.expert_bytes
+    assert cm.metrics.bytes_moved == cm.metrics.experts_moved * expert > 0
+    # a run that switches to the draft mid-run uploads it: its bytes at their own size
+    govern = Calibration.govern
+
+    def misjudged(self, cfg):  # calibration says one-token decoding copies nothing
+        free = Estimate(0, 1.0, 1e-6, 0.0, 0.0, 0.0, 1e-6)
+        return dataclasses.replace(govern(self, cfg), plain=free)
+
+    monkeypatch.setattr(Calibration, "govern", misjudged)
+    plan = speq.compile(model, speq.CompileOptions(policy="speq", k=1, **bf16)).memory
+    budget = plan.non_expert_bytes + plan.kv_bytes + plan.draft_bytes + 4 * plan.expert_bytes
+    sp = speq.compile(model, speq.CompileOptions(policy="speq", device_memory=budget, **bf16))
+    sp.generate(prompt, 24)
+    m = sp.metrics
+    assert m["switched_to_draft_after"] is not None
+    assert m.bytes_moved == m.experts_moved * expert + sp.draft_bytes
