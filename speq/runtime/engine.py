@@ -10,6 +10,7 @@ chose, read from ``program.annotations["policy"]``, including the switch to the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -27,11 +28,11 @@ from speq.runtime.draft import DraftWeights
 from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.options import CompileOptions
-from speq.runtime.policies import OnDemand, RoutingRecorder, get_policy
+from speq.runtime.policies import OnDemand, get_policy
 from speq.runtime.replay import Replayer
 from speq.runtime.sampling import SamplingParams, pick
 from speq.runtime.session import Session
-from speq.runtime.speculative import Speq, speculative_decode
+from speq.runtime.speculative import Recorder, Speq, Window, speculative_decode
 from speq.runtime.store import ExpertStore
 from speq.runtime.switch import MidRunSwitch
 from speq.sim.profiles import get_profile
@@ -219,19 +220,23 @@ class Engine:
         cache = session.runtime.cache
         return session.runtime.needs_log, cache.group_of, cache.group_slots
 
-    def record_routing(
-        self, prompt: torch.Tensor, n: int, sampling: SamplingParams
-    ) -> dict[tuple[int, int], frozenset[int]]:
-        """The target's experts at each (position, MoE layer) of the output, from a one-token-
-        at-a-time virtual-clock pass (not measured)."""
-        recorder = RoutingRecorder()
+    def record_windows(
+        self,
+        speq: Speq,
+        prompt: torch.Tensor,
+        n: int,
+        sampling: SamplingParams,
+        gen: torch.Generator | None = None,
+    ) -> list[Window]:
+        """The verification windows of decoding ``n`` tokens after ``prompt`` under ``speq``'s
+        policy (its governor's k included), from a virtual-clock pass with its own KV cache
+        (not measured); ``gen``: the sampling generator's state to start from."""
+        recorder = Recorder(speq)
         session = self.session(recorder, virtual=True)
-        self.decode(prompt, n, sampling, session)
+        cache = KVCache(self.config, 1, self.spec.dtype, self.device)
+        self.decode(prompt, n, sampling, session, cache=cache, gen=gen)
         session.finish("record", 0, 0)
-        layers = len(self.store.layers)
-        needs = recorder.needs[layers if prompt.shape[0] > 1 else 0 :]  # past the prefill pass
-        first = prompt.shape[0] - 1  # the position of the first one-token step
-        return {(first + i // layers, layer): experts for i, (layer, experts) in enumerate(needs)}
+        return recorder.recorded
 
     # ------------------------------------------------------------------ running
     def step(
@@ -241,7 +246,7 @@ class Engine:
         ctx = session.context(cache, pos, tokens.shape[0])
         inputs = {"tokens": tokens.to(self.device), "pos": pos}
         kernels = session.backend.kernels
-        if self.replayer is None:
+        if self.replayer is None or cache is not self._kv:  # replay serves the decodes' cache
             (logits,) = run_graph(self.program[graph], inputs, ctx, kernels)
         else:  # the position as a device tensor: one capture serves every position
             inputs["pos"] = torch.tensor(pos, device=self.device)
@@ -268,12 +273,17 @@ class Engine:
         session: Session,
         callback: Callable[[int], None] | None = None,
         may_switch: bool = False,
+        *,
+        cache: KVCache | None = None,
+        gen: torch.Generator | None = None,
     ) -> list[int]:
         """Process the prompt but its last token, then decode ``n`` tokens from there. With
         ``may_switch``, one-token decoding of a governed model that dropped its draft watches
-        its copies per token and switches to speculation when the governor says so."""
-        gen = sampling.generator()
-        cache = self.kv_cache()
+        its copies per token and switches to speculation when the governor says so. ``cache``:
+        a KV cache of its own (default: `kv_cache`); ``gen``: the sampling generator to go on
+        from (default: a new one from ``sampling``)."""
+        gen = sampling.generator() if gen is None else gen
+        cache = self.kv_cache() if cache is None else cache
         if prompt.shape[0] > 1:
             self.step("step", prompt[:-1], cache, 0, session)
         session.prefill_done()
@@ -308,7 +318,7 @@ class Engine:
             if callback is not None:
                 callback(out[-1])
             if watch is not None:
-                speq = watch.after_token(i + 1, n - i - 1, session)
+                speq = watch.after_token(i + 1, n - i - 1, session, out, sampling, gen)
                 if speq is not None:
                     return speculate(speq, out, n - i - 1)
         return out
@@ -329,9 +339,11 @@ class Engine:
         """Decode ``n`` tokens after ``prompt`` (1-D int64, checked): the prompt and the new
         tokens; what was measured is in ``self.metrics``."""
         may_switch = self.governed is not None and not self.governed.use_draft
+        if sampling.do_sample and sampling.seed is None:  # a recording must draw the same
+            sampling = dataclasses.replace(sampling, seed=int(torch.seed() % 2**63))
         if may_switch:
             self.drop_draft()  # a run that switched to the draft left it resident
-            self.switch.prepare(prompt, n, sampling)
+            self.switch.switched_after = None
         policy: OffloadPolicy
         if may_switch:
             policy = OnDemand()  # the governor's split: no draft, a larger cache

@@ -83,6 +83,9 @@ class OffloadPolicy:
     def on_need(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
         """Called at each WAIT with every expert the layer needs."""
 
+    def on_routing(self, rt: OffloadRuntime, layer: int, rows: list[list[int]]) -> None:
+        """Called at each WAIT with each token's chosen experts (row t: token t's top-k)."""
+
     def before_ensure(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
         """Called before each group of experts is made resident (a WAIT, or a later chunk)."""
 
@@ -122,9 +125,10 @@ class OffloadRuntime:
     # ------------------------------------------------------------------ serving needs
     def need(self, layer: int, ids: torch.Tensor) -> Residency:
         """The WAIT of ``layer``: make the experts in ``ids`` resident (the first chunk now)."""
-        routed = ids.reshape(-1).tolist()  # host sync: a DATA_DEPENDENT op
-        self.counters.routings += len(routed)
-        experts = sorted(set(routed))
+        rows = ids.reshape(ids.shape[0], -1).tolist()  # host sync: a DATA_DEPENDENT op
+        self.counters.routings += sum(map(len, rows))
+        experts = sorted({e for row in rows for e in row})
+        self.policy.on_routing(self, layer, rows)
         self.policy.on_need(self, layer, experts)
         cap = self.cache.capacity(layer)
         if len(experts) > cap:  # chunks: what is loaded first, then what is loading, then the rest

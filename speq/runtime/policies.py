@@ -42,18 +42,6 @@ class OnDemand(OffloadPolicy):
     name = "ondemand"
 
 
-class RoutingRecorder(OffloadPolicy):
-    """``ondemand`` that records every MoE layer's experts, WAIT by WAIT (a recording pass)."""
-
-    name = "record"
-
-    def __init__(self) -> None:
-        self.needs: list[tuple[int, frozenset[int]]] = []
-
-    def on_need(self, rt: OffloadRuntime, layer: int, experts: Sequence[int]) -> None:
-        self.needs.append((layer, frozenset(experts)))
-
-
 class NextGate(OffloadPolicy):
     """Prefetching happens at the PREFETCH nodes that insert_prefetch places for this policy."""
 

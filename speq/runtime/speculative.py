@@ -73,6 +73,18 @@ class ExpertLookaheadBuffer:
         return sorted(c, key=lambda le: (le[0], -c[le], le[1]))
 
 
+@dataclass(frozen=True)
+class Window:
+    """One verification window of a recorded run: the committed token at ``position`` and the
+    ``k`` drafts after it (``tokens``, rejected ones included), and the experts the target's
+    verification routed each of them to: ``experts[(s, layer)]`` for window token s."""
+
+    position: int
+    k: int
+    tokens: tuple[int, ...]
+    experts: Mapping[tuple[int, int], tuple[int, ...]]
+
+
 @dataclass
 class SpecStats:
     drafted: int = 0
@@ -133,28 +145,34 @@ class Speq(OffloadPolicy):
     @classmethod
     def for_run(cls, engine: Any, prompt: torch.Tensor, n: int, sampling: Any) -> Speq:
         """Under the governor's policy (and its online k) when the program has one, else at the
-        options' fixed k; with perfect prediction, the run's routing is recorded first."""
-        routing = None
-        if engine.options.predictor == "oracle":
-            routing = engine.record_routing(prompt, n, sampling)
-        if engine.governed is not None:
-            governed = engine.governed
-            return cls(governed.spec, Governor(governed, engine.config), routing)
-        return cls(SpecPolicy(k=engine.options.k), routing=routing)
+        options' fixed k; with perfect prediction, a first speculative pass records the
+        verification windows (not timed)."""
+        governed = engine.governed
+
+        def make(windows=None) -> Speq:
+            if governed is not None:
+                return cls(governed.spec, Governor(governed, engine.config), windows)
+            return cls(SpecPolicy(k=engine.options.k), windows=windows)
+
+        if engine.options.predictor != "oracle":
+            return make()
+        return make(engine.record_windows(make(), prompt, n, sampling))
 
     def __init__(
         self,
         policy: SpecPolicy,
         governor=None,
-        routing: Mapping[tuple[int, int], Sequence[int]] | None = None,
+        windows: Sequence[Window] | None = None,
     ) -> None:
         """``governor``: a `speq.cost.Governor` that re-solves k after every cycle;
-        None keeps ``policy.k``. ``routing``: perfect prediction, for benchmarks: the target's
-        own experts by (position, layer), recorded in a first pass; the ELB then holds these
-        instead of the draft router's choice (the draft still runs and proposes the tokens)."""
+        None keeps ``policy.k``. ``windows``: perfect prediction, for benchmarks: the
+        verification windows of a first pass of this very run (`Recorder`); each cycle then
+        drafts the recorded window's k and its ELB holds exactly the experts that window's
+        verification routes to, instead of the draft router's choice (the draft still runs and
+        proposes the tokens)."""
         self.policy = policy
         self.governor = governor
-        self.routing = routing
+        self.windows = windows
         self.next_k = policy.k
         self.elb = ExpertLookaheadBuffer()
         self.stats = SpecStats()
@@ -204,6 +222,20 @@ class Speq(OffloadPolicy):
             return key.layer
         return math.inf
 
+    def verified(self, position: int, tokens: Sequence[int]) -> None:
+        """The window ``tokens`` (the committed token at ``position`` and the drafts) was
+        verified."""
+
+    def window_k(self, position: int, k: int) -> int:
+        """The k of the cycle at ``position``: ``k``, or the recorded window's under perfect
+        prediction (the recording is this run's, so the windows coincide)."""
+        if self.windows is None:
+            return k
+        w = self.windows[self.stats.cycles] if self.stats.cycles < len(self.windows) else None
+        if w is None or w.position != position:
+            raise RuntimeError(f"perfect prediction: cycle at position {position} is not recorded")
+        return w.k
+
     def start_cycle(self, k: int, position: int, now: float) -> None:
         """A new window: ``k`` drafts after the committed token at ``position``, at time ``now``."""
         self.elb.clear()
@@ -243,10 +275,9 @@ class Speq(OffloadPolicy):
         """Record one draft router's choice in the ELB and start the copies its phase allows."""
         rt, layer = r.rt, r.layer
         chosen, gates = r.ids.reshape(-1).tolist(), r.weights.reshape(-1).float().tolist()
-        if self.routing is not None:
-            recorded = self.routing.get((self.position + r.draft_pass, layer))
-            if recorded is not None:
-                chosen, gates = list(recorded), [1.0] * len(recorded)
+        if self.windows is not None:
+            recorded = self.windows[self.stats.cycles].experts[(r.draft_pass, layer)]
+            chosen, gates = list(recorded), [1.0] * len(recorded)
         self.elb.record(r.draft_pass, layer, chosen, gates)
         phase = self.policy.phase(r.draft_pass, self.k)
         if phase == 1:
@@ -291,10 +322,31 @@ class Speq(OffloadPolicy):
                 entry.copy is not None and entry.copy.issued_at >= self.cycle_start
             )
         st.verify_needs += len(experts)
+        if self.k == 0:  # nothing was drafted, so nothing predicted: the ELB is not scored
+            return
         used, predicted = set(experts), self.elb.predicted(layer)
         st.elb_hit[layer] = st.elb_hit.get(layer, 0) + len(used & predicted)
         st.elb_predicted[layer] = st.elb_predicted.get(layer, 0) + len(predicted)
         st.elb_used[layer] = st.elb_used.get(layer, 0) + len(used)
+
+
+class Recorder(Speq):
+    """Speculation that records its verification windows (the first pass of perfect prediction):
+    each cycle's position, k, tokens and the experts verification routed each token to."""
+
+    def __init__(self, speq: Speq) -> None:
+        super().__init__(speq.policy, speq.governor)
+        self.recorded: list[Window] = []
+        self._experts: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def on_routing(self, rt: OffloadRuntime, layer: int, rows: list[list[int]]) -> None:
+        if self.verifying:
+            for s, row in enumerate(rows):
+                self._experts[(s, layer)] = tuple(row)
+
+    def verified(self, position: int, tokens: Sequence[int]) -> None:
+        self.recorded.append(Window(position, len(tokens) - 1, tuple(tokens), self._experts))
+        self._experts = {}
 
 
 def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[int, int]:
@@ -364,7 +416,7 @@ def speculative_decode(
     while len(out) - len(prompt) < n:
         p = len(out) - 1
         remaining = n - (len(out) - len(prompt))
-        k = max(0, min(speq.next_k, remaining - 1, max_seq_len - p - 1))
+        k = speq.window_k(p, max(0, min(speq.next_k, remaining - 1, max_seq_len - p - 1)))
         needs0, new0 = st.verify_needs, st.verify_new
         speq.start_cycle(k, p, clock())
         drafts: list[int] = []
@@ -385,6 +437,7 @@ def speculative_decode(
         speq.verifying = True
         target = step("step", torch.tensor([out[-1], *drafts]), p).cpu()
         speq.verifying = False
+        speq.verified(p, [out[-1], *drafts])
         st.draft_s += t1 - t0
         st.verify_s += clock() - t1
         if sampling.do_sample:

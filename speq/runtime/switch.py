@@ -36,15 +36,6 @@ class MidRunSwitch:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.switched_after: int | None = None  # new tokens decoded before the last run switched
-        self.routing: dict | None = None  # perfect prediction, should the run switch
-
-    def prepare(self, prompt: torch.Tensor, n: int, sampling: SamplingParams) -> None:
-        """Before a run that may switch: record the run's routing when the ELB is to hold the
-        target's own (``predictor="oracle"``)."""
-        self.switched_after = None
-        self.routing = None
-        if self.engine.options.predictor == "oracle":
-            self.routing = self.engine.record_routing(prompt, n, sampling)
 
     def watch(self, rt: OffloadRuntime) -> Watch:
         return Watch(self, rt)
@@ -58,17 +49,32 @@ class MidRunSwitch:
             engine.memory.expert_bytes
         )
 
-    def switch(self, session: Session, policy: Policy) -> Speq:
+    def switch(
+        self,
+        session: Session,
+        policy: Policy,
+        out: list[int],
+        remaining: int,
+        sampling: SamplingParams,
+        gen: torch.Generator | None,
+    ) -> Speq:
         """Give the cache's memory back to the draft, which comes over the link while the
         compute waits, and speculate under ``policy`` with the smaller cache (it starts empty:
-        the old slots are freed before the draft and the new pool are allocated)."""
+        the old slots are freed before the draft and the new pool are allocated) for the
+        ``remaining`` tokens after ``out``. Under perfect prediction the windows from here on
+        are recorded first (not timed), from the sampling generator's current state."""
         engine, rt = self.engine, session.runtime
         rt.quiesce()
         rt.pool = engine.pool = None
         engine.draft.upload(rt, session.backend.copies_weights)
         session.params.update(engine.draft.params)
         engine.replan()
-        speq = Speq(policy.spec, Governor(policy, engine.config), self.routing)
+        speq = Speq(policy.spec, Governor(policy, engine.config))
+        if engine.options.predictor == "oracle":
+            state = None if gen is None else torch.Generator().set_state(gen.get_state())
+            prompt = torch.tensor(out)
+            windows = engine.record_windows(speq, prompt, remaining, sampling, state)
+            speq = Speq(policy.spec, Governor(policy, engine.config), windows)
         rt.rebind(engine.cache(speq, engine.memory.slots), engine.pool, speq)
         return speq
 
@@ -80,9 +86,17 @@ class Watch:
         self.switch, self.rt = switch, rt
         self.marks = [(rt.counters.experts_moved, len(rt.needs_log))]  # after each token
 
-    def after_token(self, done: int, remaining: int, session: Session) -> Speq | None:
-        """After the ``done``-th new token, ``remaining`` to go: the speculative policy to go on
-        with if the run switches now, else None."""
+    def after_token(
+        self,
+        done: int,
+        remaining: int,
+        session: Session,
+        out: list[int],
+        sampling: SamplingParams,
+        gen: torch.Generator | None,
+    ) -> Speq | None:
+        """After the ``done``-th new token (``out`` so far), ``remaining`` to go: the
+        speculative policy to go on with if the run switches now, else None."""
         rt = self.rt
         self.marks.append((rt.counters.experts_moved, len(rt.needs_log)))
         if not (done >= SWITCH_WARMUP + SWITCH_WINDOW and remaining > 0):
@@ -101,4 +115,4 @@ class Watch:
         if policy is None:
             return None
         self.switch.switched_after = done
-        return self.switch.switch(session, policy)
+        return self.switch.switch(session, policy, out, remaining, sampling, gen)

@@ -268,3 +268,39 @@ def test_the_governor_calibrates_on_a_prompt_that_is_not_measured():
     ondemand.calibrate(measured)  # no governor: nothing to calibrate
     ondemand.generate(measured, 2)
     assert ondemand.metrics["calibration_s"] is None
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_perfect_prediction_after_a_mid_run_switch_records_the_windows_from_there(
+    monkeypatch, do_sample
+):
+    """A run that switches to the draft under ``predictor="oracle"`` records the rest of the
+    run's verification windows at the switch (from the sampling generator's state there): its
+    ELB then holds exactly what verification needs."""
+    from speq.cost import Calibration, Estimate
+
+    govern = Calibration.govern
+
+    def misjudged(self, cfg):
+        free = Estimate(0, 1.0, 1e-6, 0.0, 0.0, 0.0, 1e-6)
+        return dataclasses.replace(govern(self, cfg), plain=free)
+
+    monkeypatch.setattr(Calibration, "govern", misjudged)
+    model = tiny_model(torch.float64, num_layers=3)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    opts = speq.CompileOptions(
+        policy="speq",
+        predictor="oracle",
+        device_memory=speq_budget(model, 4),
+        backend="sim",
+        link_gbps=0.01,
+    )
+    sampling = dict(do_sample=True, temperature=0.8, seed=3) if do_sample else {}
+    out = speq.compile(model, opts).generate(prompt, 24, **sampling)
+    cm = speq.compile(model, opts)
+    assert torch.equal(cm.generate(prompt, 24, **sampling), out)  # reproducible
+    m = cm.metrics
+    assert m["switched_to_draft_after"] is not None
+    assert m["elb_precision"] == m["elb_recall"] == 1.0
+    if not do_sample:
+        assert torch.equal(out, speq.compile(model).generate(prompt, 24))
