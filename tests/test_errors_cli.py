@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import speq
-import speq.cli
+import speq.cli.common
 from helpers import VARIANTS, tiny_config
 from speq.cli import main
 from speq.frontend.checkpoint import _expected_shapes
@@ -404,6 +404,34 @@ FLAG_CASES = [
      r"one of the arguments --prompt --prompt-ids is required"),
     ("checkpoint-and-random", ["generate", "--random", "--checkpoint", "CKPT", "--prompt-ids", "1"],
      r"argument --checkpoint: not allowed with argument --random"),
+    ("generate-policy", ["generate", "--random", "--prompt-ids", "1", "--policy", "lru"],
+     r"--policy 'lru': expected one of 'speq', 'resident'"),
+    ("generate-backend", ["generate", "--random", "--prompt-ids", "1", "--backend", "tpu"],
+     r"--backend 'tpu': expected one of 'cpu', 'sim'"),
+    ("generate-device-memory", ["generate", "--random", "--prompt-ids", "1", "--device-memory",
+     "12 apples"], r"--device-memory '12 apples': expected a positive size, a unit among B, KB"),
+    ("generate-device-memory-too-small", ["generate", "--checkpoint", "CKPT", "--prompt-ids", "1",
+     "--policy", "ondemand", "--device-memory", "1KB"],
+     r"--device-memory 1KB is too small for this model \(expected more\): device_memory 1\.000 KB "
+     r".* is below the minimum 76\.928 KB"),
+    ("generate-budget-0", ["generate", "--random", "--prompt-ids", "1", "--budget", "0"],
+     r"--budget 0: expected a number > 0: the fraction of all expert bytes"),
+    ("generate-budget-too-small", ["generate", "--checkpoint", "CKPT", "--prompt-ids", "1",
+     "--policy", "ondemand", "--budget", "0.01"],
+     r"--budget 0\.01 is too small for this model \(expected more\): device_memory 59,417 bytes "
+     r"is below the minimum 76,928 bytes"),
+    ("generate-budget-and-device-memory", ["generate", "--random", "--prompt-ids", "1", "--budget",
+     "0.5", "--device-memory", "12MB"], r"--device-memory: not allowed with argument --budget"),
+    ("generate-link-gbps-0", ["generate", "--random", "--prompt-ids", "1", "--link-gbps", "0"],
+     r"--link-gbps 0: expected a number > 0 \(GB/s\)"),
+    ("generate-link-gbps-negative", ["generate", "--random", "--prompt-ids", "1", "--link-gbps",
+     "-2"], r"--link-gbps -2: expected a number > 0"),
+    ("generate-k-without-speq", ["generate", "--random", "--prompt-ids", "1", "--policy",
+     "ondemand", "--k", "2"], r"--k 2: applies to --policy speq only, not --policy ondemand"),
+    ("generate-k-default-policy", ["generate", "--random", "--prompt-ids", "1", "--k", "2"],
+     r"--k 2: applies to --policy speq only, not --policy resident"),
+    ("generate-k-0", ["generate", "--random", "--prompt-ids", "1", "--policy", "speq", "--k", "0"],
+     r"--k 0: expected an integer >= 1"),
     ("roofline-acceptance-1.5", ["roofline", "--acceptance", "1.5"],
      r"--acceptance 1\.5: expected a number in \[0, 1\]"),
     ("roofline-miss-rate", ["roofline", "--miss-rate", "-0.1"],
@@ -448,19 +476,25 @@ def test_a_refused_flag_exits_2_and_a_failed_command_returns_2(capsys):
 
 
 def test_a_budget_too_small_for_the_model_names_the_flag(capsys, monkeypatch):
-    """Past validation (the budget is positive) the refusal still names --budget; compare is
-    stubbed with the memory planner's refusal so that no demo runs."""
+    """Past validation (the budget is positive) the refusal still names --budget; the budget's
+    computation is stubbed with the memory planner's refusal so that no demo runs."""
     import speq.compare
 
     def refuse(*args, **kwargs):
         raise ValueError("device_memory 3,040,885 bytes is below the minimum 7,593,344 bytes")
 
-    monkeypatch.setattr(speq.compare, "compare", refuse)
+    monkeypatch.setattr(speq.compare, "budget_bytes", refuse)
     _assert_cli_error(
         capsys,
         ["demo", "--budget", "0.01"],
         r"--budget 0\.01 is too small for this model \(expected more\): device_memory 3,040,885 bytes",
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend is available here")
+def test_the_cuda_backend_without_a_gpu_is_one_line(capsys):
+    argv = ["generate", "--random", "--prompt-ids", "1", "--backend", "cuda"]
+    _assert_cli_error(capsys, argv, r"--backend cuda: no CUDA device is available; expected one of")
 
 
 def test_good_flags_still_work(valid_checkpoint, capsys):
@@ -515,7 +549,7 @@ def test_ctrl_c_before_the_work_is_one_line(valid_checkpoint, capsys, monkeypatc
 def test_ctrl_c_while_decoding_closes_the_bar_and_the_link(valid_checkpoint, capsys, monkeypatch):
     bars = []
 
-    class Interrupting(speq.cli.tqdm):
+    class Interrupting(speq.cli.common.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
@@ -524,7 +558,7 @@ def test_ctrl_c_while_decoding_closes_the_bar_and_the_link(valid_checkpoint, cap
             super().update(n)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(speq.cli, "tqdm", Interrupting)
+    monkeypatch.setattr(speq.cli.common, "tqdm", Interrupting)
     argv = ["generate", "--checkpoint", str(valid_checkpoint), "--prompt-ids", "1"]
     assert main([*argv, "--max-new-tokens", "4"]) == 130
     err = capsys.readouterr().err

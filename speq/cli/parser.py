@@ -1,0 +1,131 @@
+"""`build_parser`: every command of ``speq`` and its flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import speq
+from speq.cli.args import (
+    BUDGET,
+    COUNT,
+    GBPS,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    TOP_P,
+    Parser,
+    device_memory,
+    prompt_text,
+    token_ids,
+    torch_dtype,
+)
+from speq.cli.demo import DEMO_PROMPT, cmd_demo
+from speq.cli.generate import cmd_generate
+from speq.cli.tools import cmd_explain, cmd_roofline, cmd_tune
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a checkpoint folder (config.json + model.safetensors)")
+    random_help = "a seeded random model of a small demo-family shape (RANDOM_DEMO_CONFIG)"
+    which.add_argument("--random", action="store_true", help=random_help)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model and of sampling")
+
+
+def _add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=COUNT, default=max_new_tokens)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=POSITIVE, default=1.0)
+    p.add_argument("--top-k", type=POSITIVE_INT, default=None)
+    p.add_argument("--top-p", type=TOP_P, default=None)
+
+
+def _add_generate(sub, policies: tuple[str, ...], backends: tuple[str, ...]) -> None:
+    p = sub.add_parser("generate", help="generate tokens from a prompt, then print the metrics")
+    _add_model_args(p)
+    _add_decode_args(p, 32)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", type=prompt_text, help="prompt text (needs a tokenizer)")
+    group.add_argument("--prompt-ids", type=token_ids, help='prompt token ids, e.g. "1 2 3"')
+    policy_help = "how experts reach the device (default: resident, every expert on it)"
+    p.add_argument("--policy", default="resident", choices=policies, help=policy_help)
+    memory = p.add_mutually_exclusive_group()
+    memory_help = 'device memory, e.g. "12MB", counted in the model\'s dtype (default: room for '
+    memory_help += "every expert); non-expert weights and the KV cache come first"
+    memory.add_argument("--device-memory", type=device_memory, help=memory_help)
+    budget_help = "device memory as non-expert weights + KV cache + this fraction of all expert "
+    budget_help += "bytes (as speq demo --budget)"
+    memory.add_argument("--budget", type=BUDGET, help=budget_help)
+    p.add_argument("--k", type=POSITIVE_INT, help="tokens drafted per cycle (--policy speq; "
+                   "default: the governor chooses)")  # fmt: skip
+    link_help = "bandwidth of the emulated host -> device link (cpu and sim backends; default: "
+    link_help += "the hardware profile's, a100-40g-pcie4)"
+    p.add_argument("--link-gbps", type=GBPS, help=link_help)
+    backend_help = "cpu: real compute, emulated link, wall clock; sim: virtual clock from the "
+    backend_help += "hardware profile; cuda: a GPU"
+    p.add_argument("--backend", default="cpu", choices=backends, help=backend_help)
+    p.set_defaults(func=cmd_generate, generate_parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from speq.kernels.autotune import CONFIG_DIR, DEFAULT_BUCKETS
+    from speq.kernels.shapes import PRESETS
+    from speq.runtime.backends import BACKENDS
+    from speq.runtime.policies import POLICIES
+    from speq.sim import MODEL_PRESETS, PROFILES
+
+    parser = Parser(prog="speq", description=speq.__doc__)
+    parser.add_argument("--version", action="version", version=f"speq {speq.__version__}")
+    threads_help = "torch intra-op threads (default 1: the demo-size models gain nothing from "
+    threads_help += "more, and spinning threads lose badly when a core is busy)"
+    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help=threads_help)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="speq against every baseline on the shipped demo model")
+    p.add_argument("--prompt", type=prompt_text, default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=32)
+    budget_help = "device memory for experts (and the draft), as a fraction of all expert bytes"
+    p.add_argument("--budget", type=BUDGET, default=0.375, help=budget_help)
+    p.add_argument("--k", type=POSITIVE_INT, help="tokens drafted per cycle (default: governor)")
+    p.set_defaults(func=cmd_demo)
+
+    _add_generate(sub, tuple(POLICIES), tuple(BACKENDS))
+
+    p = sub.add_parser("explain", help="print the IR after every compiler pass, and the policy")
+    _add_model_args(p)
+    p.add_argument("--policy", default="speq", choices=tuple(POLICIES))
+    p.add_argument("--k", type=POSITIVE_INT, help="drafted tokens (speq; default: governor)")
+    p.add_argument(
+        "--backend", default="sim", choices=tuple(BACKENDS), help="sim: modelled hardware"
+    )
+    p.add_argument("--profile", default="a100-40g-pcie4", choices=tuple(PROFILES))
+    p.add_argument("--device-memory", type=device_memory, help='device budget, e.g. "12MB"')
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("roofline", help="plot the Amortization Roofline (PNG) from the cost model")
+    p.add_argument("--model", default="phi-3.5-moe", choices=(*sorted(MODEL_PRESETS), "demo"))
+    p.add_argument("--profile", default="a100-40g-pcie4", choices=tuple(PROFILES))
+    p.add_argument("--acceptance", type=PROBABILITY, default=0.9, help="p_j, at every position")
+    p.add_argument("--miss-rate", type=PROBABILITY, default=0.5, help="needed experts not resident")
+    p.add_argument("--out", default="roofline.png")
+    p.set_defaults(func=cmd_roofline)
+
+    what = "Tune the fused MoE Triton kernel and write JSON configs."
+    p = sub.add_parser("tune", help="autotune the fused MoE kernels on this GPU", description=what)
+    presets_help = "model preset (repeatable; default: every preset)"
+    p.add_argument("--model", action="append", choices=sorted(PRESETS), help=presets_help)
+    p.add_argument("--E", type=POSITIVE_INT, help="number of experts (explicit shape)")
+    p.add_argument("--N", type=POSITIVE_INT, help="expert intermediate size I (explicit shape)")
+    p.add_argument("--K", type=POSITIVE_INT, help="hidden size H (explicit shape)")
+    p.add_argument("--top-k", type=POSITIVE_INT, default=2, help="experts per token (explicit)")
+    p.add_argument("--dtype", type=torch_dtype, default=torch.bfloat16)
+    p.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="0 = dense")
+    p.add_argument("--group-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--buckets", type=POSITIVE_INT, nargs="+", default=list(DEFAULT_BUCKETS))
+    p.add_argument("--max-candidates", type=POSITIVE_INT, default=None)
+    p.add_argument("--out", type=Path, default=CONFIG_DIR, help="output directory")
+    p.set_defaults(func=cmd_tune, tune_parser=p)
+    return parser
