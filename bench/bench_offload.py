@@ -1,54 +1,103 @@
-"""Offloading policies side by side on the cpu backend: one prompt, two device budgets.
+"""Offloading policies side by side on the cpu backend: one prompt, two device budgets, in rounds.
 
 The emulated link is calibrated so that one expert copy costs as many decode-layer times on this
 CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (speq.compare.calibrate_link). Each
-budget is the same total device memory for every policy; speq spends part of it on its resident
-INT4 draft, so it has fewer expert slots ("ondemand-same-cache" gets only speq's slots). Sizes
-are counted in bf16, as the model would split the memory on a GPU (compute stays float64, so
-outputs compare exactly; CompileOptions.memory_dtype). Every
-run's tokens are checked against the resident greedy output. TPOT is wall-clock ms per output
-token (the median of the repeats). Writes bench/results/offload_cpu.json and prints a table.
+budget is the same total device memory for every policy; speq (here at fixed k = 1, 2, 4, 8, 16,
+so no governor and no calibration) spends part of it on its resident INT4 draft, so it has fewer
+expert slots ("ondemand-same-cache" gets only speq's slots). Sizes are counted in bf16, as the
+model would split the memory on a GPU (compute stays float64, so outputs compare exactly;
+CompileOptions.memory_dtype). "oracle" (Belady's fetches) is a bound: it first runs a recording
+pass (it needs the run's output before it can run), and that pass is not timed.
 
-    python bench/bench_offload.py [--tokens 32] [--repeats 3] [--budgets 0.375,0.75] [--ks 1,2,4,8,16]
+Every configuration is compiled first; then each of --rounds rounds runs every configuration
+once, in the same order, before the next round starts. Reported per configuration: the median
+TPOT (wall-clock ms per output token) over the rounds with its spread (min-max), the other
+metrics of the run with the median TPOT, and the speed-up over ondemand (the same budget),
+computed within each round (median and spread; "no difference" when the spread includes 1.0).
+Every run's tokens are checked against the resident greedy output. Acceptance here is greedy
+(the demo model's greedy text repeats itself, which flatters it; bench_e2e.py also samples).
+Writes bench/results/offload_cpu.json and prints a table.
+
+    python bench/bench_offload.py [--tokens 32] [--rounds 3] [--budgets 0.375,0.75]
+        [--ks 1,2,4,8,16] [--quick]
+
+Wall time on this project's 2-core CPU machine: about 5-10 minutes by default (3 rounds of 20
+configurations at 32 tokens, the same number of runs as the previous protocol's 3 back-to-back
+repeats); --quick (budget 0.375, k = 4, 4 tokens, 3 rounds, to the temp folder) about 30 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from common import RESULTS, environment, table, write_json
+from common import (
+    FORMAT,
+    RESULTS,
+    environment,
+    fmt_ratio,
+    fmt_speedup,
+    git_state,
+    interleaved,
+    median_index,
+    spread,
+    table,
+    write_json,
+)
 from tqdm import tqdm
 
 import speq
 from speq.compare import calibrate_link
 from speq.models.demo import demo_model, random_demo_model
 
+UNTIMED = (
+    "oracle (Belady's fetches) is a bound, not a baseline: it first runs a recording pass (it "
+    "needs the run's output before it can run), and that pass is not timed as part of its work"
+)
+RUN_METRICS = (
+    "hit_rate",
+    "covered_rate",
+    "token_hit_rate",
+    "stalls_per_token",
+    "experts_moved",
+    "stall_ms",
+    "cache_slots",
+    "calibration_s",
+    "acceptance_rate",
+    "elb_recall",
+    "elb_precision",
+    "tokens_per_cycle",
+    "verify_hit_rate",
+)
 
-def _row(name: str, budget: str, k, runs: list) -> dict:
-    m = runs[len(runs) // 2]
+
+def _record(m, same: bool) -> dict:
+    return {
+        "tpot_ms": m.tpot_ms,
+        "identical_to_resident": same,
+        "mb_moved": m.bytes_moved / 1e6,
+        **{key: m[key] for key in RUN_METRICS},
+    }
+
+
+def _row(name: str, budget: str, k, runs: list[dict]) -> dict:
+    """One configuration: the median TPOT and spread over the rounds, and the other metrics of
+    the run with the median TPOT."""
+    tpots = [r["tpot_ms"] for r in runs]
+    m = runs[median_index(tpots)]
     return {
         "budget": budget,
         "policy": name,
         "k": k,
-        "tpot_ms": statistics.median(r.tpot_ms for r in runs),
-        "tpot_ms_runs": [r.tpot_ms for r in runs],
-        "hit_rate": m.hit_rate,
-        "covered_rate": m.covered_rate,
-        "verify_hit_rate": m.extra.get("verify_hit_rate"),
-        "token_hit_rate": m.token_hit_rate,
-        "stalls_per_token": m.stalls_per_token,
-        "experts_moved": m.experts_moved,
-        "mb_moved": m.bytes_moved / 1e6,
-        "stall_ms": statistics.median(r.stall_ms for r in runs),
-        "cache_slots": m.cache_slots,
-        "acceptance_rate": m.extra.get("acceptance_rate"),
-        "elb_recall": m.extra.get("elb_recall"),
-        "elb_precision": m.extra.get("elb_precision"),
-        "tokens_per_cycle": m.extra.get("tokens_per_cycle"),
+        "tpot_ms": spread(tpots)["median"],
+        "tpot_ms_spread": spread(tpots),
+        "median_run": median_index(tpots),
+        **{key: m[key] for key in ("mb_moved", *RUN_METRICS)},
+        "identical_to_resident": all(r["identical_to_resident"] for r in runs),
+        "runs": runs,
     }
 
 
@@ -72,6 +121,7 @@ PROMPT = (
 
 
 def run(args: argparse.Namespace) -> dict:
+    code = git_state()
     model, prompt, what = load(args.model, args.prompt_tokens)
     cfg = model.config
     counted = dict(memory_dtype=torch.bfloat16)
@@ -101,39 +151,88 @@ def run(args: argparse.Namespace) -> dict:
         same_cache = speq.CompileOptions(policy="ondemand", device_memory=budget - draft, **link)
         configs.append((label, "ondemand-same-cache", None, same_cache))
 
-    rows = []
-    bar = tqdm(total=len(configs) * args.repeats, desc="bench_offload", unit="run", file=sys.stderr)
-    for label, name, k, opts in configs:
-        cm = speq.compile(model, opts)
-        runs = []
-        for _ in range(args.repeats):
-            out = cm.generate(prompt, args.tokens)
-            if not torch.equal(out, expected):
-                raise AssertionError(f"{name} (k={k}) generated other tokens than resident")
-            runs.append(cm.metrics)
-            bar.update(1)
-        rows.append(_row(name, label, k, runs))
+    compiled = [
+        speq.compile(model, c[3])
+        for c in tqdm(configs, desc="compile", unit="config", file=sys.stderr, leave=False)
+    ]
+    bar = tqdm(total=len(configs) * args.rounds, desc="bench_offload", unit="run", file=sys.stderr)
+
+    def one(r: int, i: int) -> dict:
+        label, name, k, _ = configs[i]
+        bar.set_postfix_str(f"round {r + 1}, {label}, {name}" + (f" k={k}" if k else ""))
+        out = compiled[i].generate(prompt, args.tokens)
+        if not torch.equal(out, expected):
+            raise AssertionError(f"{name} (k={k}) generated other tokens than resident")
+        bar.update(1)
+        return _record(compiled[i].metrics, True)
+
+    rounds = interleaved(args.rounds, range(len(configs)), one)
     bar.close()
-    for label in {r["budget"] for r in rows}:
+    rows = [
+        _row(name, label, k, [rd[i] for rd in rounds])
+        for i, (label, name, k, _) in enumerate(configs)
+    ]
+    for label in dict.fromkeys(r["budget"] for r in rows):
         group = [r for r in rows if r["budget"] == label]
-        base = next(r["tpot_ms"] for r in group if r["policy"] == "ondemand")
-        for r in group:
-            r["speedup_vs_ondemand"] = base / r["tpot_ms"]
+        base = next(r for r in group if r["policy"] == "ondemand")
+        for r in group:  # each round's ratio from that round's runs
+            r["speedup_vs_ondemand"] = spread(
+                [b["tpot_ms"] / x["tpot_ms"] for b, x in zip(base["runs"], r["runs"])]
+            )
     return {
+        "format": FORMAT,
         "setting": {
             "backend": "cpu, emulated link, wall clock",
             "model": f"{what} ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden_size})",
+            "prompt": PROMPT if args.model == "demo" else "random ids",
             "prompt_tokens": int(prompt.shape[1]),
             "new_tokens": args.tokens,
-            "repeats": args.repeats,
+            "rounds": args.rounds,
+            "run_order": "every configuration once per round, in the table's order; round r + 1 "
+            "starts after round r",
+            "aggregate": "per configuration: the median TPOT over the rounds and its spread "
+            "(min-max), the other metrics of the median-TPOT run; speed-up vs ondemand: each "
+            "round's from that round's runs, median and spread",
+            "calibration": "none: speq runs at fixed k here (no governor)",
+            "bounds": UNTIMED,
+            "decoding": "greedy (acceptance is greedy acceptance)",
             "link": cal.__dict__,
             "link_description": cal.describe(),
             "expert_bytes": mem.expert_bytes,
             "total_expert_bytes": total_expert_bytes,
             "environment": environment(),
+            "code": code,
         },
+        "rounds": [
+            {
+                f"{configs[i][0]} | {configs[i][1]}{'' if configs[i][2] is None else f' k={configs[i][2]}'}": x[
+                    "tpot_ms"
+                ]
+                for i, x in rd.items()
+            }
+            for rd in rounds
+        ],
         "results": rows,
     }
+
+
+def vs_ondemand_cell(r: dict) -> str:
+    """The speed-up over ondemand as the tables print it ("baseline" on ondemand's own row)."""
+    if r["policy"] == "ondemand":
+        return "1 (baseline)"
+    return fmt_speedup(r["speedup_vs_ondemand"])
+
+
+def printable(rows: list[dict]) -> list[dict]:
+    return [
+        {
+            **r,
+            "k": r["k"] or "-",
+            "tpot": fmt_ratio(r["tpot_ms_spread"], spec=".1f"),
+            "vs_ondemand": vs_ondemand_cell(r),
+        }
+        for r in rows
+    ]
 
 
 COLUMNS = {
@@ -141,14 +240,14 @@ COLUMNS = {
     "policy": "policy",
     "k": "k",
     "cache_slots": "expert slots",
-    "tpot_ms": "TPOT (ms)",
-    "speedup_vs_ondemand": "vs ondemand (x)",
+    "tpot": "TPOT (ms)",
+    "vs_ondemand": "speed-up vs ondemand",
     "hit_rate": "hit rate",
     "token_hit_rate": "token hit rate",
     "stalls_per_token": "stalls / token",
     "mb_moved": "MB moved",
     "stall_ms": "stall (ms)",
-    "acceptance_rate": "acceptance",
+    "acceptance_rate": "acceptance (greedy)",
     "elb_recall": "ELB recall",
 }
 
@@ -159,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tokens", type=int, default=32, help="new tokens per run")
     p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds; each runs every configuration once, in the same order",
+    )
     p.add_argument(
         "--budgets",
         type=lambda s: [float(x) for x in s.split(",")],
@@ -169,17 +273,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--model", choices=["demo", "random"], default="demo")
     p.add_argument("--reference", default="phi-3.5-moe", help="preset whose ratio the link matches")
-    p.add_argument("--out", default=str(RESULTS / "offload_cpu.json"))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: budget 0.375, k = 4, 4 tokens, 3 rounds, written to the temp folder "
+        "(other flags still apply)",
+    )
+    p.add_argument(
+        "--out", default=None, help="the JSON path (default bench/results/offload_cpu.json)"
+    )
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(budgets=[0.375], ks=[4], tokens=4, rounds=3)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.out is None:
+        folder = Path(tempfile.gettempdir()) if args.quick else RESULTS
+        args.out = str(folder / ("offload_quick.json" if args.quick else "offload_cpu.json"))
     report = run(args)
     path = write_json(Path(args.out), report)
     s = report["setting"]
     print(f"{s['model']}; {s['link_description']}")
     print(
-        f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, median of "
-        f"{s['repeats']} runs; {s['backend']}; every run's tokens equal resident greedy"
+        f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, {s['rounds']} "
+        f"interleaved rounds: TPOT median (min-max), other metrics from the median-TPOT run; "
+        f"{s['backend']}; every run's tokens equal resident greedy; {UNTIMED}"
     )
-    print(table(report["results"], COLUMNS))
+    print(table(printable(report["results"]), COLUMNS))
     print(f"wrote {path}")
     return 0
 
