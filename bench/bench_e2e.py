@@ -15,9 +15,10 @@ float64 only a sixteenth. In every (budget, link) setting these run, each compil
                                the draft's memory as expert cache, until a run copies enough to
                                bring the draft back mid-run)
     speq (perfect prediction)  the same, but the ELB (Expert Lookahead Buffer: the experts the
-                               draft predicts verification will need) holds the target's own
-                               routing of the output, from a recording pass that is not timed:
-                               the best any expert predictor can do (a bound)
+                               draft predicts verification will need) holds exactly the experts
+                               each verification window routes to, rejected drafts included,
+                               from a speculative recording pass that is not timed: the best any
+                               expert predictor can do (a bound)
     speq (resident, k=k*)      speq at the governed k*, every expert resident: the compute side
                                (resident decoding where the governor dropped the draft)
     ondemand                   LRU cache, fetch on miss, the same budget        (a baseline)
