@@ -11,6 +11,7 @@ chose, read from ``program.annotations["policy"]``, including the switch to the 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable
 
 import torch
@@ -340,13 +341,11 @@ class Engine:
         tokens; what was measured is in ``self.metrics``."""
         may_switch = self.governed is not None and not self.governed.use_draft
         if sampling.do_sample and sampling.seed is None:  # a recording must draw the same
-            sampling = dataclasses.replace(sampling, seed=int(torch.seed() % 2**63))
-        if may_switch:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        if may_switch:  # the governor's split: no draft, a larger cache
             self.drop_draft()  # a run that switched to the draft left it resident
             self.switch.switched_after = None
-        policy: OffloadPolicy
-        if may_switch:
-            policy = OnDemand()  # the governor's split: no draft, a larger cache
+            policy: OffloadPolicy = OnDemand()
         else:
             policy = self.policy_class.for_run(self, prompt, n, sampling)
         session = self.session(policy)
