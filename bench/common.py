@@ -124,9 +124,15 @@ def git_state() -> dict[str, Any]:
 
 
 def describe_code(code: Mapping[str, Any]) -> str:
-    """ "commit abc1234" or "commit abc1234 with uncommitted changes"."""
+    """ "commit abc1234", "commit abc1234 with uncommitted changes", or, where the only changes
+    are other benchmarks' results, "commit abc1234 (uncommitted: only bench/results files)"."""
     commit = code.get("commit") or "unknown"
-    return f"commit {commit}" + (" with uncommitted changes" if code.get("dirty") else "")
+    if not code.get("dirty"):
+        return f"commit {commit}"
+    paths = [line.split(None, 1)[-1] for line in code.get("uncommitted", [])]
+    if paths and all(p.startswith("bench/results/") for p in paths):
+        return f"commit {commit} (uncommitted: only bench/results files)"
+    return f"commit {commit} with uncommitted changes"
 
 
 def load_prompts(ids: Sequence[str] | None = None) -> list[dict[str, Any]]:

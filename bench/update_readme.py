@@ -131,7 +131,8 @@ def headline(report: dict) -> str:
         [
             f"speq against the best baseline in the same device memory at each budget, {link} "
             f"link emulated on a CPU (nothing here ran on a GPU): sampled runs (temperature "
-            f"{s['sampling']['temperature']}, top-p {s['sampling']['top_p']}), {s['new_tokens']} "
+            f"{s['sampling']['temperature']}, top-p {s['sampling']['top_p']}) and greedy runs, "
+            f"{s['new_tokens']} "
             f"new tokens after each held-out prompt ({measured}), {s['rounds']} interleaved rounds, "
             f"{describe_code(s['code'])}.",
             bench_e2e.headline_table(report),
@@ -142,8 +143,10 @@ def headline(report: dict) -> str:
             f"of the rounds. Speed-up: the faster baseline's ms/token (ondemand: LRU cache; "
             f"nextgate: LRU and next-gate prefetch) over speq's, per round, median (min-max); "
             f'"no difference": the spread includes 1.0; "{NOT_APPLICABLE}": speq ran ondemand\'s '
-            f"policy. Acceptance: accepted / drafted tokens (greedy's is inflated by the demo "
-            f"model's repetitive greedy text). More: [docs/RESULTS.md](docs/RESULTS.md).",
+            f"policy. Sampled runs of different contenders decode different texts (the same "
+            f"distribution); greedy runs decode the same one. Acceptance: accepted / drafted "
+            f"tokens (greedy's is inflated by the demo model's repetitive greedy text). More: "
+            f"[docs/RESULTS.md](docs/RESULTS.md).",
         ]
     )
 
