@@ -16,6 +16,7 @@ import torch
 
 from speq.models.config import MoEConfig
 from speq.models.spec import ModelSpec
+from speq.models.weights import check_tensors
 
 _DTYPES = {
     "F64": torch.float64,
@@ -155,19 +156,7 @@ def from_checkpoint(
             params[name], where[name] = t, shard
     files = str(shards[0]) if len(shards) == 1 else f"the shards of {folder}"
     expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(params))
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(
-            f"{files} lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more} that "
-            f"{cfg_path} requires"
-        )
-    for name, shape in expected.items():
-        if tuple(params[name].shape) != shape:
-            raise ValueError(
-                f"{where[name]}: tensor {name!r} has shape {list(params[name].shape)}, but "
-                f"{cfg_path} requires {list(shape)}"
-            )
+    check_tensors(expected, params, where.__getitem__, files, cfg_path)
     dtype = dtype or next(iter(params.values())).dtype
     params = {
         k: (v if v.dtype == dtype else v.to(dtype)) for k, v in params.items() if k in expected

@@ -10,6 +10,7 @@ from torch import nn
 from speq.models import functional as fn
 from speq.models.config import MoEConfig
 from speq.models.kv_cache import KVCache
+from speq.models.weights import check_tensors
 
 
 class RMSNorm(nn.Module):
@@ -215,24 +216,12 @@ class MoEForCausalLM(nn.Module):
         stored = next(iter(state.values())).dtype if state else torch.float32
         model = cls(config, seed=0, dtype=dtype or stored)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ValueError(
-                f"{shard} lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more} that "
-                f"{folder / 'config.json'} requires"
-            )
+        check_tensors(expected, state, lambda _: shard, shard, folder / "config.json")
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise ValueError(
                 f"{shard} has tensor(s) {', '.join(map(repr, unexpected[:5]))} that the model "
                 f"{folder / 'config.json'} describes does not have"
             )
-        for name, shape in expected.items():
-            if tuple(state[name].shape) != shape:
-                raise ValueError(
-                    f"{shard}: tensor {name!r} has shape {list(state[name].shape)}, but "
-                    f"{folder / 'config.json'} requires {list(shape)}"
-                )
         model.load_state_dict({k: v.to(dtype or stored) for k, v in state.items()})
         return model
