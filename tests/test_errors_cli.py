@@ -31,17 +31,7 @@ from speq.frontend.checkpoint import _expected_shapes
 from speq.models import MoEConfig, MoEForCausalLM
 from speq.models.config import _FIELD_TYPES
 
-TINY = MoEConfig(
-    vocab_size=61,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    num_experts=5,
-    top_k=2,
-    expert_intermediate_size=24,
-    max_seq_len=64,
-)
+TINY = tiny_config()  # the tests' smallest model (tests/helpers.py)
 SHARD = r"\S*model\.safetensors"  # the shard's path, as an error names it
 CORRUPT = rf"corrupt safetensors file {SHARD}"
 

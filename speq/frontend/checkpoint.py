@@ -16,7 +16,7 @@ import torch
 
 from speq.models.config import MoEConfig
 from speq.models.spec import ModelSpec
-from speq.models.weights import check_tensors
+from speq.models.weights import check_tensors, checkpoint_folder
 
 _DTYPES = {
     "F64": torch.float64,
@@ -126,14 +126,7 @@ def from_checkpoint(
     """The spec and the weights of a speq checkpoint folder. Weights stay memory-mapped unless
     ``dtype`` asks for a conversion (which reads them). Every error names the file at fault (and
     the tensor or config field)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ValueError(
-            f"{folder} is not a folder: a speq checkpoint is a folder with config.json and "
-            "model.safetensors"
-        )
+    folder = checkpoint_folder(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} is missing: not a speq checkpoint folder")

@@ -10,7 +10,7 @@ from torch import nn
 from speq.models import functional as fn
 from speq.models.config import MoEConfig
 from speq.models.kv_cache import KVCache
-from speq.models.weights import check_tensors
+from speq.models.weights import check_tensors, checkpoint_folder
 
 
 class RMSNorm(nn.Module):
@@ -190,14 +190,7 @@ class MoEForCausalLM(nn.Module):
 
         # safetensors' own error (a bad header or truncated data); older releases do not export it
         corrupt = getattr(safetensors, "SafetensorError", Exception)
-        folder = Path(path)
-        if not folder.exists():
-            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-        if not folder.is_dir():
-            raise ValueError(
-                f"{folder} is not a folder: a speq checkpoint is a folder with config.json and "
-                "model.safetensors"
-            )
+        folder = checkpoint_folder(path)
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} is missing: not a speq checkpoint folder")

@@ -1,4 +1,4 @@
-"""Checking a checkpoint's tensors against the shapes its config requires."""
+"""Checking a checkpoint folder, and its tensors against the shapes its config requires."""
 
 from __future__ import annotations
 
@@ -31,3 +31,16 @@ def check_tensors(
                 f"{file_of(name)}: tensor {name!r} has shape {list(tensors[name].shape)}, but "
                 f"{config} requires {list(shape)}"
             )
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """``path`` as a folder that exists, or a FileNotFoundError / ValueError saying what it is."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(
+            f"{folder} is not a folder: a speq checkpoint is a folder with config.json and "
+            "model.safetensors"
+        )
+    return folder
