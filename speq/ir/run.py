@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,29 +48,38 @@ def implements(table: dict[Op, Impl], op: Op) -> Callable[[Impl], Impl]:
 @dataclass(frozen=True)
 class ImplTable:
     """Sets of op implementations by name, searched in order: ``(("offload", {...}), ("eager",
-    {...}))`` runs an op from ``offload`` when that set has it, else from ``eager``."""
+    {...}))`` runs an op from ``offload`` when that set has it, else from ``eager``. The names
+    are resolved once, here: the run loop looks them up for every node of every step."""
 
     sets: tuple[tuple[str, Mapping[Op, Impl]], ...]
+    _by_kernel: dict[str, Impl] = field(init=False, repr=False, compare=False)
+    _first: dict[Op, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_kernel: dict[str, Impl] = {}
+        first: dict[Op, str] = {}
+        for name, impls in self.sets:
+            for op, impl in impls.items():
+                kernel = f"{name}:{op.name.lower()}"
+                by_kernel[kernel] = impl
+                first.setdefault(op, kernel)
+        object.__setattr__(self, "_by_kernel", by_kernel)
+        object.__setattr__(self, "_first", first)
 
     def kernel(self, op: Op) -> str:
         """``"<set>:<op>"``: the first set that implements ``op``."""
-        for name, impls in self.sets:
-            if op in impls:
-                return f"{name}:{op.name.lower()}"
-        names = tuple(name for name, _ in self.sets)
-        raise NotImplementedError(f"no implementation of {op.name.lower()} in {names}")
+        if op not in self._first:
+            names = tuple(name for name, _ in self.sets)
+            raise NotImplementedError(f"no implementation of {op.name.lower()} in {names}")
+        return self._first[op]
 
     def kernels(self) -> dict[Op, str]:
         """The kernel of every op some set implements."""
-        return {op: self.kernel(op) for _, impls in self.sets for op in impls}
+        return dict(self._first)
 
     def impl(self, kernel: str) -> Impl:
-        """The implementation a ``"<set>:<op>"`` name stands for."""
-        name, _, op = kernel.partition(":")
-        for set_name, impls in self.sets:
-            if set_name == name and Op[op.upper()] in impls:
-                return impls[Op[op.upper()]]
-        raise KeyError(kernel)
+        """The implementation a ``"<set>:<op>"`` name stands for (KeyError: none)."""
+        return self._by_kernel[kernel]
 
 
 def plan_implementations(graph: Graph, table: ImplTable) -> dict[int, Impl]:
