@@ -176,7 +176,8 @@ class Engine:
         runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline, expert)
         if policy.all_resident or slots >= len(self.store.keys()):
             self._preload(cache, pool)  # every expert fits: all are resident from the start
-        params = {**self.params, **self.draft.params} if self.draft.on_device else self.params
+        # a dict of the session's own: a mid-run switch adds the draft's weights to it
+        params = {**self.params, **(self.draft.params if self.draft.on_device else {})}
         return Session(
             self.spec,
             params,
