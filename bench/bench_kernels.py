@@ -10,12 +10,19 @@ bandwidth with the measured time. The torch reference (fp32 math) and the groupe
 timed with ``triton.testing.do_bench`` for comparison.
 
 CPU: float32 at the preset shapes with hidden and intermediate sizes divided by ``--divisor``
-(default 8, so it finishes in about a minute): the grouped torch path (fused_moe's CPU backend)
-against a Hugging Face-style eager loop (one iteration per expert hit, tokens found with
-``torch.where``, separate gate, up and down projections). Median wall-clock of repeated calls.
+(default 8): the grouped torch path (fused_moe's CPU backend) against a Hugging Face-style eager
+loop (one iteration per expert hit, tokens found with ``torch.where``, separate gate, up and
+down projections). Median wall-clock of repeated calls.
+
+Both: every shape runs its contenders interleaved in ``--rounds`` rounds (default 3; each round
+times every contender once, in the same order); a time is the median over the rounds with its
+spread (min-max), and a speed-up is computed within each round, then given as the median and
+spread over the rounds ("no difference" when the spread includes 1.0). About 3 minutes on the
+project's 2-core CPU with the defaults.
 
     python bench/bench_kernels.py [--device auto|cpu|gpu] [--tokens 1 2 4 8 16 64]
-                                  [--models mixtral-8x7b ...] [--divisor 8] [--budget-s 200]
+                                  [--models mixtral-8x7b ...] [--divisor 8] [--rounds 3]
+                                  [--budget-s 240]
 """
 
 from __future__ import annotations
@@ -35,7 +42,18 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, environment, table, time_cpu_us, write_json
+from common import (
+    FORMAT,
+    RESULTS,
+    environment,
+    fmt_speedup,
+    git_state,
+    interleaved,
+    spread,
+    table,
+    time_cpu_us,
+    write_json,
+)
 
 from speq.kernels import PRESETS, fused_moe, fused_moe_torch, quantize_experts
 from speq.kernels.routing import route_topk_torch
@@ -101,6 +119,26 @@ def _routings(shape: MoEShape, tokens: int, dtype: torch.dtype, device: str, cou
     return out
 
 
+# ------------------------------------------------------------------------------------ rounds
+def timed_rounds(rounds: int, timers: dict[str, Callable[[], float]]) -> list[dict[str, float]]:
+    """Each timer (returning microseconds) once per round, interleaved: one {name: µs} per round."""
+    return interleaved(rounds, list(timers), lambda _r, name: timers[name]())
+
+
+def time_spread(per_round: list[dict[str, float]], name: str) -> dict[str, Any]:
+    """The median and spread (min-max) of one contender's time over the rounds (µs)."""
+    return spread([rd[name] for rd in per_round])
+
+
+def ratio_spread(per_round: list[dict[str, float]], num: str, den: str) -> dict[str, Any]:
+    """``num``'s time over ``den``'s, computed within each round; median and spread."""
+    return spread([rd[num] / rd[den] for rd in per_round])
+
+
+def fmt_time(s: dict[str, Any] | None) -> str:
+    return "-" if s is None else f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
 # ----------------------------------------------------------------------------------------- CPU
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     # One thread by default: on a small shared machine, OpenMP workers waiting for a busy
@@ -109,7 +147,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.float32
     rows = []
     shapes = [PRESETS[m].scaled(args.divisor) for m in args.models]
-    bar = tqdm(total=len(shapes) * len(args.tokens), desc="bench_kernels[cpu]", file=sys.stderr)
+    work = len(shapes) * len(args.tokens)
+    bar = tqdm(total=work, desc="bench_kernels[cpu]", unit="shape", file=sys.stderr)
     for shape in shapes:
         w13, w2 = _weights(shape, dtype, "cpu")
         for tokens in args.tokens:
@@ -117,8 +156,13 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
             fast = functools.partial(fused_moe, x, w13, w2, ids, weights, backend="torch")
             hf = functools.partial(hf_eager_experts, x, w13, w2, ids, weights)
             diff = (fast() - hf()).abs().max().item()
-            hf_us = time_cpu_us(hf, min_time_s=args.min_time_s)
-            fast_us = time_cpu_us(fast, min_time_s=args.min_time_s)
+            per_round = timed_rounds(
+                args.rounds,
+                {
+                    "hf_loop": functools.partial(time_cpu_us, hf, min_time_s=args.min_time_s),
+                    "grouped": functools.partial(time_cpu_us, fast, min_time_s=args.min_time_s),
+                },
+            )
             rows.append(
                 dict(
                     model=shape.name,
@@ -128,9 +172,9 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
                     I=shape.intermediate,
                     T=tokens,
                     experts_hit=int(torch.unique(ids).numel()),
-                    hf_loop_us=hf_us,
-                    grouped_us=fast_us,
-                    speedup=hf_us / fast_us,
+                    hf_loop_us=time_spread(per_round, "hf_loop"),
+                    grouped_us=time_spread(per_round, "grouped"),
+                    speedup=ratio_spread(per_round, "hf_loop", "grouped"),
                     max_abs_diff=diff,
                 )
             )
@@ -138,8 +182,9 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     bar.close()
     setting = (
         f"CPU, float32, preset shapes with H and I divided by {args.divisor}; grouped torch path "
-        f"(fused_moe backend='torch') vs a Hugging Face-style eager loop over experts; median "
-        f"wall-clock of >= {args.min_time_s} s of calls, {torch.get_num_threads()} torch thread(s)"
+        f"(fused_moe backend='torch') vs a Hugging Face-style eager loop over experts; each time "
+        f"is the median wall-clock of >= {args.min_time_s} s of calls, {torch.get_num_threads()} "
+        f"torch thread(s); {args.rounds} interleaved rounds, median (min-max) over them"
     )
     columns = {
         "model": "model",
@@ -147,7 +192,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "experts_hit": "experts hit",
         "hf_loop_us": "HF eager loop (µs)",
         "grouped_us": "grouped torch (µs)",
-        "speedup": "speedup (×)",
+        "speedup": "speed-up of grouped (×)",
     }
     return dict(setting=setting, rows=rows, columns=columns)
 
@@ -172,9 +217,19 @@ def _cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
     return call
 
 
-def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+def _cudagraph_us(fn: Callable[[], object]) -> float:
     import triton.testing
 
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, return_mode="median")
+
+
+def _do_bench_us(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, return_mode="median")
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     dtype, dev = torch.bfloat16, "cuda"
     name = torch.cuda.get_device_name()
     peak = _peak_bandwidth(name)
@@ -210,24 +265,27 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = dict(
                 model=model, T=tokens, experts_hit=hit, max_abs_err_vs_ref=err
             )
-            for label, a, b, per_expert in (
-                ("bf16", w13, w2, dense_expert),
-                ("int4", q13, q2, int4_expert),
-            ):
+            timers: dict[str, Callable[[], float]] = {}
+            for label, a, b in (("bf16", w13, w2), ("int4", q13, q2)):
                 fns = [functools.partial(fused_moe, x, a, b, i, w, slots) for x, i, w in batches]
                 fns[0]()  # compile outside the capture
-                us = 1e3 * triton.testing.do_bench_cudagraph(_cycle(fns), return_mode="median")
-                floor_bytes = hit * per_expert + act_bytes
-                row[f"{label}_us"] = us
-                row[f"{label}_gbps"] = floor_bytes / us / 1e3
-                row[f"{label}_pct_hbm"] = (
-                    100 * (floor_bytes / peak * 1e6) / us if peak is not None else None
-                )
+                timers[label] = functools.partial(_cudagraph_us, _cycle(fns))
             grouped = functools.partial(fused_moe, x0, w13, w2, ids0, w0, slots, backend="torch")
             ref = functools.partial(fused_moe_torch, x0, w13, w2, ids0, w0, slots)
-            row["torch_grouped_us"] = 1e3 * triton.testing.do_bench(grouped, return_mode="median")
-            row["torch_ref_us"] = 1e3 * triton.testing.do_bench(ref, return_mode="median")
-            row["speedup_vs_ref"] = row["torch_ref_us"] / row["bf16_us"]
+            timers["torch_grouped"] = functools.partial(_do_bench_us, grouped)
+            timers["torch_ref"] = functools.partial(_do_bench_us, ref)
+            per_round = timed_rounds(args.rounds, timers)
+            for label, per_expert in (("bf16", dense_expert), ("int4", int4_expert)):
+                t = time_spread(per_round, label)
+                floor_bytes = hit * per_expert + act_bytes
+                row[f"{label}_us"] = t
+                row[f"{label}_gbps"] = floor_bytes / t["median"] / 1e3
+                row[f"{label}_pct_hbm"] = (
+                    100 * (floor_bytes / peak * 1e6) / t["median"] if peak is not None else None
+                )
+            row["torch_grouped_us"] = time_spread(per_round, "torch_grouped")
+            row["torch_ref_us"] = time_spread(per_round, "torch_ref")
+            row["speedup_vs_ref"] = ratio_spread(per_round, "torch_ref", "bf16")
             rows.append(row)
             bar.update()
         del w13, w2, q13, q2
@@ -236,8 +294,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     setting = (
         f"GPU {name}, bfloat16 activations, real preset shapes; Triton timed as the median of "
         f"CUDA-graph replays over {NUM_ROUTINGS} rotating routings; bytes floor = touched "
-        f"experts' weights once + activations; nominal HBM "
-        f"{'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}"
+        f"experts' weights once + activations (GB/s and % from the median time); nominal HBM "
+        f"{'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}; {args.rounds} interleaved "
+        f"rounds, median (min-max) over them"
     )
     columns = {
         "model": "model",
@@ -255,6 +314,16 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     return dict(setting=setting, rows=rows, columns=columns, skipped=skipped, peak_bw=peak)
 
 
+def printable(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row with its spreads as text: times "median (min-max)", speed-ups as
+    common.fmt_speedup writes them."""
+    out = dict(row)
+    for key, value in row.items():
+        if isinstance(value, dict) and "median" in value:
+            out[key] = fmt_speedup(value) if key.startswith("speedup") else fmt_time(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
@@ -263,20 +332,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--divisor", type=int, default=8, help="CPU: divide H and I by this")
     parser.add_argument("--min-time-s", type=float, default=0.25, help="CPU: time per number")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 1)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="GPU: stop starting rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
     if gpu and not torch.cuda.is_available():
         print("bench_kernels: --device gpu needs a CUDA device; none found.")
         return 0
+    code = git_state()  # at the start: the code the numbers were measured on
     start = time.perf_counter()
     result = run_gpu(args) if gpu else run_cpu(args)
     payload = dict(
+        format=FORMAT,
         benchmark="kernels",
         device="gpu" if gpu else "cpu",
         setting=result["setting"],
+        rounds=args.rounds,
+        code=code,
         environment=environment(),
         seconds=time.perf_counter() - start,
         rows=result["rows"],
@@ -284,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     path = write_json(args.out / f"kernels_{'gpu' if gpu else 'cpu'}.json", payload)
     print(f"# {result['setting']}")
-    print(table(result["rows"], result["columns"]))
+    print(table([printable(row) for row in result["rows"]], result["columns"]))
     print(f"# wrote {path}")
     return 0
 

@@ -4,7 +4,7 @@ README.md: the headline table between ``<!-- headline:start -->`` and ``<!-- hea
 (speq against the best same-memory baseline at each budget, sampled runs, from bench_e2e.py).
 docs/RESULTS.md (the whole file): how the numbers were taken, the end-to-end matrix
 (bench_e2e.py), the policies at two budgets (bench_offload.py), the governor's k sweep
-(bench_governor.py), a `speq explain` excerpt at a budget where the governor drafts, and the
+(bench_governor.py), the kernels' CPU path (bench_kernels.py), a `speq explain` excerpt at a budget where the governor drafts, and the
 Amortization Roofline plot. A result file written before the current protocol (rounds, held-out
 calibration, sampled runs; common.FORMAT) is not rendered: its section says that it is pending a
 rerun, so that no table claims what its JSON does not say.
@@ -46,11 +46,13 @@ OLD_PROTOCOL = {  # what the result files written before common.FORMAT lack
     "middle run's metrics rather than the median-TPOT run's",
     "governor_cpu.json": "one run per k, so no spread; the governor calibrated on the measured "
     "prompt",
+    "kernels_cpu.json": "one timing per contender, so no rounds and no spread",
 }
 COMMANDS = {
     "e2e_cpu.json": "python bench/bench_e2e.py",
     "offload_cpu.json": "python bench/bench_offload.py",
     "governor_cpu.json": "python bench/bench_governor.py",
+    "kernels_cpu.json": "python bench/bench_kernels.py",
 }
 SPEEDUP_TERMS = (
     "speed-up: the best same-memory baseline's TPOT (the faster of ondemand, an LRU expert cache "
@@ -72,7 +74,8 @@ def pending(name: str, report: dict | None) -> str:
     command = COMMANDS.get(name, "the benchmark")
     if report is None:
         return f"No results yet for `{command}`: run it, then `python bench/update_readme.py`."
-    code = (report.get("setting") or {}).get("code") or {}
+    setting = report.get("setting")
+    code = report.get("code") or (setting.get("code") if isinstance(setting, dict) else None) or {}
     commit = (code.get("commit") or "")[:7]
     made = f" (made on commit {commit})" if commit else ""
     return (
@@ -291,6 +294,38 @@ def governor_block(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- kernels
+
+
+def kernels_block(report: dict) -> str:
+    from bench_kernels import printable as printable_kernel_row
+
+    lines = [
+        f"Measured with `python bench/bench_kernels.py` on {describe_code(report['code'])}: "
+        f"{report['setting']}. Speed-up of grouped: the eager loop's time over the grouped "
+        f'path\'s, computed within each round; "no difference" when its spread includes 1.0. '
+        "Experts hit: distinct experts the batch's top-k routing touches. The fused Triton "
+        "kernel is measured only on a GPU (kernels_gpu.json, written by "
+        "`python bench/gpu_check.py`).",
+        "",
+    ]
+    headers = ["model (H, I / divisor)", "T (tokens)", "experts hit", "HF eager loop (µs)"]
+    headers += ["grouped torch (µs)", "speed-up of grouped"]
+    rows = [
+        [
+            r["model"],
+            f"{r['T']}",
+            f"{r['experts_hit']}",
+            r["hf_loop_us"],
+            r["grouped_us"],
+            r["speedup"],
+        ]
+        for r in map(printable_kernel_row, report["rows"])
+    ]
+    lines.append(markdown_table(rows, headers))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- speq explain
 
 
@@ -354,6 +389,8 @@ def results_doc(results: Path) -> str:
             _section(results, "offload_cpu.json", offload_block),
             "## The governor against a sweep of fixed k",
             _section(results, "governor_cpu.json", governor_block),
+            "## Fused MoE kernels, CPU path",
+            _section(results, "kernels_cpu.json", kernels_block),
             "## `speq explain`",
             f"`print(cm.graphs)` (or `speq explain`) shows the IR after every pass; "
             f"`SPEQ_DEBUG=1` logs it. On the demo model (sim backend, A100 profile), at a device "
