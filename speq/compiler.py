@@ -13,6 +13,7 @@ import torch
 from speq.cost import Policy
 from speq.frontend.capture import capture
 from speq.frontend.checkpoint import from_checkpoint
+from speq.frontend.hf import from_hf_model, is_hf_model
 from speq.frontend.reference import from_reference
 from speq.ir.graph import Graph
 from speq.ir.program import Program
@@ -150,18 +151,24 @@ class CompiledModel:
 
 
 def compile(
-    model: MoEForCausalLM | str | os.PathLike, options: CompileOptions | None = None
+    model: MoEForCausalLM | torch.nn.Module | str | os.PathLike,
+    options: CompileOptions | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> CompiledModel:
     """Capture ``model``'s decode step, run the pass pipeline and return a `CompiledModel`.
 
-    ``model`` is a `speq.models.MoEForCausalLM` or the path of a checkpoint folder, whose weights
-    are then memory-mapped rather than loaded.
+    ``model`` is a `speq.models.MoEForCausalLM`, a transformers ``...ForCausalLM`` of a
+    supported family (speq.models.hf), or the path of a checkpoint folder (either format), whose
+    weights are then memory-mapped rather than loaded; ``progress(n)`` is called as its shards
+    open.
     """
     options = options or CompileOptions()
     if not isinstance(options, CompileOptions):
         raise TypeError(f"options must be a speq.CompileOptions, got {type(options).__name__}")
     if isinstance(model, (str, os.PathLike)):
-        spec, params = from_checkpoint(model, options.dtype)
+        spec, params = from_checkpoint(model, options.dtype, progress)
+    elif is_hf_model(model):
+        spec, params = from_hf_model(model, options.dtype)
     else:
         spec, params = from_reference(model, options.dtype)
     t0 = time.perf_counter()

@@ -12,27 +12,37 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import speq
-from speq.models import MoEForCausalLM
+from speq.frontend.checkpoint import from_checkpoint
+from speq.models import MoEConfig, MoEForCausalLM
 from speq.models.demo import demo_model, random_demo_model
 from speq.models.tokenizer import Tokenizer
 
 
-def load_model(args: argparse.Namespace) -> tuple[MoEForCausalLM, Tokenizer | None, str]:
-    """The model a command runs: a checkpoint folder, the random demo shape, or the shipped
-    demo model (the default)."""
+def load_model(args: argparse.Namespace) -> tuple[MoEForCausalLM | str, Tokenizer | None, str]:
+    """The model a command runs, as `speq.compile` takes it: a checkpoint folder's path (speq's
+    format or a Hugging Face one; its tokenizer.json when it has one), the random demo shape, or
+    the shipped demo model (the default)."""
     if args.checkpoint:
-        model, path, tok = speq.load(args.checkpoint), Path(args.checkpoint, "tokenizer.json"), None
+        path = Path(args.checkpoint, "tokenizer.json")
+        model_config(args.checkpoint)  # a fault in the folder is reported before anything runs
         try:
             tok = Tokenizer(path) if path.is_file() else None
         except Exception as e:  # the tokenizers library's own error: a bad tokenizer.json
             raise ValueError(f"{path} is not a tokenizers tokenizer.json: {e}") from None
-        return model, tok, f"checkpoint {args.checkpoint}"
+        return str(args.checkpoint), tok, f"checkpoint {args.checkpoint}"
     if args.random:
         what = f"a randomly initialised model (seed {args.seed}; untrained, so its output is noise)"
         return random_demo_model(args.seed), None, what
     model, tok = demo_model(dtype=torch.float32)
     return model, tok, "the shipped demo MoE (docs/MODEL_CARD.md)"
+
+
+def model_config(model: MoEForCausalLM | str) -> MoEConfig:
+    """The architecture of what `load_model` returned (a folder is opened, its weights mapped
+    but not read)."""
+    if isinstance(model, str):
+        return from_checkpoint(model)[0].config
+    return model.config
 
 
 def prompt_ids(args: argparse.Namespace, tok: Tokenizer | None, cfg) -> torch.Tensor:

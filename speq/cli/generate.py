@@ -7,7 +7,7 @@ import argparse
 import time
 
 import speq
-from speq.cli.common import bars, budget_flag, load_model, prompt_ids
+from speq.cli.common import bars, budget_flag, load_model, model_config, prompt_ids
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -98,7 +98,7 @@ def _metrics(cm: speq.CompiledModel) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_flags(args)
     model, tokenizer, what = load_model(args)
-    ids = prompt_ids(args, tokenizer, model.config)
+    ids = prompt_ids(args, tokenizer, model_config(model))
     print(f"model: {what}")
     with budget_flag(*_budget_flag(args)):
         opts, memory = _options(args, model)

@@ -29,7 +29,9 @@ from speq.cli.tools import cmd_explain, cmd_roofline, cmd_tune
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", help="a checkpoint folder (config.json + model.safetensors)")
+    model_help = "a checkpoint folder: speq's (config.json + model.safetensors) or a Hugging Face "
+    model_help += "one of a supported family (config.json + safetensors shards)"
+    which.add_argument("--model", "--checkpoint", dest="checkpoint", help=model_help)
     random_help = "a seeded random model of a small demo-family shape (RANDOM_DEMO_CONFIG)"
     which.add_argument("--random", action="store_true", help=random_help)
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and of sampling")

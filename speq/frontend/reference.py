@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from speq.ir.dtypes import DTYPE_NAMES, FLOAT_DTYPES
+from speq.models.hf import supported
 from speq.models.model import MoEForCausalLM
 from speq.models.spec import ModelSpec
 
@@ -15,7 +16,8 @@ def from_reference(
     """The spec and the weights (detached, shared with the model unless ``dtype`` converts them)."""
     if not isinstance(model, MoEForCausalLM):
         raise TypeError(
-            f"speq.compile expects a speq.models.MoEForCausalLM, got {type(model).__name__}"
+            f"speq.compile expects a speq.models.MoEForCausalLM, a transformers causal LM of a "
+            f"supported family ({supported()}) or a checkpoint folder, got {type(model).__name__}"
         )
     dtype = dtype or model.embed.dtype
     if DTYPE_NAMES.get(dtype) not in FLOAT_DTYPES:

@@ -1,8 +1,9 @@
-"""Checking a checkpoint folder, and its tensors against the shapes its config requires."""
+"""Checking a checkpoint folder and its tensors against the shapes its config requires, and
+`ExpertStack`: routed experts kept per expert, as a per-expert checkpoint stores them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -44,3 +45,54 @@ def checkpoint_folder(path: str | Path) -> Path:
             "model.safetensors"
         )
     return folder
+
+
+class ExpertStack:
+    """A routed-expert weight ``[E, rows, cols]`` kept as one tensor per expert part, stacked only
+    on demand: a checkpoint that stores each expert's projections separately (gate, up, down) is
+    read this way without building the stacked tensor, so its memory-mapped experts are never
+    all materialised. ``stack[e]`` is expert e's ``[rows, cols]`` (its parts concatenated along
+    the rows: a copy of one expert when there are several, a view when there is one);
+    `materialize` builds the whole ``[E, rows, cols]``. ``dtype`` converts each expert as it is
+    read."""
+
+    def __init__(self, parts: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype | None = None):
+        if not parts or not all(parts):
+            raise ValueError("ExpertStack needs at least one expert of at least one part")
+        self.parts = tuple(tuple(p) for p in parts)
+        first = self.parts[0]
+        cols = {t.shape[1] for e in self.parts for t in e if t.dim() == 2}
+        rows = {sum(t.shape[0] for t in e) for e in self.parts}
+        if len(cols) != 1 or len(rows) != 1 or any(t.dim() != 2 for e in self.parts for t in e):
+            raise ValueError("ExpertStack: every expert must be 2-d parts of the same total shape")
+        self.dtype = dtype or first[0].dtype
+        self.shape = torch.Size((len(self.parts), rows.pop(), cols.pop()))
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        parts = self.parts[e]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
+
+    def to(self, dtype: torch.dtype) -> ExpertStack:
+        return self if dtype == self.dtype else ExpertStack(self.parts, dtype)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def materialize(self) -> torch.Tensor:
+        """The stacked ``[E, rows, cols]`` tensor (reads and copies every expert)."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        for e in range(len(self)):
+            out[e].copy_(self[e])
+        return out
+
+
+def stacked(w: torch.Tensor | ExpertStack) -> torch.Tensor:
+    """``w`` as one ``[E, rows, cols]`` tensor (an `ExpertStack` is materialised)."""
+    return w.materialize() if isinstance(w, ExpertStack) else w

@@ -343,7 +343,7 @@ class OffloadRuntime:
                 ids_c = torch.where(inside, ids, torch.full_like(ids, chunk[0]))
                 w_c = weights * inside
             if self.pool is None:  # sim: no real copies; compute from the host weights
-                w13, w2, slots = self.store.w13[layer], self.store.w2[layer], self._identity
+                (w13, w2), slots = self.store.stacked(layer), self._identity
             else:
                 w13, w2, slots = self.pool.w13, self.pool.w2, self.cache.slot_tables[layer]
             y = fused_moe(x, w13, w2, ids_c.to(torch.int32), w_c, slots)

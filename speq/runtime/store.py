@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from speq.models.spec import ModelSpec
+from speq.models.weights import ExpertStack, stacked
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,11 @@ class ExpertStore:
     """Host-side expert weights: per MoE layer ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``.
 
     Takes the stacked tensors out of a model's weights without copying them (pinned copies are
-    made when CUDA is available, so host → device copies can be asynchronous). Everything else
-    (``resident``) always lives on the device.
+    made when CUDA is available, so host → device copies can be asynchronous). A layer may be an
+    `ExpertStack` (a per-expert checkpoint, memory-mapped): ``w13[layer][e]`` then reads one
+    expert, and only `stacked` (the sim backend's compute) and `dense_param` (the draft's
+    quantization) build a layer's whole tensor. Everything else (``resident``) always lives on
+    the device.
     """
 
     def __init__(
@@ -37,21 +41,29 @@ class ExpertStore:
         missing = sorted(names - set(params))
         if missing:
             raise ValueError(f"expert weights missing from the model: {missing}")
-        self.w13: dict[int, torch.Tensor] = {}
-        self.w2: dict[int, torch.Tensor] = {}
+        self.w13: dict[int, torch.Tensor | ExpertStack] = {}
+        self.w2: dict[int, torch.Tensor | ExpertStack] = {}
         for i in self.layers:
             w13, w2 = params[spec.expert_param(i, "w13")], params[spec.expert_param(i, "w2")]
-            self.w13[i] = w13.pin_memory() if pin else w13
-            self.w2[i] = w2.pin_memory() if pin else w2
+            self.w13[i] = stacked(w13).pin_memory() if pin else w13
+            self.w2[i] = stacked(w2).pin_memory() if pin else w2
         self.resident = {k: v for k, v in params.items() if k not in names}
+        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stacked(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's ``w13`` and ``w2`` as whole tensors (built once from an `ExpertStack`)."""
+        if layer not in self._stacked:
+            self._stacked[layer] = (stacked(self.w13[layer]), stacked(self.w2[layer]))
+        return self._stacked[layer]
 
     def dense_param(self, name: str) -> torch.Tensor:
-        """The stacked host tensor of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``)."""
+        """The stacked host tensor of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``);
+        built for the call from an `ExpertStack`, not kept."""
         for i in self.layers:
             if name == self.spec.expert_param(i, "w13"):
-                return self.w13[i]
+                return stacked(self.w13[i])
             if name == self.spec.expert_param(i, "w2"):
-                return self.w2[i]
+                return stacked(self.w2[i])
         raise KeyError(f"{name} is not a routed expert weight")
 
     def is_expert_param(self, name: str) -> bool:
