@@ -54,3 +54,17 @@ def eager_greedy(model: MoEForCausalLM, ids: torch.Tensor, n: int) -> torch.Tens
     for _ in range(n):
         ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """P-value of Pearson's chi-square goodness of fit (cells with expected count < 5 merged)."""
+    n = counts.sum()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))

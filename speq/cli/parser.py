@@ -24,7 +24,7 @@ from speq.cli.args import (
 )
 from speq.cli.demo import DEMO_PROMPT, cmd_demo
 from speq.cli.generate import cmd_generate
-from speq.cli.tools import cmd_explain, cmd_roofline, cmd_tune
+from speq.cli.tools import cmd_explain, cmd_export, cmd_roofline, cmd_tune
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="a100-40g-pcie4", choices=tuple(PROFILES))
     p.add_argument("--device-memory", type=device_memory, help='device budget, e.g. "12MB"')
     p.set_defaults(func=cmd_explain)
+
+    what = "Write a model as a Hugging Face transformers checkpoint folder (MixtralForCausalLM)."
+    p = sub.add_parser(
+        "export", help="write a model as a transformers checkpoint", description=what
+    )
+    _add_model_args(p)
+    hf_help = (
+        "output folder: config.json, model.safetensors, tokenizer files (AutoModelForCausalLM "
+    )
+    hf_help += "and AutoTokenizer load it)"
+    p.add_argument("--hf", type=Path, required=True, metavar="OUT", help=hf_help)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("roofline", help="plot the Amortization Roofline (PNG) from the cost model")
     p.add_argument("--model", default="phi-3.5-moe", choices=(*sorted(MODEL_PRESETS), "demo"))

@@ -1,5 +1,5 @@
-"""``speq explain``, ``speq roofline`` and ``speq tune``: the compiler's passes, the cost model's
-roofline, and the kernels' autotuner."""
+"""``speq explain``, ``speq export``, ``speq roofline`` and ``speq tune``: the compiler's passes,
+a model as a transformers checkpoint, the cost model's roofline, and the kernels' autotuner."""
 
 from __future__ import annotations
 
@@ -20,6 +20,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"# options: {opts}")
     with budget_flag("--device-memory", args.device_memory):
         print(speq.compile(model, opts).graphs)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from speq.frontend.folder import read_config
+    from speq.models import MoEForCausalLM, export_hf
+    from speq.models.demo import random_demo_model
+    from speq.models.tokenizer import Tokenizer
+
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+        if folder.is_dir() and "model_type" in read_config(folder):
+            raise ValueError(f"--model {folder} is a transformers checkpoint already")
+        model = MoEForCausalLM.from_pretrained(folder)
+        tok_path = folder / "tokenizer.json"
+        tok, what = (Tokenizer(tok_path) if tok_path.is_file() else None), f"checkpoint {folder}"
+    elif args.random:
+        model, tok, what = random_demo_model(args.seed), None, f"a random model (seed {args.seed})"
+    else:
+        (model, tok), what = demo_model(), "the shipped demo MoE"
+    out = export_hf(model, tok, args.hf)
+    print(f"wrote {what} to {out} as MixtralForCausalLM ({model.embed.dtype}); load it with")
+    print(f"  transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or speq.load(...)")
     return 0
 
 

@@ -85,12 +85,28 @@ class ExpertStack:
     def numel(self) -> int:
         return self.shape.numel()
 
+    def copy_pairs(self, e: int, dst: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(source part, destination rows) pairs that copy expert e into ``dst [rows, cols]``
+        part by part, with no temporary (``dst.copy_`` converts the dtype)."""
+        pairs, row = [], 0
+        for t in self.parts[e]:
+            pairs.append((t, dst[row : row + t.shape[0]]))
+            row += t.shape[0]
+        return pairs
+
     def materialize(self) -> torch.Tensor:
         """The stacked ``[E, rows, cols]`` tensor (reads and copies every expert)."""
         out = torch.empty(self.shape, dtype=self.dtype)
         for e in range(len(self)):
             out[e].copy_(self[e])
         return out
+
+
+def expert_copy_pairs(
+    w: torch.Tensor | ExpertStack, e: int, dst: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(source, destination) pairs that copy expert e of ``w`` into ``dst``."""
+    return w.copy_pairs(e, dst) if isinstance(w, ExpertStack) else [(w[e], dst)]
 
 
 def stacked(w: torch.Tensor | ExpertStack) -> torch.Tensor:

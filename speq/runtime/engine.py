@@ -209,8 +209,8 @@ class Engine:
             entry = cache.insert(key)
             assert entry.slot == slot, "resident slots are assigned in order"
             if fill:
-                pool.w13[slot].copy_(self.store.w13[key.layer][key.expert])
-                pool.w2[slot].copy_(self.store.w2[key.layer][key.expert])
+                for src, dst in zip(*self.store.copy_pairs(key, pool.w13[slot], pool.w2[slot])):
+                    dst.copy_(src)
         self._pool_filled = self._pool_filled or fill
 
     def record_needs(self, prompt: torch.Tensor, n: int, sampling: SamplingParams):

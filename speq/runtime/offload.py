@@ -246,8 +246,9 @@ class OffloadRuntime:
         src: tuple[torch.Tensor, ...] = ()
         dst: tuple[torch.Tensor, ...] = ()
         if self.pool is not None:
-            src = (self.store.w13[key.layer][key.expert], self.store.w2[key.layer][key.expert])
-            dst = (self.pool.w13[entry.slot], self.pool.w2[entry.slot])
+            src, dst = self.store.copy_pairs(
+                key, self.pool.w13[entry.slot], self.pool.w2[entry.slot]
+            )
         entry.loading = True
         self._loading[entry] = None
         self._submit(entry, Copy(key, entry.slot, nbytes, priority, self.link.now(), src, dst))

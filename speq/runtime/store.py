@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from speq.models.spec import ModelSpec
-from speq.models.weights import ExpertStack, stacked
+from speq.models.weights import ExpertStack, expert_copy_pairs, stacked
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,16 @@ class ExpertStore:
         if layer not in self._stacked:
             self._stacked[layer] = (stacked(self.w13[layer]), stacked(self.w2[layer]))
         return self._stacked[layer]
+
+    def copy_pairs(
+        self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The sources and destinations that copy expert ``key`` into the slot tensors ``w13 [2I,
+        H]`` and ``w2 [H, I]``: one pair per stored part (a per-expert checkpoint's gate and up go
+        straight into their halves of ``w13``, with no temporary)."""
+        pairs = expert_copy_pairs(self.w13[key.layer], key.expert, w13)
+        pairs += expert_copy_pairs(self.w2[key.layer], key.expert, w2)
+        return tuple(s for s, _ in pairs), tuple(d for _, d in pairs)
 
     def dense_param(self, name: str) -> torch.Tensor:
         """The stacked host tensor of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``);

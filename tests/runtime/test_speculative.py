@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import speq
-from helpers import VARIANTS, speq_budget, tiny_model
+from helpers import VARIANTS, chi_square_p, speq_budget, tiny_model
 from speq.runtime.speculative import SpecPolicy, greedy_accept, speculative_accept
 
 PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
@@ -84,20 +84,6 @@ def test_greedy_accept_rule():
     assert greedy_accept([0, 4, 1], logits) == (0, 2)
 
 
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """P-value of Pearson's chi-square goodness of fit (cells with expected count < 5 merged)."""
-    n = counts.sum()
-    expected = probs.double() * n
-    big = expected >= 5
-    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    df = len(exp) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
-
-
 def test_speculative_accept_keeps_the_target_distribution():
     """Draws through the accept/resample rule follow p, not the draft's q (which the test would
     reject: it has power)."""
@@ -110,8 +96,8 @@ def test_speculative_accept_keeps_the_target_distribution():
         n, tok = speculative_accept([d], [q], p, gen)
         counts[d if n == 1 else tok] += 1
         draft_counts[d] += 1
-    assert _chi_square_p(counts, p[0]) > 1e-3
-    assert _chi_square_p(draft_counts, p[0]) < 1e-6
+    assert chi_square_p(counts, p[0]) > 1e-3
+    assert chi_square_p(draft_counts, p[0]) < 1e-6
 
 
 def test_first_sampled_token_follows_the_targets_softmax():
@@ -126,7 +112,7 @@ def test_first_sampled_token_follows_the_targets_softmax():
     for seed in range(800):
         out = cm.generate(prompt, 2, do_sample=True, temperature=0.9, seed=seed)
         counts[out[0, 3]] += 1
-    assert _chi_square_p(counts, probs) > 1e-3
+    assert chi_square_p(counts, probs) > 1e-3
 
 
 def test_sampling_is_reproducible_per_seed():
