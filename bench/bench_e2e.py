@@ -53,7 +53,8 @@ README.md and docs/RESULTS.md.
 
     python bench/bench_e2e.py [--budgets tight,medium,generous] [--links pcie3,pcie4,pcie5]
         [--domains kjv,python_docs] [--prompts-per-domain 1] [--calibration-prompt ID]
-        [--tokens 32] [--rounds 3] [--out bench/results/e2e_cpu.json] [--check] [--quick]
+        [--tokens 32] [--rounds 3] [--model FOLDER] [--out bench/results/e2e_cpu.json] [--check]
+        [--quick]
 
 Wall time on this project's 2-core CPU machine: this protocol does 2.75x the runs of the previous
 one (3 prompts, one greedy run each), so by default it measures 2 prompts instead of 3 (the Bible
@@ -84,6 +85,7 @@ from common import (
     NOT_APPLICABLE,
     RESULTS,
     UNTIMED_RECORDING,
+    bench_model,
     calibration_prompt,
     describe_code,
     environment,
@@ -103,7 +105,6 @@ from tqdm import tqdm
 
 import speq
 from speq.compare import budget_bytes, calibrate_link, contenders, link_options
-from speq.models.demo import demo_model
 
 BUDGETS = {"tight": 0.375, "medium": 0.5, "generous": 0.75}
 LINKS = {"pcie3": "a100-40g-pcie3", "pcie4": "a100-40g-pcie4", "pcie5": "a100-40g-pcie5"}
@@ -524,7 +525,7 @@ def per_prompt_ratios(runs: dict, prompts: list[Prompt]) -> dict[str, dict]:
 def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     code = git_state()  # at the start: the code this process imports
-    model, tokenizer = demo_model(dtype=torch.float64)  # float64: batch-invariant argmax
+    model, tokenizer, what = bench_model(args.model)  # float64: batch-invariant argmax
     cfg = model.config
     chosen = select_prompts(args.domains, args.prompts_per_domain)
     prompts = [Prompt.of(p, tokenizer) for p in chosen]
@@ -551,8 +552,9 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "format": FORMAT,
         "setting": {
-            "model": f"the shipped demo MoE ({cfg.num_layers} layers, {cfg.num_experts} experts "
-            f"top-{cfg.top_k}, hidden {cfg.hidden_size}; docs/MODEL_CARD.md)",
+            "model": f"{what} ({cfg.num_layers} layers, {cfg.num_experts} experts "
+            f"top-{cfg.top_k}, hidden {cfg.hidden_size}"
+            f"{'; docs/MODEL_CARD.md' if args.model is None else ''})",
             "dtype": "float64",
             "backend": "cpu, emulated link, wall clock",
             "new_tokens": args.tokens,
@@ -1077,6 +1079,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "about a quarter of the expert bytes",
     )
     p.add_argument("--tokens", type=_positive, default=32, help="new tokens per run")
+    model_help = "a checkpoint folder (speq's format or a Hugging Face one) with a tokenizer.json "
+    model_help += "to run instead of the shipped demo model"
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument(
         "--rounds",
         type=_positive,

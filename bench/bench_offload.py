@@ -37,6 +37,7 @@ import torch
 from common import (
     FORMAT,
     RESULTS,
+    bench_model,
     environment,
     fmt_ratio,
     fmt_speedup,
@@ -51,7 +52,7 @@ from tqdm import tqdm
 
 import speq
 from speq.compare import calibrate_link
-from speq.models.demo import demo_model, random_demo_model
+from speq.models.demo import random_demo_model
 
 UNTIMED = (
     "oracle (Belady's fetches) is a bound, not a baseline: it first runs a recording pass (it "
@@ -102,12 +103,13 @@ def _row(name: str, budget: str, k, runs: list[dict]) -> dict:
 
 
 def load(name: str, prompt_tokens: int):
-    """The shipped demo MoE (float64: batch-invariant argmax) with a prompt of real text, or
-    the random model of the demo's shape with random prompt ids."""
-    if name == "demo":
-        model, tok = demo_model(dtype=torch.float64)
+    """The shipped demo MoE (float64: batch-invariant argmax) or a checkpoint folder (either
+    format, with its tokenizer.json) with a prompt of real text, or the random model of the
+    demo's shape with random prompt ids."""
+    if name != "random":
+        model, tok, what = bench_model(None if name == "demo" else name)
         ids = tok.encode(PROMPT)[:prompt_tokens]
-        return model, torch.tensor([ids]), "the shipped demo MoE, float64"
+        return model, torch.tensor([ids]), f"{what}, float64"
     model = random_demo_model(0).to(torch.float64)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=gen)
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
         "setting": {
             "backend": "cpu, emulated link, wall clock",
             "model": f"{what} ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden_size})",
-            "prompt": PROMPT if args.model == "demo" else "random ids",
+            "prompt": PROMPT if args.model != "random" else "random ids",
             "prompt_tokens": int(prompt.shape[1]),
             "new_tokens": args.tokens,
             "rounds": args.rounds,
@@ -271,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         help="device budget beyond non-expert weights and KV cache, as fractions of all expert bytes",
     )
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
-    p.add_argument("--model", choices=["demo", "random"], default="demo")
+    model_help = "demo (the shipped model), random (its shape, random weights), or a checkpoint "
+    model_help += "folder of either format (speq's or a Hugging Face one) with a tokenizer.json"
+    p.add_argument("--model", default="demo", help=model_help)
     p.add_argument("--reference", default="phi-3.5-moe", help="preset whose ratio the link matches")
     p.add_argument(
         "--quick",

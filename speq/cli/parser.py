@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget_help = "device memory for experts (and the draft), as a fraction of all expert bytes"
     p.add_argument("--budget", type=BUDGET, default=0.375, help=budget_help)
     p.add_argument("--k", type=POSITIVE_INT, help="tokens drafted per cycle (default: governor)")
+    demo_model_help = "a checkpoint folder (speq's or a Hugging Face one, with tokenizer.json) to "
+    demo_model_help += "run instead of the shipped model"
+    p.add_argument("--model", default=None, help=demo_model_help)
     p.set_defaults(func=cmd_demo)
 
     _add_generate(sub, tuple(POLICIES), tuple(BACKENDS))

@@ -92,3 +92,16 @@ def _expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
             di = cfg.dense_intermediate_size
             shapes |= {f"{p}.mlp.w13": (2 * di, h), f"{p}.mlp.w2": (h, di)}
     return shapes
+
+
+def reference_model(folder: str | Path, dtype: torch.dtype | None = None):
+    """A checkpoint folder of either format as speq's eager reference model
+    (`speq.models.MoEForCausalLM`), its experts read and stacked: for tools that need a model
+    object (the benchmarks, `speq export`); `speq.load` keeps a folder memory-mapped instead."""
+    from speq.models.model import MoEForCausalLM
+    from speq.models.weights import stacked
+
+    spec, params = from_checkpoint(folder, dtype)
+    model = MoEForCausalLM(spec.config, seed=0, dtype=spec.dtype)
+    model.load_state_dict({k: stacked(v) for k, v in params.items()})
+    return model.eval()

@@ -179,3 +179,16 @@ def test_speq_runs_without_transformers(exported):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_cli_and_the_benchmarks_take_a_transformers_folder(demo, exported, capsys):
+    from speq.frontend.checkpoint import reference_model
+
+    model, _ = demo
+    again = reference_model(exported, torch.float64)  # what the benchmarks and `speq demo` run
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values())
+    )
+    argv = ["generate", "--model", str(exported), "--prompt", TEXT, "--max-new-tokens", "4"]
+    assert main([*argv, "--policy", "ondemand", "--budget", "0.5"]) == 0
+    assert "hit rate" in capsys.readouterr().out
