@@ -28,6 +28,19 @@ VARIANTS: dict[str, dict] = {
         num_layers=3, first_dense_layers=1, dense_intermediate_size=40, router_mode="topk_softmax"
     ),
     "tied_no_renorm_mqa": dict(tie_word_embeddings=True, norm_topk_prob=False, num_kv_heads=1),
+    # Qwen-MoE-like: biases, per-head q/k norm with a head size that is not hidden / heads, and
+    # a shared expert scaled by a sigmoid gate
+    "qwen_gated_headnorm": dict(
+        qkv_bias=True,
+        o_bias=True,
+        qk_norm="head",
+        head_dim=12,
+        shared_expert_intermediate_size=16,
+        shared_expert_gate=True,
+        norm_topk_prob=False,
+    ),
+    # OLMoE-like: q/k norm over the whole projection, q, k, v clamped (a limit that bites)
+    "olmoe_fullnorm_clip": dict(qk_norm="full", clip_qkv=0.6),
 }
 
 

@@ -36,8 +36,9 @@ def capture(spec: ModelSpec) -> Graph:
             params[name] = b.emit1(Op.PARAM, (), name, shape, dt, name=name)
         return params[name]
 
-    def linear(x: Value, w: Value, name: str) -> Value:
-        return b.emit1(Op.LINEAR, (x, w), name, (x.shape[0], w.shape[0]), dt)
+    def linear(x: Value, w: Value, name: str, bias: Value | None = None) -> Value:
+        inputs = (x, w) if bias is None else (x, w, bias)
+        return b.emit1(Op.LINEAR, inputs, name, (x.shape[0], w.shape[0]), dt)
 
     def norm(x: Value, weight: str, name: str) -> Value:
         return b.emit1(
@@ -55,9 +56,7 @@ def capture(spec: ModelSpec) -> Graph:
     for i in range(cfg.num_layers):
         p, n = f"layers.{i}", f"l{i}"
         a = norm(x, f"{p}.attn_norm.weight", f"{n}.attn_in")
-        q = linear(a, param(f"{p}.attn.wq", (cfg.num_heads * d, h)), f"{n}.q")
-        k = linear(a, param(f"{p}.attn.wk", (cfg.num_kv_heads * d, h)), f"{n}.k")
-        v = linear(a, param(f"{p}.attn.wv", (cfg.num_kv_heads * d, h)), f"{n}.v")
+        q, k, v = (_project(b, spec, i, a, which, param, linear) for which in "qkv")
         rope = {"theta": cfg.rope_theta}
         q = b.emit1(Op.ROPE, (q, pos), f"{n}.q_rot", q.shape, dt, heads=cfg.num_heads, **rope)
         k = b.emit1(Op.ROPE, (k, pos), f"{n}.k_rot", k.shape, dt, heads=cfg.num_kv_heads, **rope)
@@ -72,7 +71,8 @@ def capture(spec: ModelSpec) -> Graph:
             heads=cfg.num_heads,
             kv_heads=cfg.num_kv_heads,
         )
-        o = linear(att, param(f"{p}.attn.wo", (h, cfg.num_heads * d)), f"{n}.attn_out")
+        bo = param(f"{p}.attn.bo", (h,)) if cfg.o_bias else None
+        o = linear(att, param(f"{p}.attn.wo", (h, cfg.num_heads * d)), f"{n}.attn_out", bo)
         x = b.emit1(Op.ADD, (x, o), f"{n}.h", ("T", h), dt)
         m = norm(x, f"{p}.mlp_norm.weight", f"{n}.mlp_in")
         if not cfg.is_moe_layer(i):
@@ -83,12 +83,31 @@ def capture(spec: ModelSpec) -> Graph:
                 s = dense_mlp(
                     m, f"{p}.mlp.shared", cfg.shared_expert_intermediate_size, f"{n}.shared"
                 )
+                if cfg.shared_expert_gate:
+                    g = linear(m, param(f"{p}.mlp.shared_gate", (1, h)), f"{n}.shared_gate")
+                    s = b.emit1(Op.SIGMOID_MUL, (g, s), f"{n}.shared_gated", ("T", h), dt)
                 y = b.emit1(Op.ADD, (y, s), f"{n}.mlp_out", ("T", h), dt)
         x = b.emit1(Op.ADD, (x, y), f"l{i}.out", ("T", h), dt)
     f = norm(x, "norm.weight", "final")
     logits = linear(f, param(spec.head_param, (cfg.vocab_size, h)), "logits")
     b.emit(Op.OUTPUT, (logits,), [])
     return verify(b.build(), ATTRIBUTE_DOMAINS)
+
+
+def _project(b: GraphBuilder, spec: ModelSpec, i: int, a: Value, which: str, param, linear):
+    """Layer i's q, k or v: the projection (+ bias), its RMSNorm (q and k), its clamp."""
+    cfg, dt, d = spec.config, dtype_name(spec.dtype), spec.config.head_dim
+    n, p = f"l{i}", f"layers.{i}"
+    width = (cfg.num_heads if which == "q" else cfg.num_kv_heads) * d
+    bias = param(f"{p}.attn.b{which}", (width,)) if cfg.qkv_bias else None
+    y = linear(a, param(f"{p}.attn.w{which}", (width, cfg.hidden_size)), f"{n}.{which}", bias)
+    if which != "v" and cfg.qk_norm != "none":
+        weight = param(f"{p}.attn.{which}_norm.weight", (width if cfg.qk_norm == "full" else d,))
+        eps = cfg.rms_norm_eps
+        y = b.emit1(Op.RMSNORM, (y, weight), f"{n}.{which}_norm", y.shape, dt, eps=eps)
+    if cfg.clip_qkv is not None:
+        y = b.emit1(Op.CLAMP, (y,), f"{n}.{which}_clip", y.shape, dt, limit=cfg.clip_qkv)
+    return y
 
 
 def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, wdt: str) -> Value:

@@ -73,12 +73,21 @@ def _expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.num_layers):
         p = f"layers.{i}"
         shapes |= {f"{p}.attn_norm.weight": (h,), f"{p}.mlp_norm.weight": (h,)}
+        q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
         shapes |= {
-            f"{p}.attn.wq": (cfg.num_heads * d, h),
-            f"{p}.attn.wk": (cfg.num_kv_heads * d, h),
-            f"{p}.attn.wv": (cfg.num_kv_heads * d, h),
-            f"{p}.attn.wo": (h, cfg.num_heads * d),
+            f"{p}.attn.wq": (q, h),
+            f"{p}.attn.wk": (kv, h),
+            f"{p}.attn.wv": (kv, h),
+            f"{p}.attn.wo": (h, q),
         }
+        if cfg.qkv_bias:
+            shapes |= {f"{p}.attn.bq": (q,), f"{p}.attn.bk": (kv,), f"{p}.attn.bv": (kv,)}
+        if cfg.o_bias:
+            shapes[f"{p}.attn.bo"] = (h,)
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            shapes[f"{p}.attn.q_norm.weight"] = (q if full else d,)
+            shapes[f"{p}.attn.k_norm.weight"] = (kv if full else d,)
         if cfg.is_moe_layer(i):
             e, n = cfg.num_experts, cfg.expert_intermediate_size
             shapes |= {
@@ -88,6 +97,8 @@ def _expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
             }
             if si := cfg.shared_expert_intermediate_size:
                 shapes |= {f"{p}.mlp.shared.w13": (2 * si, h), f"{p}.mlp.shared.w2": (h, si)}
+            if cfg.shared_expert_gate:
+                shapes[f"{p}.mlp.shared_gate"] = (1, h)
         else:
             di = cfg.dense_intermediate_size
             shapes |= {f"{p}.mlp.w13": (2 * di, h), f"{p}.mlp.w2": (h, di)}

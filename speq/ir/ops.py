@@ -9,13 +9,15 @@ class Op(Enum):
     INPUT = auto()  # a graph input, by name: tokens [T] or the start position []
     PARAM = auto()  # a named weight tensor
     EMBED = auto()  # table[tokens]
-    RMSNORM = auto()
-    LINEAR = auto()  # x @ W^T
+    RMSNORM = auto()  # over groups of the last dim the size of the weight (all, or each head)
+    LINEAR = auto()  # x @ W^T (+ bias)
     ROPE = auto()  # rotary embedding of [T, heads*D] at positions pos..pos+T-1
     KV_WRITE = auto()  # store k, v of T tokens in the KV cache of one layer
     ATTENTION = auto()  # causal grouped-query attention against the cached prefix
     ADD = auto()
     SWIGLU = auto()  # [.., 2I] -> silu(gate) * up  [.., I]
+    CLAMP = auto()  # x clamped to [-limit, limit]
+    SIGMOID_MUL = auto()  # sigmoid(gate [T, 1]) * x [T, H]: a learned gate
     ROUTER = auto()  # router logits -> (expert ids [T, k], routing weights [T, k])
     GATHER = auto()  # token rows repeated per choice: row t*k + j is x[t]
     EXPERT_GEMM = auto()  # row t*k + j times the weights of expert ids[t, j]
@@ -49,6 +51,8 @@ TAGS: dict[Op, frozenset[Tag]] = {
     Op.ATTENTION: frozenset({Tag.STATEFUL}),
     Op.ADD: frozenset({Tag.ELEMENTWISE}),
     Op.SWIGLU: frozenset({Tag.ELEMENTWISE}),
+    Op.CLAMP: frozenset({Tag.ELEMENTWISE}),
+    Op.SIGMOID_MUL: frozenset({Tag.ELEMENTWISE}),
     Op.ROUTER: frozenset(),
     Op.GATHER: frozenset({Tag.MOE_CHAIN}),
     # The unfused grouped GEMM groups rows by expert on the host (one matmul per expert present).

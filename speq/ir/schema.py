@@ -44,7 +44,7 @@ SCHEMAS: dict[Op, Schema] = {
     Op.PARAM: Schema((), 1, ("name",)),
     Op.EMBED: Schema((("tokens", "int"), ("table", "float")), 1),
     Op.RMSNORM: Schema((("x", "float"), ("weight", "float")), 1, ("eps",)),
-    Op.LINEAR: Schema((("x", "float"), ("weight", "float")), 1),
+    Op.LINEAR: Schema((("x", "float"), ("weight", "float")), 1, optional=(("bias", "float"),)),
     Op.ROPE: Schema((("x", "float"), ("pos", "int")), 1, ("heads", "theta")),
     Op.KV_WRITE: Schema((("k", "float"), ("v", "float"), ("pos", "int")), 1, ("layer",)),
     Op.ATTENTION: Schema(
@@ -52,6 +52,8 @@ SCHEMAS: dict[Op, Schema] = {
     ),
     Op.ADD: Schema((("a", "float"), ("b", "float")), 1),
     Op.SWIGLU: Schema((("gate_up", "float"),), 1),
+    Op.CLAMP: Schema((("x", "float"),), 1, ("limit",)),
+    Op.SIGMOID_MUL: Schema((("gate", "float"), ("x", "float")), 1),
     Op.ROUTER: Schema((("logits", "float"),), 2, ("k", "layer", "mode", "renormalize")),
     Op.GATHER: Schema((("x", "float"), ("ids", "int")), 1),
     Op.EXPERT_GEMM: Schema((("x", "float"), ("ids", "int"), ("w", "float")), 1, ("layer",)),

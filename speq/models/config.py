@@ -11,6 +11,10 @@ from typing import Any
 
 from speq.kernels.routing import ROUTING_FUNCTIONS, ROUTING_MODES
 
+# how q and k are normalised before the rotary embedding: not at all; each head (a weight of
+# head_dim, Qwen3-MoE); or each whole projection (a weight of heads * head_dim, OLMoE)
+QK_NORMS = ("none", "head", "full")
+
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -24,6 +28,12 @@ class MoEConfig:
     ``router_mode`` names a routing function of `speq.kernels.routing.ROUTING_FUNCTIONS`:
     ``"softmax_topk"`` (softmax over all experts, then the top k, renormalised to sum 1 when
     ``norm_topk_prob``) or ``"topk_softmax"`` (top k logits, then softmax over them).
+
+    Attention: ``num_heads`` query heads of ``head_dim`` (default hidden_size / num_heads) over
+    ``num_kv_heads`` key/value heads; ``qkv_bias`` / ``o_bias``: biases on the q, k, v / output
+    projections; ``qk_norm`` (`QK_NORMS`): RMSNorm of q and k before the rotary embedding;
+    ``clip_qkv``: q, k, v clamped to [-clip_qkv, clip_qkv] after the norm. ``shared_expert_gate``:
+    the shared expert's output is scaled by sigmoid(x · w), a learned gate of one output.
     """
 
     vocab_size: int
@@ -43,6 +53,12 @@ class MoEConfig:
     router_mode: str = "softmax_topk"
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str = "none"
+    clip_qkv: float | None = None
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,12 +81,14 @@ class MoEConfig:
             lambda v: v <= self.num_experts,
             f"<= num_experts ({self.num_experts})",
         )
-        _require(
-            "num_heads",
-            self.num_heads,
-            lambda v: self.hidden_size % v == 0,
-            f"a divisor of hidden_size ({self.hidden_size})",
-        )
+        if self.head_dim is None:
+            _require(
+                "num_heads",
+                self.num_heads,
+                lambda v: self.hidden_size % v == 0,
+                f"a divisor of hidden_size ({self.hidden_size}) when head_dim is not given",
+            )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _require(
             "num_kv_heads",
             self.num_kv_heads,
@@ -78,12 +96,19 @@ class MoEConfig:
             f"a divisor of num_heads ({self.num_heads})",
         )
         _require(
-            "hidden_size",
-            self.hidden_size,
-            lambda v: (v // self.num_heads) % 2 == 0,
-            f"such that the head size hidden_size/num_heads ({self.hidden_size}/{self.num_heads}) "
-            "is even (rotary embeddings rotate pairs)",
+            "head_dim",
+            self.head_dim,
+            lambda v: isinstance(v, int) and v >= 2 and v % 2 == 0,
+            "an even size >= 2 (rotary embeddings rotate pairs; default hidden_size / num_heads)",
         )
+        _require(
+            "shared_expert_gate",
+            self.shared_expert_gate,
+            lambda v: not v or self.shared_expert_intermediate_size > 0,
+            "false without a shared expert (shared_expert_intermediate_size > 0)",
+        )
+        _require("qk_norm", self.qk_norm, lambda v: v in QK_NORMS, f"one of {QK_NORMS}")
+        _require("clip_qkv", self.clip_qkv, lambda v: v is None or v > 0, "> 0, or null")
         _require(
             "first_dense_layers",
             self.first_dense_layers,
@@ -105,10 +130,6 @@ class MoEConfig:
         )
         _require("rope_theta", self.rope_theta, lambda v: v > 0, "> 0")
         _require("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "> 0")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers
@@ -192,6 +213,7 @@ class MoEConfig:
 _FIELD_TYPES = {
     "int": "int",
     "int | None": "int_or_none",
+    "float | None": "number_or_none",
     "bool": "bool",
     "str": "str",
     "float": "number",
@@ -199,6 +221,7 @@ _FIELD_TYPES = {
 _KINDS = {
     "int": "an integer",
     "int_or_none": "an integer or null",
+    "number_or_none": "a number or null",
     "bool": "true or false",
     "str": "a string",
     "number": "a number",
@@ -216,6 +239,8 @@ def _is_a(value: object, kind: str) -> bool:
         return value is None or isinstance(value, int)
     if kind == "number":
         return isinstance(value, (int, float))
+    if kind == "number_or_none":
+        return value is None or isinstance(value, (int, float))
     return isinstance(value, str)
 
 

@@ -15,10 +15,23 @@ from speq.kernels.routing import route_topk_torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension, computed in at least fp32."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    """RMSNorm over groups of the last dimension the size of ``weight`` (the whole dimension, or
+    each head of ``[..., heads * D]`` for a weight of D), computed in at least fp32."""
+    shape, n = x.shape, weight.shape[-1]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*shape[:-1], -1, n)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(y.dtype)).to(x.dtype)
+    return (y * weight.to(y.dtype)).reshape(shape).to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w^T (+ b)``."""
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def sigmoid_mul(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(gate) * x``: a learned gate (``gate [..., 1]``) scaling ``x [..., H]``."""
+    return torch.sigmoid(gate) * x
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -26,26 +26,44 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        d = cfg.head_dim
+        d, h = cfg.head_dim, cfg.hidden_size
         self.cfg = cfg
-        self.wq = nn.Parameter(torch.empty(cfg.num_heads * d, cfg.hidden_size))
-        self.wk = nn.Parameter(torch.empty(cfg.num_kv_heads * d, cfg.hidden_size))
-        self.wv = nn.Parameter(torch.empty(cfg.num_kv_heads * d, cfg.hidden_size))
-        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_heads * d))
+        self.wq = nn.Parameter(torch.empty(cfg.num_heads * d, h))
+        self.wk = nn.Parameter(torch.empty(cfg.num_kv_heads * d, h))
+        self.wv = nn.Parameter(torch.empty(cfg.num_kv_heads * d, h))
+        self.wo = nn.Parameter(torch.empty(h, cfg.num_heads * d))
+        if cfg.qkv_bias:
+            self.bq = nn.Parameter(torch.empty(cfg.num_heads * d))
+            self.bk = nn.Parameter(torch.empty(cfg.num_kv_heads * d))
+            self.bv = nn.Parameter(torch.empty(cfg.num_kv_heads * d))
+        if cfg.o_bias:
+            self.bo = nn.Parameter(torch.empty(h))
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(cfg.num_heads * d if full else d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * d if full else d, cfg.rms_norm_eps)
+
+    def _project(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        y = fn.linear(x, getattr(self, f"w{name}"), getattr(self, f"b{name}", None))
+        if name in ("q", "k") and self.cfg.qk_norm != "none":
+            y = getattr(self, f"{name}_norm")(y)
+        if self.cfg.clip_qkv is not None:
+            y = y.clamp(-self.cfg.clip_qkv, self.cfg.clip_qkv)
+        return y
 
     def forward(
         self, x: torch.Tensor, layer: int, start: int, cache: KVCache | None
     ) -> torch.Tensor:
         cfg, (b, t, _) = self.cfg, x.shape
         pos = torch.arange(start, start + t, device=x.device)
-        q = fn.rope((x @ self.wq.t()).view(b, t, cfg.num_heads, -1), pos, cfg.rope_theta)
-        k = fn.rope((x @ self.wk.t()).view(b, t, cfg.num_kv_heads, -1), pos, cfg.rope_theta)
-        v = (x @ self.wv.t()).view(b, t, cfg.num_kv_heads, -1)
+        q = fn.rope(self._project(x, "q").view(b, t, cfg.num_heads, -1), pos, cfg.rope_theta)
+        k = fn.rope(self._project(x, "k").view(b, t, cfg.num_kv_heads, -1), pos, cfg.rope_theta)
+        v = self._project(x, "v").view(b, t, cfg.num_kv_heads, -1)
         if cache is not None:
             cache.write(layer, k, v, start)
             k, v = cache.view(layer, start + t)
         o = fn.attention(q, k, v, start)
-        return o.reshape(b, t, -1) @ self.wo.t()
+        return fn.linear(o.reshape(b, t, -1), self.wo, getattr(self, "bo", None))
 
 
 class DenseMLP(nn.Module):
@@ -72,6 +90,8 @@ class MoEBlock(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         si = cfg.shared_expert_intermediate_size
         self.shared = DenseMLP(h, si) if si else None
+        if cfg.shared_expert_gate:
+            self.shared_gate = nn.Parameter(torch.empty(1, h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, shape = self.cfg, x.shape
@@ -86,7 +106,10 @@ class MoEBlock(nn.Module):
             cfg.norm_topk_prob,
         )
         if self.shared is not None:
-            y = y + self.shared(flat)
+            shared = self.shared(flat)
+            if self.cfg.shared_expert_gate:
+                shared = fn.sigmoid_mul(flat @ self.shared_gate.t(), shared)
+            y = y + shared
         return y.view(shape)
 
 

@@ -41,7 +41,18 @@ def _rmsnorm(node, args, ctx):
 
 @_eager(Op.LINEAR)
 def _linear(node, args, ctx):
-    return (args[0] @ args[1].t(),)
+    return (fn.linear(*args),)
+
+
+@_eager(Op.CLAMP)
+def _clamp(node, args, ctx):
+    limit = node.attrs["limit"]
+    return (args[0].clamp(-limit, limit),)
+
+
+@_eager(Op.SIGMOID_MUL)
+def _sigmoid_mul(node, args, ctx):
+    return (fn.sigmoid_mul(*args),)
 
 
 # ROPE, KV_WRITE and ATTENTION take the start position ``pos`` as an int, or as a 0-d device

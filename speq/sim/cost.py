@@ -128,9 +128,9 @@ def _free(node: Node, c: _Ctx) -> NodeCost:
 
 @_register(Op.LINEAR)
 def _linear(node: Node, c: _Ctx) -> NodeCost:
-    x, w = node.inputs
+    x, w = node.inputs[:2]  # and an optional bias, read once
     m, n, k = c.dim(x.shape[0]), c.dim(w.shape[0]), c.dim(w.shape[1])
-    return NodeCost(2.0 * m * n * k, c.nbytes(x, w, node.out))
+    return NodeCost(2.0 * m * n * k, c.nbytes(*node.inputs, node.out))
 
 
 @_register(Op.EMBED)
@@ -155,6 +155,18 @@ def _rope(node: Node, c: _Ctx) -> NodeCost:
 def _add(node: Node, c: _Ctx) -> NodeCost:
     a, b = node.inputs
     return NodeCost(float(c.numel(node.out)), c.nbytes(a, b, node.out))
+
+
+@_register(Op.CLAMP)
+def _clamp(node: Node, c: _Ctx) -> NodeCost:
+    (x,) = node.inputs
+    return NodeCost(2.0 * c.numel(x), c.nbytes(x, node.out))
+
+
+@_register(Op.SIGMOID_MUL)
+def _sigmoid_mul(node: Node, c: _Ctx) -> NodeCost:
+    gate, x = node.inputs
+    return NodeCost(5.0 * c.numel(node.out), c.nbytes(gate, x, node.out))
 
 
 @_register(Op.SWIGLU)

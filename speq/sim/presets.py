@@ -30,7 +30,8 @@ _PRESETS = {
         max_seq_len=4096,
         rms_norm_eps=1e-5,
     ),
-    # Qwen1.5-MoE-A2.7B config.json: one shared expert 4x as wide as a routed one, no renormalising.
+    # Qwen1.5-MoE-A2.7B config.json (a Qwen2-MoE): one shared expert 4x as wide as a routed one,
+    # scaled by a sigmoid gate; q, k, v biases; no renormalising.
     "qwen1.5-moe-a2.7b": MoEConfig(
         vocab_size=151936,
         hidden_size=2048,
@@ -41,6 +42,8 @@ _PRESETS = {
         top_k=4,
         expert_intermediate_size=1408,
         shared_expert_intermediate_size=5632,
+        shared_expert_gate=True,
+        qkv_bias=True,
         norm_topk_prob=False,
         max_seq_len=4096,
         rope_theta=1000000.0,
@@ -79,18 +82,20 @@ _PRESETS = {
         rope_theta=1000000.0,
         rms_norm_eps=1e-5,
     ),
-    # Qwen3-30B-A3B config.json. Its head_dim is 128, so q and o are 2048 x 4096 there; MoEConfig
-    # derives head_dim = hidden / heads = 64, which halves the attention weights, the attention
-    # flops and the KV cache (about 0.45B fewer parameters in all; the experts are exact).
+    # Qwen3-30B-A3B config.json: heads of 128 (q and o are 2048 x 4096), each q and k head
+    # RMS-normalised, top-8 renormalised.
     "qwen3-30b-a3b": MoEConfig(
         vocab_size=151936,
         hidden_size=2048,
         num_layers=48,
         num_heads=32,
         num_kv_heads=4,
+        head_dim=128,
+        qk_norm="head",
         num_experts=128,
         top_k=8,
         expert_intermediate_size=768,
+        norm_topk_prob=True,
         max_seq_len=4096,
         rope_theta=1000000.0,
     ),
@@ -118,12 +123,16 @@ def non_expert_params(cfg: MoEConfig) -> int:
     """Everything but the routed experts: embeddings, head, attention, norms, routers, dense MLPs
     of the leading dense layers and shared experts (the weights that stay on the device)."""
     h = cfg.hidden_size
-    attn = 2 * h * h + 2 * h * cfg.num_kv_heads * cfg.head_dim  # q and o, k and v
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn = 2 * h * q + 2 * h * kv  # q and o, k and v
+    attn += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
+    attn += {"none": 0, "head": 2 * cfg.head_dim, "full": q + kv}[cfg.qk_norm]
     per_layer = attn + 2 * h  # plus the two norms
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.num_layers - n_moe
     dense_mlp = 3 * h * (cfg.dense_intermediate_size or 0)
     moe_rest = cfg.num_experts * h + 3 * h * cfg.shared_expert_intermediate_size
+    moe_rest += h * cfg.shared_expert_gate
     tables = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     return tables + h + cfg.num_layers * per_layer + n_dense * dense_mlp + n_moe * moe_rest
 

@@ -76,7 +76,7 @@ def test_missing_attribute(graph):
 
 def test_wrong_arity(graph):
     bad = _swap(graph, Op.LINEAR, lambda n: n.replace(inputs=n.inputs[:1]))
-    with pytest.raises(VerificationError, match="linear takes 2 inputs, got 1"):
+    with pytest.raises(VerificationError, match="linear takes 2 to 3 inputs, got 1"):
         verify(bad)
 
 

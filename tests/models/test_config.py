@@ -11,7 +11,11 @@ from speq.models import MoEConfig
         (dict(top_k=0), "top_k"),
         (dict(num_heads=5), "num_heads"),
         (dict(num_kv_heads=3), "num_kv_heads"),
-        (dict(hidden_size=36, num_heads=12), "hidden_size"),  # odd head size
+        (dict(hidden_size=36, num_heads=12), "head_dim"),  # odd head size
+        (dict(head_dim=7), "head_dim"),
+        (dict(qk_norm="sometimes"), "qk_norm"),
+        (dict(clip_qkv=0.0), "clip_qkv"),
+        (dict(shared_expert_gate=True), "shared_expert_gate"),  # without a shared expert
         (dict(vocab_size=0), "vocab_size"),
         (dict(first_dense_layers=1), "dense_intermediate_size"),
         (dict(first_dense_layers=3, dense_intermediate_size=8), "first_dense_layers"),

@@ -15,7 +15,9 @@ def _budget(cm_resident: speq.CompiledModel, slots: int) -> int:
     return m.non_expert_bytes + m.kv_bytes + slots * m.expert_bytes
 
 
-@pytest.mark.parametrize("variant", ["top1", "top2_gqa", "mha_shared", "dense_first_topk_softmax"])
+@pytest.mark.parametrize(
+    "variant", ["top1", "top2_gqa", "mha_shared", "dense_first_topk_softmax", "olmoe_fullnorm_clip"]
+)
 @pytest.mark.parametrize("policy", ["ondemand", "nextgate", "oracle"])
 @pytest.mark.parametrize("backend", ["cpu", "sim"])
 def test_policy_output_equals_resident(variant, policy, backend):

@@ -18,6 +18,7 @@ CONFIGS = {
     "shared_expert": dict(shared_expert_intermediate_size=16),
     "dense_first": VARIANTS["dense_first_topk_softmax"],
     "top4_of_6": dict(num_experts=6, top_k=4),
+    "qwen_like": VARIANTS["qwen_gated_headnorm"],
 }
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from speq.models.hf.family import Family
 from speq.models.hf.mixtral import MIXTRAL
+from speq.models.hf.olmoe import OLMOE
+from speq.models.hf.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (MIXTRAL,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)}
 
 
 def supported() -> str:

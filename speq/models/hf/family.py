@@ -25,15 +25,15 @@ class Family:
     transformers model classes; ``config``: a transformers config (as a dict) to a `MoEConfig`,
     or a ValueError naming the setting speq cannot run; ``weights``: the model's tensors (a live
     model's state dict, or a folder's tensors in either expert layout) to speq's weight names;
-    ``hf_config`` / ``hf_tensors``: the reverse, for export."""
+    ``hf_config`` / ``hf_tensors``: the reverse, for export (None: speq does not export to it)."""
 
     name: str
     model_types: tuple[str, ...]
     classes: tuple[str, ...]
     config: Callable[[Mapping[str, Any]], MoEConfig]
     weights: Callable[[MoEConfig, Tensors, Callable[[str], str]], Params]
-    hf_config: Callable[[MoEConfig], dict[str, Any]]
-    hf_tensors: Callable[[MoEConfig, Tensors], dict[str, torch.Tensor]]
+    hf_config: Callable[[MoEConfig], dict[str, Any]] | None = None
+    hf_tensors: Callable[[MoEConfig, Tensors], dict[str, torch.Tensor]] | None = None
 
 
 def field(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], source: str) -> Any:

@@ -12,56 +12,39 @@ from typing import Any
 import torch
 
 from speq.models.config import MoEConfig
-from speq.models.hf.family import Family, Params, Tensors, field, take
-from speq.models.weights import ExpertStack
+from speq.models.hf.decoder import Layout, attention_fields, decoder_weights, moe_config
+from speq.models.hf.family import Family, Params, Tensors, field
 
 CLASS = "MixtralForCausalLM"
+
+
+LAYOUT = Layout(blocks=("mlp", "block_sparse_moe"), gate="w1", up="w3", down="w2")
 
 
 def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     """A transformers Mixtral config (as a dict) as a `MoEConfig`; a setting speq cannot run (a
     sliding window shorter than the context, scaled RoPE, another activation) is a ValueError."""
-    hidden = field(d, "hidden_size", int, source)
-    heads = field(d, "num_attention_heads", int, source)
-    head_dim = d.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        raise ValueError(
-            f"{source}: head_dim = {head_dim} with {heads} heads is not hidden_size / heads "
-            f"({hidden}): speq's attention needs heads * head_dim == hidden_size"
-        )
-    if (act := d.get("hidden_act", "silu")) != "silu":
-        raise ValueError(f"{source}: hidden_act = {act!r}: speq's experts are SwiGLU (silu)")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{source}: RoPE type {rope_type!r}: speq supports the default RoPE only")
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    max_len = field(d, "max_position_embeddings", int, source)
+    fields = attention_fields(d, source)
     window = d.get("sliding_window")
-    if window is not None and window < max_len:
+    if window is not None and window < fields["max_seq_len"]:
         raise ValueError(
-            f"{source}: sliding_window = {window} < max_position_embeddings = {max_len}: speq's "
-            "attention is full causal attention"
+            f"{source}: sliding_window = {window} < max_position_embeddings = "
+            f"{fields['max_seq_len']}: speq's attention is full causal attention"
         )
-    try:
-        return MoEConfig(
-            vocab_size=field(d, "vocab_size", int, source),
-            hidden_size=hidden,
-            num_layers=field(d, "num_hidden_layers", int, source),
-            num_heads=heads,
-            num_kv_heads=field(d, "num_key_value_heads", int, source),
-            num_experts=field(d, "num_local_experts", int, source),
-            top_k=field(d, "num_experts_per_tok", int, source),
-            expert_intermediate_size=field(d, "intermediate_size", int, source),
-            norm_topk_prob=True,
-            max_seq_len=max_len,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            router_mode="softmax_topk",
-            rope_theta=float(theta),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        )
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    return moe_config(
+        source,
+        **fields,
+        num_experts=field(d, "num_local_experts", int, source),
+        top_k=field(d, "num_experts_per_tok", int, source),
+        expert_intermediate_size=field(d, "intermediate_size", int, source),
+        norm_topk_prob=True,
+        router_mode="softmax_topk",
+    )
+
+
+def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
+    """speq's weights from a Mixtral's tensors (a live model's or a checkpoint's)."""
+    return decoder_weights(cfg, tensors, where, LAYOUT)
 
 
 def _layer_names(i: int) -> dict[str, str]:
@@ -77,45 +60,6 @@ def _layer_names(i: int) -> dict[str, str]:
     }
 
 
-def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
-    """speq's weights from a Mixtral's tensors: a live transformers 5 model's state dict (fused
-    experts, ``mlp.*``) or a checkpoint's (``block_sparse_moe.*``, fused or one tensor per
-    expert). Views, never copies: per-expert checkpoints become `ExpertStack`s."""
-    h, d, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
-    e, inter = cfg.num_experts, cfg.expert_intermediate_size
-    shapes = {"wq": (cfg.num_heads * d, h), "wk": (cfg.num_kv_heads * d, h)}
-    shapes |= {"wv": (cfg.num_kv_heads * d, h), "wo": (h, cfg.num_heads * d)}
-    out: Params = {
-        "embed": take(tensors, "model.embed_tokens.weight", (v, h), where),
-        "norm.weight": take(tensors, "model.norm.weight", (h,), where),
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = take(tensors, "lm_head.weight", (v, h), where)
-    for i in range(cfg.num_layers):
-        for ours, theirs in _layer_names(i).items():
-            shape = shapes[ours.rsplit(".", 1)[1]] if ".attn." in ours else (h,)
-            out[ours] = take(tensors, theirs, shape, where)
-        block = f"model.layers.{i}.mlp"
-        if f"{block}.gate.weight" not in tensors:
-            block = f"model.layers.{i}.block_sparse_moe"
-        out[f"layers.{i}.mlp.router"] = take(tensors, f"{block}.gate.weight", (e, h), where)
-        if f"{block}.experts.gate_up_proj" in tensors:
-            out[f"layers.{i}.mlp.w13"] = take(
-                tensors, f"{block}.experts.gate_up_proj", (e, 2 * inter, h), where
-            )
-            out[f"layers.{i}.mlp.w2"] = take(
-                tensors, f"{block}.experts.down_proj", (e, h, inter), where
-            )
-            continue
-        x = f"{block}.experts"
-        gate = [take(tensors, f"{x}.{j}.w1.weight", (inter, h), where) for j in range(e)]
-        up = [take(tensors, f"{x}.{j}.w3.weight", (inter, h), where) for j in range(e)]
-        down = [take(tensors, f"{x}.{j}.w2.weight", (h, inter), where) for j in range(e)]
-        out[f"layers.{i}.mlp.w13"] = ExpertStack(list(zip(gate, up)))
-        out[f"layers.{i}.mlp.w2"] = ExpertStack([(t,) for t in down])
-    return out
-
-
 def hf_config(cfg: MoEConfig) -> dict[str, Any]:
     """The ``config.json`` of a `MixtralForCausalLM` with ``cfg``'s architecture, or a ValueError
     for what Mixtral cannot express."""
@@ -126,6 +70,8 @@ def hf_config(cfg: MoEConfig) -> dict[str, Any]:
         unfit.append("a shared expert")
     if cfg.first_dense_layers:
         unfit.append("dense leading layers")
+    if cfg.qkv_bias or cfg.o_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None:
+        unfit.append("attention biases, q/k norms or clamping")
     if unfit:
         raise ValueError(f"a Mixtral checkpoint cannot hold a model with {', '.join(unfit)}")
     return {
