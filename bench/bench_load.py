@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "speq_options": f"policy ondemand, device_memory {budget} bytes (non-expert weights + KV "
         f"cache + {args.slots} expert slots), cpu backend",
         "decode": "8 greedy tokens after a 4-token prompt, 1 torch thread",
-        "memory": "peak RssAnon above the process's memory after its imports (MB), sampled every "
-        "ms; the file pages of memory-mapped weights are not in it",
+        "memory": "peak RssAnon (MB) above the process's after `import speq` or `import "
+        "transformers` (transformers loads its model code inside from_pretrained: counted), "
+        "sampled every ms; the file pages of memory-mapped weights are not in it",
         "page_cache": "warm",
         "rounds": args.rounds,
         "code": code,

@@ -47,12 +47,14 @@ OLD_PROTOCOL = {  # what the result files written before common.FORMAT lack
     "governor_cpu.json": "one run per k, so no spread; the governor calibrated on the measured "
     "prompt",
     "kernels_cpu.json": "one timing per contender, so no rounds and no spread",
+    "load_cpu.json": "no interleaved rounds",
 }
 COMMANDS = {
     "e2e_cpu.json": "python bench/bench_e2e.py",
     "offload_cpu.json": "python bench/bench_offload.py",
     "governor_cpu.json": "python bench/bench_governor.py",
     "kernels_cpu.json": "python bench/bench_kernels.py",
+    "load_cpu.json": "python bench/bench_load.py",
 }
 SPEEDUP_TERMS = (
     "speed-up: the best same-memory baseline's TPOT (the faster of ondemand, an LRU expert cache "
@@ -326,6 +328,35 @@ def kernels_block(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- opening a checkpoint
+
+
+def load_block(report: dict) -> str:
+    s = report["setting"]
+    lines = [
+        f"Measured with `python bench/bench_load.py` on {describe_code(s['code'])}: a "
+        f"{s['checkpoint']} ({s['size_gb']:.2f} GB, experts {s['expert_gb']:.2f} GB), opened in "
+        f"a fresh process per run, {s['rounds']} interleaved rounds, median (min-max). speq: "
+        f"{s['speq_options']}; it maps the folder and allocates its device memory at the first "
+        f"`generate`, so that is in its decode time. transformers: "
+        f"`AutoModelForCausalLM.from_pretrained`. Decode: {s['decode']}. Memory: {s['memory']}. "
+        f"Page cache: {s['page_cache']}.",
+        "",
+    ]
+    headers = ["contender", "open (s)", "decode 8 tokens (s)", "peak memory (MB, anonymous)"]
+    rows = [
+        [
+            name,
+            fmt_ratio(r["open_s"]),
+            fmt_ratio(r["decode_s"]),
+            fmt_ratio(r["peak_anon_mb"], spec=".0f"),
+        ]
+        for name, r in report["results"].items()
+    ]
+    lines.append(markdown_table(rows, headers))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- speq explain
 
 
@@ -391,6 +422,8 @@ def results_doc(results: Path) -> str:
             _section(results, "governor_cpu.json", governor_block),
             "## Fused MoE kernels, CPU path",
             _section(results, "kernels_cpu.json", kernels_block),
+            "## Opening a 2 GB checkpoint: speq.load and transformers",
+            _section(results, "load_cpu.json", load_block),
             "## `speq explain`",
             f"`print(cm.graphs)` (or `speq explain`) shows the IR after every pass; "
             f"`SPEQ_DEBUG=1` logs it. On the demo model (sim backend, A100 profile), at a device "
