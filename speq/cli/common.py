@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import speq
 from speq.frontend.checkpoint import from_checkpoint
 from speq.models import MoEConfig, MoEForCausalLM
 from speq.models.demo import demo_model, random_demo_model
@@ -35,6 +36,17 @@ def load_model(args: argparse.Namespace) -> tuple[MoEForCausalLM | str, Tokenize
         return random_demo_model(args.seed), None, what
     model, tok = demo_model(dtype=torch.float32)
     return model, tok, "the shipped demo MoE (docs/MODEL_CARD.md)"
+
+
+def compile_model(model: MoEForCausalLM | str, options: speq.CompileOptions) -> speq.CompiledModel:
+    """`speq.compile`, with a bar over the shards while a checkpoint folder opens."""
+    if not isinstance(model, str):
+        return speq.compile(model, options)
+    from speq.frontend.folder import shard_paths
+
+    with bars() as new_bar:
+        bar = new_bar(total=len(shard_paths(Path(model))), desc="opening", unit="shard")
+        return speq.compile(model, options, progress=lambda n: bar.update(n - bar.n))
 
 
 def model_config(model: MoEForCausalLM | str) -> MoEConfig:

@@ -7,7 +7,14 @@ import argparse
 import time
 
 import speq
-from speq.cli.common import bars, budget_flag, load_model, model_config, prompt_ids
+from speq.cli.common import (
+    bars,
+    budget_flag,
+    compile_model,
+    load_model,
+    model_config,
+    prompt_ids,
+)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -104,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         opts, memory = _options(args, model)
         if args.policy == "speq" and args.k is None:
             print(f"calibrating the governor on the {args.backend} backend...", flush=True)
-        cm = speq.compile(model, opts)
+        cm = compile_model(model, opts)
     cm.engine.check_request(ids, args.max_new_tokens)  # anything else wrong: before the bar
     if args.max_new_tokens:
         cm.calibrate(ids)  # the governor's, on this prompt (a no-op without one): not in the bar

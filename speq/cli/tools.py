@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import speq
-from speq.cli.common import bars, budget_flag, load_model
+from speq.cli.common import bars, budget_flag, compile_model, load_model
 from speq.models.demo import demo_model
 
 
@@ -19,7 +19,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"# model: {what}")
     print(f"# options: {opts}")
     with budget_flag("--device-memory", args.device_memory):
-        print(speq.compile(model, opts).graphs)
+        print(compile_model(model, opts).graphs)
     return 0
 
 
