@@ -41,6 +41,36 @@ VARIANTS: dict[str, dict] = {
     ),
     # OLMoE-like: q/k norm over the whole projection, q, k, v clamped (a limit that bites)
     "olmoe_fullnorm_clip": dict(qk_norm="full", clip_qkv=0.6),
+    # DeepSeek-V2-like: MLA with a q bottleneck, group-limited softmax routing scaled, a shared
+    # expert and a dense first layer
+    "deepseek_v2_mla": dict(
+        num_layers=3,
+        first_dense_layers=1,
+        dense_intermediate_size=40,
+        kv_lora_rank=16,
+        q_lora_rank=8,
+        qk_rope_head_dim=4,
+        head_dim=12,
+        v_head_dim=10,
+        num_experts=6,
+        n_group=3,
+        topk_group=2,
+        routed_scaling_factor=2.0,
+        norm_topk_prob=False,
+        shared_expert_intermediate_size=16,
+    ),
+    # DeepSeek-V3-like: MLA, sigmoid routing with a correction bias, groups, renormalised
+    "deepseek_v3_sigmoid": dict(
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        head_dim=12,
+        v_head_dim=10,
+        num_experts=6,
+        router_mode="sigmoid_topk",
+        n_group=3,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+    ),
 }
 
 

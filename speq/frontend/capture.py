@@ -12,7 +12,7 @@ from speq.ir.dtypes import dtype_name
 from speq.ir.graph import Graph, Value
 from speq.ir.ops import Op
 from speq.ir.verifier import verify
-from speq.kernels.routing import ROUTING_FUNCTIONS
+from speq.kernels.routing import ROUTING_FUNCTIONS, routing_function
 from speq.models.spec import ModelSpec
 
 # the values IR attributes may take that tables outside the IR define, for the verifier: a ROUTER
@@ -26,7 +26,7 @@ ATTRIBUTE_DOMAINS = {
 def capture(spec: ModelSpec) -> Graph:
     cfg, dt = spec.config, dtype_name(spec.dtype)
     wdt = "f64" if dt == "f64" else "f32"  # routing weights are computed in at least fp32
-    h, d = cfg.hidden_size, cfg.head_dim
+    h = cfg.hidden_size
     b = GraphBuilder("step")
 
     params: dict[str, Value] = {}
@@ -56,23 +56,12 @@ def capture(spec: ModelSpec) -> Graph:
     for i in range(cfg.num_layers):
         p, n = f"layers.{i}", f"l{i}"
         a = norm(x, f"{p}.attn_norm.weight", f"{n}.attn_in")
-        q, k, v = (_project(b, spec, i, a, which, param, linear) for which in "qkv")
-        rope = {"theta": cfg.rope_theta}
-        q = b.emit1(Op.ROPE, (q, pos), f"{n}.q_rot", q.shape, dt, heads=cfg.num_heads, **rope)
-        k = b.emit1(Op.ROPE, (k, pos), f"{n}.k_rot", k.shape, dt, heads=cfg.num_kv_heads, **rope)
-        kv = b.emit1(Op.KV_WRITE, (k, v, pos), f"{n}.kv", (), "kv", layer=i)
-        att = b.emit1(
-            Op.ATTENTION,
-            (q, kv, pos),
-            f"{n}.attn",
-            q.shape,
-            dt,
-            layer=i,
-            heads=cfg.num_heads,
-            kv_heads=cfg.num_kv_heads,
-        )
+        if cfg.is_mla:
+            att = _mla(b, spec, i, a, pos, param, linear)
+        else:
+            att = _attention(b, spec, i, a, pos, param, linear)
         bo = param(f"{p}.attn.bo", (h,)) if cfg.o_bias else None
-        o = linear(att, param(f"{p}.attn.wo", (h, cfg.num_heads * d)), f"{n}.attn_out", bo)
+        o = linear(att, param(f"{p}.attn.wo", (h, cfg.attn_out_dim)), f"{n}.attn_out", bo)
         x = b.emit1(Op.ADD, (x, o), f"{n}.h", ("T", h), dt)
         m = norm(x, f"{p}.mlp_norm.weight", f"{n}.mlp_in")
         if not cfg.is_moe_layer(i):
@@ -92,6 +81,58 @@ def capture(spec: ModelSpec) -> Graph:
     logits = linear(f, param(spec.head_param, (cfg.vocab_size, h)), "logits")
     b.emit(Op.OUTPUT, (logits,), [])
     return verify(b.build(), ATTRIBUTE_DOMAINS)
+
+
+def _attention(b: GraphBuilder, spec: ModelSpec, i: int, a: Value, pos: Value, param, linear):
+    """Layer i's grouped-query attention: q, k, v, rotary embedding, KV cache, attention."""
+    cfg, dt, n = spec.config, dtype_name(spec.dtype), f"l{i}"
+    q, k, v = (_project(b, spec, i, a, which, param, linear) for which in "qkv")
+    rope = {"theta": cfg.rope_theta}
+    q = b.emit1(Op.ROPE, (q, pos), f"{n}.q_rot", q.shape, dt, heads=cfg.num_heads, **rope)
+    k = b.emit1(Op.ROPE, (k, pos), f"{n}.k_rot", k.shape, dt, heads=cfg.num_kv_heads, **rope)
+    kv = b.emit1(Op.KV_WRITE, (k, v, pos), f"{n}.kv", (), "kv", layer=i)
+    heads = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads)
+    return b.emit1(Op.ATTENTION, (q, kv, pos), f"{n}.attn", q.shape, dt, layer=i, **heads)
+
+
+def _mla(b: GraphBuilder, spec: ModelSpec, i: int, a: Value, pos: Value, param, linear):
+    """Layer i's Multi-head Latent Attention: q (through its low-rank bottleneck when it has
+    one), the KV down-projection into the cache (latent + rotary key), attention."""
+    cfg, dt, n, p = spec.config, dtype_name(spec.dtype), f"l{i}", f"layers.{i}"
+    h, r, rope, eps = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.rms_norm_eps
+    width = cfg.num_heads * cfg.head_dim
+    if cfg.q_lora_rank:
+        ql = linear(a, param(f"{p}.attn.wq_a", (cfg.q_lora_rank, h)), f"{n}.q_a")
+        weight = param(f"{p}.attn.q_a_norm.weight", (cfg.q_lora_rank,))
+        ql = b.emit1(Op.RMSNORM, (ql, weight), f"{n}.q_a_norm", ql.shape, dt, eps=eps)
+        q = linear(ql, param(f"{p}.attn.wq_b", (width, cfg.q_lora_rank)), f"{n}.q")
+    else:
+        q = linear(a, param(f"{p}.attn.wq", (width, h)), f"{n}.q")
+    c = linear(a, param(f"{p}.attn.wkv_a", (r + rope, h)), f"{n}.kv_a")
+    kv = b.emit1(
+        Op.MLA_KV_WRITE,
+        (c, param(f"{p}.attn.kv_a_norm.weight", (r,)), pos),
+        f"{n}.kv",
+        (),
+        "kv",
+        layer=i,
+        rank=r,
+        eps=eps,
+        theta=cfg.rope_theta,
+    )
+    wkv_b = param(f"{p}.attn.wkv_b", (cfg.num_heads * (cfg.head_dim - rope + cfg.v_head_dim), r))
+    return b.emit1(
+        Op.MLA_ATTENTION,
+        (q, kv, pos, wkv_b),
+        f"{n}.attn",
+        ("T", cfg.attn_out_dim),
+        dt,
+        layer=i,
+        heads=cfg.num_heads,
+        rope=rope,
+        v_dim=cfg.v_head_dim,
+        theta=cfg.rope_theta,
+    )
 
 
 def _project(b: GraphBuilder, spec: ModelSpec, i: int, a: Value, which: str, param, linear):
@@ -117,14 +158,23 @@ def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, w
     logits = b.emit1(
         Op.LINEAR, (m, param(f"layers.{i}.mlp.router", (e, h))), f"{n}.router_logits", ("T", e), dt
     )
+    inputs = (logits,)
+    if routing_function(cfg.router_mode).bias:
+        inputs += (param(f"layers.{i}.mlp.router_bias", (e,)),)
+    limits = {}  # DeepSeek's options, where they are not the plain top-k's
+    if cfg.routed_scaling_factor != 1.0:
+        limits["scale"] = cfg.routed_scaling_factor
+    if cfg.n_group > 1:
+        limits |= dict(n_group=cfg.n_group, topk_group=cfg.topk_group)
     ids, weights = b.emit(
         Op.ROUTER,
-        (logits,),
+        inputs,
         [(f"{n}.expert_ids", ("T", k), "i64"), (f"{n}.expert_weights", ("T", k), wdt)],
         k=k,
         layer=i,
         mode=cfg.router_mode,
         renormalize=cfg.norm_topk_prob,
+        **limits,
     )
     w13 = param(spec.expert_param(i, "w13"), (e, 2 * inter, h))
     w2 = param(spec.expert_param(i, "w2"), (e, h, inter))

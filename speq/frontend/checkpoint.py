@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from speq.frontend.folder import Folder, open_folder
+from speq.kernels.routing import routing_function
 from speq.models.config import MoEConfig
 from speq.models.hf import family_of
 from speq.models.spec import ModelSpec
@@ -74,12 +75,11 @@ def _expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         p = f"layers.{i}"
         shapes |= {f"{p}.attn_norm.weight": (h,), f"{p}.mlp_norm.weight": (h,)}
         q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-        shapes |= {
-            f"{p}.attn.wq": (q, h),
-            f"{p}.attn.wk": (kv, h),
-            f"{p}.attn.wv": (kv, h),
-            f"{p}.attn.wo": (h, q),
-        }
+        shapes[f"{p}.attn.wo"] = (h, cfg.attn_out_dim)
+        if cfg.is_mla:
+            shapes |= _mla_shapes(cfg, p)
+        else:
+            shapes |= {f"{p}.attn.wq": (q, h), f"{p}.attn.wk": (kv, h), f"{p}.attn.wv": (kv, h)}
         if cfg.qkv_bias:
             shapes |= {f"{p}.attn.bq": (q,), f"{p}.attn.bk": (kv,), f"{p}.attn.bv": (kv,)}
         if cfg.o_bias:
@@ -90,6 +90,8 @@ def _expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}.attn.k_norm.weight"] = (kv if full else d,)
         if cfg.is_moe_layer(i):
             e, n = cfg.num_experts, cfg.expert_intermediate_size
+            if routing_function(cfg.router_mode).bias:
+                shapes[f"{p}.mlp.router_bias"] = (e,)
             shapes |= {
                 f"{p}.mlp.router": (e, h),
                 f"{p}.mlp.w13": (e, 2 * n, h),
@@ -116,3 +118,26 @@ def reference_model(folder: str | Path, dtype: torch.dtype | None = None):
     model = MoEForCausalLM(spec.config, seed=0, dtype=spec.dtype)
     model.load_state_dict({k: stacked(v) for k, v in params.items()})
     return model.eval()
+
+
+def _mla_shapes(cfg: MoEConfig, p: str) -> dict[str, tuple[int, ...]]:
+    h, r, rope, q = (
+        cfg.hidden_size,
+        cfg.kv_lora_rank,
+        cfg.qk_rope_head_dim,
+        cfg.num_heads * cfg.head_dim,
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{p}.attn.wkv_a": (r + rope, h),
+        f"{p}.attn.kv_a_norm.weight": (r,),
+        f"{p}.attn.wkv_b": (cfg.num_heads * (cfg.head_dim - rope + cfg.v_head_dim), r),
+    }
+    if cfg.q_lora_rank:
+        shapes |= {
+            f"{p}.attn.wq_a": (cfg.q_lora_rank, h),
+            f"{p}.attn.q_a_norm.weight": (cfg.q_lora_rank,),
+            f"{p}.attn.wq_b": (q, cfg.q_lora_rank),
+        }
+    else:
+        shapes[f"{p}.attn.wq"] = (q, h)
+    return shapes

@@ -14,11 +14,13 @@ class Op(Enum):
     ROPE = auto()  # rotary embedding of [T, heads*D] at positions pos..pos+T-1
     KV_WRITE = auto()  # store k, v of T tokens in the KV cache of one layer
     ATTENTION = auto()  # causal grouped-query attention against the cached prefix
+    MLA_KV_WRITE = auto()  # store MLA's latent (normalised) and rotary key of T tokens
+    MLA_ATTENTION = auto()  # Multi-head Latent Attention against the cached latents
     ADD = auto()
     SWIGLU = auto()  # [.., 2I] -> silu(gate) * up  [.., I]
     CLAMP = auto()  # x clamped to [-limit, limit]
     SIGMOID_MUL = auto()  # sigmoid(gate [T, 1]) * x [T, H]: a learned gate
-    ROUTER = auto()  # router logits -> (expert ids [T, k], routing weights [T, k])
+    ROUTER = auto()  # router logits (+ a bias) -> (expert ids [T, k], routing weights [T, k])
     GATHER = auto()  # token rows repeated per choice: row t*k + j is x[t]
     EXPERT_GEMM = auto()  # row t*k + j times the weights of expert ids[t, j]
     SCATTER = auto()  # weighted combine of the k rows of each token
@@ -49,6 +51,8 @@ TAGS: dict[Op, frozenset[Tag]] = {
     Op.ROPE: frozenset({Tag.ELEMENTWISE}),
     Op.KV_WRITE: frozenset({Tag.STATEFUL}),
     Op.ATTENTION: frozenset({Tag.STATEFUL}),
+    Op.MLA_KV_WRITE: frozenset({Tag.STATEFUL}),
+    Op.MLA_ATTENTION: frozenset({Tag.STATEFUL}),
     Op.ADD: frozenset({Tag.ELEMENTWISE}),
     Op.SWIGLU: frozenset({Tag.ELEMENTWISE}),
     Op.CLAMP: frozenset({Tag.ELEMENTWISE}),

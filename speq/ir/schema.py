@@ -50,11 +50,24 @@ SCHEMAS: dict[Op, Schema] = {
     Op.ATTENTION: Schema(
         (("q", "float"), ("kv", "kv"), ("pos", "int")), 1, ("layer", "heads", "kv_heads")
     ),
+    Op.MLA_KV_WRITE: Schema(
+        (("compressed", "float"), ("norm", "float"), ("pos", "int")),
+        1,
+        ("layer", "rank", "eps", "theta"),
+    ),
+    Op.MLA_ATTENTION: Schema(
+        (("q", "float"), ("kv", "kv"), ("pos", "int"), ("wkv_b", "float")),
+        1,
+        ("layer", "heads", "rope", "v_dim", "theta"),
+    ),
     Op.ADD: Schema((("a", "float"), ("b", "float")), 1),
     Op.SWIGLU: Schema((("gate_up", "float"),), 1),
     Op.CLAMP: Schema((("x", "float"),), 1, ("limit",)),
     Op.SIGMOID_MUL: Schema((("gate", "float"), ("x", "float")), 1),
-    Op.ROUTER: Schema((("logits", "float"),), 2, ("k", "layer", "mode", "renormalize")),
+    # optional attrs: scale, n_group, topk_group (speq.kernels.routing.Limits; absent: plain)
+    Op.ROUTER: Schema(
+        (("logits", "float"),), 2, ("k", "layer", "mode", "renormalize"), (("bias", "float"),)
+    ),
     Op.GATHER: Schema((("x", "float"), ("ids", "int")), 1),
     Op.EXPERT_GEMM: Schema((("x", "float"), ("ids", "int"), ("w", "float")), 1, ("layer",)),
     Op.SCATTER: Schema((("rows", "float"), ("weights", "float")), 1),

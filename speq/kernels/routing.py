@@ -15,6 +15,16 @@ Contract, for token t and choice j (0 <= j < k):
     ``renormalize`` has no effect). Mathematically this equals softmax_topk with renormalize;
     the two differ in rounding only.
 
+  - ``"sigmoid_topk"`` (DeepSeek-V3): ``s = sigmoid(logits[t])``; the choice is the top k of
+    ``s + bias`` (a learned per-expert correction, ``bias``), the weights are ``s`` of the chosen,
+    divided by their sum (+1e-20) when ``renormalize``.
+
+Every function takes two DeepSeek options: ``n_group`` / ``topk_group`` (group-limited choice:
+the experts form ``n_group`` equal groups, each scored by its best expert (softmax modes) or by
+the sum of its best two ``s + bias`` (sigmoid), and only the ``topk_group`` best groups may be
+chosen) and ``scale`` (every weight times the routed scaling factor). With any of them, or a
+bias, the torch reference serves every device (the Triton kernel has the plain top-k only).
+
 ids are int32. Weights are float32, or float64 for float64 logits on the torch path (speq's exact
 tests run float64 models); the Triton kernel takes float16, bfloat16 and float32 logits.
 
@@ -42,8 +52,10 @@ import torch
 from speq.kernels._triton import TRITON_DTYPES, Backend, cdiv, next_power_of_2, select_backend
 
 __all__ = [
+    "NO_LIMITS",
     "ROUTING_FUNCTIONS",
     "ROUTING_MODES",
+    "Limits",
     "RoutingFunction",
     "expected_distinct_experts",
     "route_topk",
@@ -53,22 +65,44 @@ __all__ = [
 
 MAX_TRITON_EXPERTS = 4096
 
-Route = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+Route = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a routing function takes beyond (logits, k, renormalize): DeepSeek's group-limited
+    choice (``n_group`` groups, the best ``topk_group`` of them allowed), routed scaling factor
+    (``scale``) and choice-only correction ``bias [E]`` (sigmoid_topk)."""
+
+    scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    bias: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No groups, no scaling, no bias: what the Triton kernel computes."""
+        return self.scale == 1.0 and self.n_group == 1 and self.bias is None
+
+
+NO_LIMITS = Limits()  # plain top-k
 
 
 @dataclass(frozen=True)
 class RoutingFunction:
     """One way to turn router logits [T, E] into (expert ids [T, k], routing weights [T, k]).
 
-    ``torch(logits, k, renormalize)``: the reference (ids int32, weights in ``promote(dtype,
-    fp32)``), the CPU path; ``triton(logits, k, renormalize)``: the kernel's entry, or None when
-    the reference serves every device; ``flops_per_logit``: what the cost model charges per
-    logit (the selection and the weights' arithmetic)."""
+    ``torch(logits, k, renormalize, limits)``: the reference (ids int32, weights in
+    ``promote(dtype, fp32)``), the CPU path; ``triton(logits, k, renormalize)``: the kernel's
+    entry for plain `Limits`, or None when the reference serves every device;
+    ``flops_per_logit``: what the cost model charges per logit; ``bias``: whether the function
+    takes a learned per-expert bias (a ``router_bias`` weight of each MoE layer)."""
 
     name: str
     torch: Route
     triton: Route | None
     flops_per_logit: float
+    bias: bool = False
 
 
 def _select(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,24 +111,55 @@ def _select(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def _softmax_topk(x: torch.Tensor, k: int, renormalize: bool) -> torch.Tensor:
-    order = _select(x, k)
+def _limit_groups(choice: torch.Tensor, group_scores: torch.Tensor, lim: Limits) -> torch.Tensor:
+    """``choice`` with the experts outside each row's ``topk_group`` best groups at -inf."""
+    t, e = choice.shape
+    keep = _select(group_scores, lim.topk_group)
+    allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+    allowed = allowed[:, :, None].expand(t, lim.n_group, e // lim.n_group).reshape(t, e)
+    return choice.masked_fill(~allowed, float("-inf"))
+
+
+def _softmax_groups(x: torch.Tensor, lim: Limits) -> torch.Tensor:
+    if lim.n_group == 1:
+        return x
+    return _limit_groups(x, x.view(x.shape[0], lim.n_group, -1).amax(-1), lim)
+
+
+def _softmax_topk(x: torch.Tensor, k: int, renormalize: bool, lim: Limits):
+    order = _select(_softmax_groups(x, lim), k)
     weights = torch.softmax(x, dim=-1).gather(1, order)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return order, weights
 
 
-def _topk_softmax(x: torch.Tensor, k: int, renormalize: bool) -> torch.Tensor:
-    order = _select(x, k)
+def _topk_softmax(x: torch.Tensor, k: int, renormalize: bool, lim: Limits):
+    order = _select(_softmax_groups(x, lim), k)
     return order, torch.softmax(x.gather(1, order), dim=-1)
 
 
+def _sigmoid_topk(x: torch.Tensor, k: int, renormalize: bool, lim: Limits):
+    scores = torch.sigmoid(x)
+    choice = scores if lim.bias is None else scores + lim.bias.to(scores.dtype)
+    if lim.n_group > 1:
+        grouped = choice.view(x.shape[0], lim.n_group, -1)
+        best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        choice = _limit_groups(choice, best, lim)
+    order = _select(choice, k)
+    weights = scores.gather(1, order)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return order, weights
+
+
 def _reference(fn) -> Route:
-    def route(logits: torch.Tensor, k: int, renormalize: bool):
+    def route(logits: torch.Tensor, k: int, renormalize: bool, lim: Limits = NO_LIMITS):
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
         x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
-        order, weights = fn(x, k, renormalize)
+        order, weights = fn(x, k, renormalize, lim)
+        if lim.scale != 1.0:
+            weights = weights * lim.scale
         return order.to(torch.int32), weights
 
     return route
@@ -117,6 +182,7 @@ ROUTING_FUNCTIONS: Mapping[str, RoutingFunction] = MappingProxyType(
         for f in (
             RoutingFunction("softmax_topk", _reference(_softmax_topk), _triton(_SOFTMAX_TOPK), 5.0),
             RoutingFunction("topk_softmax", _reference(_topk_softmax), _triton(_TOPK_SOFTMAX), 5.0),
+            RoutingFunction("sigmoid_topk", _reference(_sigmoid_topk), None, 8.0, bias=True),
         )
     }
 )
@@ -140,7 +206,7 @@ def expected_distinct_experts(num_experts: float, top_k: int, tokens: float) -> 
     return num_experts * (1.0 - (1.0 - min(top_k / num_experts, 1.0)) ** tokens)
 
 
-def _check(router_logits: torch.Tensor, k: int, mode: str) -> None:
+def _check(router_logits: torch.Tensor, k: int, mode: str, lim: Limits) -> None:
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
     if not router_logits.is_floating_point():
@@ -150,6 +216,16 @@ def _check(router_logits: torch.Tensor, k: int, mode: str) -> None:
         raise ValueError(f"k must be in [1, E={num_experts}], got {k}")
     if mode not in ROUTING_FUNCTIONS:
         raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    g = lim.n_group
+    if g < 1 or num_experts % g or not 1 <= lim.topk_group <= g:
+        raise ValueError(
+            f"n_group = {g}, topk_group = {lim.topk_group}: expected n_group dividing E = "
+            f"{num_experts} and 1 <= topk_group <= n_group"
+        )
+    if k > lim.topk_group * (num_experts // g):
+        raise ValueError(f"k = {k} exceeds the experts of topk_group = {lim.topk_group} groups")
+    if lim.bias is not None and tuple(lim.bias.shape) != (num_experts,):
+        raise ValueError(f"bias must be [E={num_experts}], got {tuple(lim.bias.shape)}")
 
 
 def route_topk_torch(
@@ -157,10 +233,11 @@ def route_topk_torch(
     k: int,
     mode: str = "softmax_topk",
     renormalize: bool = True,
+    limits: Limits = NO_LIMITS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference routing in torch (float32, or float64 for float64 logits); see the module doc."""
-    _check(router_logits, k, mode)
-    return ROUTING_FUNCTIONS[mode].torch(router_logits, k, renormalize)
+    _check(router_logits, k, mode, limits)
+    return ROUTING_FUNCTIONS[mode].torch(router_logits, k, renormalize, limits)
 
 
 def route_topk(
@@ -168,6 +245,7 @@ def route_topk(
     k: int,
     mode: str = "softmax_topk",
     renormalize: bool = True,
+    limits: Limits = NO_LIMITS,
     *,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,17 +253,22 @@ def route_topk(
 
     ``backend="auto"`` runs the Triton kernel on CUDA and the torch reference elsewhere;
     ``"triton"`` forces the kernel (CPU tensors need ``TRITON_INTERPRET=1``), ``"torch"`` the
-    reference.
+    reference. `Limits` other than plain (groups, scaling, a bias) run the reference.
     """
-    _check(router_logits, k, mode)
+    _check(router_logits, k, mode, limits)
     fn = ROUTING_FUNCTIONS[mode]
-    if fn.triton is None and backend == "triton":
-        raise ValueError(f"route_topk: routing function {mode!r} has no Triton kernel")
+    kernel = fn.triton if limits.plain else None
+    if kernel is None and backend == "triton":
+        raise ValueError(
+            f"route_topk: routing function {mode!r} with {limits} has no Triton kernel"
+        )
     chosen = "torch"
-    if fn.triton is not None:
+    if kernel is not None:
         dtypes = (router_logits.dtype,)
         chosen = select_backend(backend, router_logits.device, dtypes, TRITON_DTYPES, "route_topk")
-    return (fn.torch if chosen == "torch" else fn.triton)(router_logits, k, renormalize)
+    if chosen == "torch":
+        return fn.torch(router_logits, k, renormalize, limits)
+    return kernel(router_logits, k, renormalize)
 
 
 def _route_topk_triton(

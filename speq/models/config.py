@@ -34,6 +34,14 @@ class MoEConfig:
     projections; ``qk_norm`` (`QK_NORMS`): RMSNorm of q and k before the rotary embedding;
     ``clip_qkv``: q, k, v clamped to [-clip_qkv, clip_qkv] after the norm. ``shared_expert_gate``:
     the shared expert's output is scaled by sigmoid(x · w), a learned gate of one output.
+
+    DeepSeek: ``routed_scaling_factor`` multiplies every routing weight; ``n_group`` /
+    ``topk_group`` limit each token's experts to its best ``topk_group`` of ``n_group`` equal
+    groups (speq.kernels.routing). ``kv_lora_rank`` > 0 makes attention Multi-head Latent
+    Attention (MLA): the KV cache holds a ``kv_lora_rank`` latent and a ``qk_rope_head_dim``
+    rotary key per token, expanded to every head's key (``head_dim`` = its non-rotary part +
+    ``qk_rope_head_dim``) and value (``v_head_dim``); queries come through a ``q_lora_rank``
+    bottleneck when that is > 0. MLA's rotary embedding rotates interleaved pairs.
     """
 
     vocab_size: int
@@ -59,6 +67,13 @@ class MoEConfig:
     qk_norm: str = "none"
     clip_qkv: float | None = None
     shared_expert_gate: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +122,45 @@ class MoEConfig:
             lambda v: not v or self.shared_expert_intermediate_size > 0,
             "false without a shared expert (shared_expert_intermediate_size > 0)",
         )
+        _require("routed_scaling_factor", self.routed_scaling_factor, lambda v: v > 0, "> 0")
+        _require(
+            "n_group",
+            self.n_group,
+            lambda v: isinstance(v, int) and v >= 1 and self.num_experts % v == 0,
+            f"a divisor of num_experts ({self.num_experts})",
+        )
+        _require(
+            "topk_group",
+            self.topk_group,
+            lambda v: (
+                isinstance(v, int)
+                and 1 <= v <= self.n_group
+                and self.top_k <= v * (self.num_experts // self.n_group)
+            ),
+            f"in 1..n_group ({self.n_group}), with top_k ({self.top_k}) experts in that many groups",
+        )
+        for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            _require(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, ">= 0")
+        if self.is_mla:
+            _require(
+                "qk_rope_head_dim",
+                self.qk_rope_head_dim,
+                lambda v: v >= 2 and v % 2 == 0 and v <= self.head_dim,
+                f"even, >= 2 and <= head_dim ({self.head_dim}) with MLA (kv_lora_rank > 0)",
+            )
+            _require("v_head_dim", self.v_head_dim, lambda v: v >= 1, ">= 1 with MLA")
+            plain = not (self.qkv_bias or self.o_bias) and self.qk_norm == "none"
+            _require(
+                "kv_lora_rank",
+                self.kv_lora_rank,
+                lambda v: plain and self.clip_qkv is None,
+                "0 with attention biases, q/k norms or clip_qkv (MLA has none of them)",
+            )
+        else:
+            for name in ("q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                _require(
+                    name, getattr(self, name), lambda v: v == 0, "0 without MLA (kv_lora_rank 0)"
+                )
         _require("qk_norm", self.qk_norm, lambda v: v in QK_NORMS, f"one of {QK_NORMS}")
         _require("clip_qkv", self.clip_qkv, lambda v: v is None or v > 0, "> 0, or null")
         _require(
@@ -130,6 +184,16 @@ class MoEConfig:
         )
         _require("rope_theta", self.rope_theta, lambda v: v > 0, "> 0")
         _require("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "> 0")
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is Multi-head Latent Attention (kv_lora_rank > 0)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def attn_out_dim(self) -> int:
+        """Width of the attention output (the output projection's input): heads x value size."""
+        return self.num_heads * (self.v_head_dim if self.is_mla else self.head_dim)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from speq.kernels.routing import route_topk_torch
+from speq.kernels.routing import NO_LIMITS, Limits, route_topk_torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,6 +48,60 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def rope_interleaved(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of interleaved pairs (DeepSeek's MLA): ``(x[2i], x[2i+1])`` of ``x [...,
+    T, heads, D]`` rotated by frequency i at ``positions [T]``."""
+    d = x.shape[-1]
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=cdt, device=x.device) / d))
+    ang = positions.to(cdt)[:, None] * inv[None, :]  # [T, D/2]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, D/2]
+    pairs = x.to(cdt).unflatten(-1, (d // 2, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def mla_cache_entry(
+    compressed: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rank: int,
+    eps: float,
+    positions: torch.Tensor,
+    theta: float,
+) -> torch.Tensor:
+    """What MLA caches for ``compressed [..., T, rank + R]`` (the KV down-projection's output):
+    the RMS-normalised latent ``[..., :rank]`` and the rotated key ``[..., rank:]``."""
+    latent = rms_norm(compressed[..., :rank], norm_weight, eps)
+    k_rope = rope_interleaved(compressed[..., None, rank:], positions, theta)[..., 0, :]
+    return torch.cat([latent, k_rope], -1)
+
+
+def mla_attention(
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    wkv_b: torch.Tensor,
+    v_dim: int,
+    positions: torch.Tensor,
+    q_start: int | torch.Tensor,
+    theta: float,
+) -> torch.Tensor:
+    """Multi-head Latent Attention (DeepSeek-V2/V3), as its reference computes it: ``q [B, T,
+    heads, D]`` (a non-rotary part, then ``R`` rotary dims, rotated here at ``positions``)
+    against the cached ``latent [B, S, r]`` and rotated ``k_rope [B, S, R]``; ``wkv_b [heads *
+    (D - R + v_dim), r]`` expands each latent to every head's key (its non-rotary part; the
+    rotary part is ``k_rope``, shared) and value. Returns ``[B, T, heads, v_dim]``."""
+    b, _, heads, d = q.shape
+    r_dim = k_rope.shape[-1]
+    nope = d - r_dim
+    q = torch.cat([q[..., :nope], rope_interleaved(q[..., nope:], positions, theta)], -1)
+    kv = (latent @ wkv_b.t()).unflatten(-1, (heads, nope + v_dim))  # [B, S, heads, nope + v]
+    s = kv.shape[1]
+    k = torch.cat([kv[..., :nope], k_rope[:, :, None, :].expand(b, s, heads, r_dim)], -1)
+    return attention(q, k, kv[..., nope:], q_start)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int | torch.Tensor
 ) -> torch.Tensor:
@@ -56,7 +110,8 @@ def attention(
     ``q [B, T, Hq, D]`` holds the queries of positions ``q_start .. q_start+T-1``; ``k, v
     [B, S, Hkv, D]`` hold keys and values of positions ``0 .. S-1`` (S >= q_start + T). Query i
     sees keys 0 .. q_start+i. ``q_start`` may be a 0-d tensor (then S is typically the whole
-    cache: static shapes, as a captured CUDA graph needs). Returns ``[B, T, Hq, D]``.
+    cache: static shapes, as a captured CUDA graph needs). The scale is ``D ** -0.5``; ``v`` may
+    have another head size ``Dv`` (MLA). Returns ``[B, T, Hq, Dv]``.
     """
     _, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -74,13 +129,22 @@ def attention(
 
 
 def route(
-    logits: torch.Tensor, k: int, mode: str = "softmax_topk", renormalize: bool = True
+    logits: torch.Tensor,
+    k: int,
+    mode: str = "softmax_topk",
+    renormalize: bool = True,
+    limits: Limits = NO_LIMITS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``[T, E]`` to ``(ids int64 [T, k], weights [T, k])``: the routing kernel's
     torch reference (ids in descending weight order, equal weights to the lower expert id,
-    weights in ``promote(logits.dtype, fp32)``)."""
-    ids, weights = route_topk_torch(logits, k, mode, renormalize)
+    weights in ``promote(logits.dtype, fp32)``); ``limits``: groups, scaling, bias."""
+    ids, weights = route_topk_torch(logits, k, mode, renormalize, limits)
     return ids.long(), weights
+
+
+def limits_of(cfg, bias: torch.Tensor | None = None) -> Limits:
+    """The routing `Limits` of a `MoEConfig` (its DeepSeek options) and a layer's router bias."""
+    return Limits(cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group, bias)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -123,8 +187,9 @@ def moe(
     k: int,
     mode: str,
     renormalize: bool,
+    limits: Limits = NO_LIMITS,
 ) -> torch.Tensor:
     """A routed-expert block on ``x [T, H]``: route, gather, gate/up GEMM, SwiGLU, down, combine."""
-    ids, weights = route(x @ router_weight.t(), k, mode, renormalize)
+    ids, weights = route(x @ router_weight.t(), k, mode, renormalize, limits)
     h = swiglu(expert_gemm(gather_pairs(x, ids), ids, w13))
     return scatter_pairs(expert_gemm(h, ids, w2), weights)

@@ -8,7 +8,8 @@ from speq.models.config import MoEConfig
 
 
 class KVCache:
-    """Keys and values of every layer, ``[layers, batch, max_seq_len, kv_heads, head_dim]``.
+    """Keys and values of every layer, ``[layers, batch, max_seq_len, kv_heads, head_dim]`` (with
+    MLA, keys ``[..., 1, kv_lora_rank + qk_rope_head_dim]``: the latent and rotary key; no values).
 
     ``length`` is the number of committed positions. A forward step over T tokens at position p
     writes positions p..p+T-1 of every layer and then sets ``length = p + T``; ``truncate(n)``
@@ -24,8 +25,12 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (config.num_layers, batch, config.max_seq_len, config.num_kv_heads, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        k_shape, v_shape = shape, shape
+        if config.is_mla:  # one "key" per token: the latent and the rotary key; no values
+            k_shape = (*shape[:3], 1, config.kv_lora_rank + config.qk_rope_head_dim)
+            v_shape = (*shape[:3], 1, 0)
+        self.k = torch.zeros(k_shape, dtype=dtype, device=device)
+        self.v = torch.zeros(v_shape, dtype=dtype, device=device)
         self.length = 0
 
     @property
@@ -34,7 +39,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store ``k, v [batch, T, kv_heads, head_dim]`` at positions ``start .. start+T-1``."""

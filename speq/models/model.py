@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speq.kernels.routing import routing_function
 from speq.models import functional as fn
 from speq.models.config import MoEConfig
 from speq.models.kv_cache import KVCache
@@ -66,6 +67,63 @@ class Attention(nn.Module):
         return fn.linear(o.reshape(b, t, -1), self.wo, getattr(self, "bo", None))
 
 
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3): the cache holds, per token, the normalised
+    ``kv_lora_rank`` latent and the rotated ``qk_rope_head_dim`` key (as one KV cache "key" of
+    one head; values are expanded from the latent)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        h, r, rope = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.cfg = cfg
+        q = cfg.num_heads * cfg.head_dim
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Parameter(torch.empty(cfg.q_lora_rank, h))
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = nn.Parameter(torch.empty(q, cfg.q_lora_rank))
+        else:
+            self.wq = nn.Parameter(torch.empty(q, h))
+        self.wkv_a = nn.Parameter(torch.empty(r + rope, h))
+        self.kv_a_norm = RMSNorm(r, cfg.rms_norm_eps)
+        nope = cfg.head_dim - rope
+        self.wkv_b = nn.Parameter(torch.empty(cfg.num_heads * (nope + cfg.v_head_dim), r))
+        self.wo = nn.Parameter(torch.empty(h, cfg.attn_out_dim))
+
+    def forward(
+        self, x: torch.Tensor, layer: int, start: int, cache: KVCache | None
+    ) -> torch.Tensor:
+        cfg, (b, t, _) = self.cfg, x.shape
+        pos = torch.arange(start, start + t, device=x.device)
+        if cfg.q_lora_rank:
+            q = self.q_a_norm(x @ self.wq_a.t()) @ self.wq_b.t()
+        else:
+            q = x @ self.wq.t()
+        entry = mla_entry(x @ self.wkv_a.t(), self.kv_a_norm.weight, cfg, pos)  # [B, T, r + R]
+        if cache is not None:
+            cache.write(layer, entry[:, :, None], entry[:, :, None, :0], start)
+            entry = cache.view(layer, start + t)[0][:, :, 0]
+        r = cfg.kv_lora_rank
+        o = fn.mla_attention(
+            q.view(b, t, cfg.num_heads, -1),
+            entry[..., :r],
+            entry[..., r:],
+            self.wkv_b,
+            cfg.v_head_dim,
+            pos,
+            start,
+            cfg.rope_theta,
+        )
+        return o.reshape(b, t, -1) @ self.wo.t()
+
+
+def mla_entry(
+    compressed: torch.Tensor, norm_weight: torch.Tensor, cfg: MoEConfig, positions: torch.Tensor
+) -> torch.Tensor:
+    """What MLA caches for ``compressed`` (see `functional.mla_cache_entry`)."""
+    r, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
+    return fn.mla_cache_entry(compressed, norm_weight, r, eps, positions, cfg.rope_theta)
+
+
 class DenseMLP(nn.Module):
     """A SwiGLU MLP; ``w13 [2I, H]`` stacks the gate rows then the up rows, ``w2 [H, I]``."""
 
@@ -88,6 +146,8 @@ class MoEBlock(nn.Module):
         self.router = nn.Parameter(torch.empty(e, h))
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
+        if routing_function(cfg.router_mode).bias:
+            self.router_bias = nn.Parameter(torch.zeros(e))
         si = cfg.shared_expert_intermediate_size
         self.shared = DenseMLP(h, si) if si else None
         if cfg.shared_expert_gate:
@@ -104,6 +164,7 @@ class MoEBlock(nn.Module):
             cfg.top_k,
             cfg.router_mode,
             cfg.norm_topk_prob,
+            fn.limits_of(cfg, getattr(self, "router_bias", None)),
         )
         if self.shared is not None:
             shared = self.shared(flat)
@@ -118,7 +179,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.is_mla else Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer):
             self.mlp: nn.Module = MoEBlock(cfg)

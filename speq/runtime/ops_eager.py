@@ -13,7 +13,7 @@ import torch
 from speq.ir.ops import Op
 from speq.ir.run import Impl, ImplTable, implements
 from speq.ir.schema import bind
-from speq.kernels.routing import route_topk
+from speq.kernels.routing import Limits, route_topk
 from speq.models import functional as fn
 
 EAGER: dict[Op, Impl] = {}
@@ -91,6 +91,35 @@ def _attention(node, args, ctx):
     return (o.reshape(t, -1),)
 
 
+@_eager(Op.MLA_KV_WRITE)
+def _mla_kv_write(node, args, ctx):
+    a, (compressed, norm, pos) = node.attrs, args
+    t = compressed.shape[0]
+    positions = pos + torch.arange(t, device=compressed.device)
+    entry = fn.mla_cache_entry(compressed, norm, a["rank"], a["eps"], positions, a["theta"])
+    k, v = entry.view(1, t, 1, -1), entry.new_empty(1, t, 1, 0)
+    if isinstance(pos, torch.Tensor):
+        ctx.cache.write_at(a["layer"], k, v, positions)
+    else:
+        ctx.cache.write(a["layer"], k, v, pos)
+    return (ctx.cache,)
+
+
+@_eager(Op.MLA_ATTENTION)
+def _mla_attention(node, args, ctx):
+    a, (q, cache, pos, wkv_b) = node.attrs, args
+    t = q.shape[0]
+    end = cache.max_len if isinstance(pos, torch.Tensor) else pos + t
+    entry = cache.view(a["layer"], end)[0][:, :, 0]  # [1, S, rank + rope]
+    r = entry.shape[-1] - a["rope"]
+    positions = pos + torch.arange(t, device=q.device)
+    q = q.view(1, t, a["heads"], -1)
+    o = fn.mla_attention(
+        q, entry[..., :r], entry[..., r:], wkv_b, a["v_dim"], positions, pos, a["theta"]
+    )
+    return (o.reshape(t, -1),)
+
+
 @_eager(Op.ADD)
 def _add(node, args, ctx):
     return (args[0] + args[1],)
@@ -103,9 +132,18 @@ def _swiglu(node, args, ctx):
 
 @_eager(Op.ROUTER)
 def _router(node, args, ctx):
-    a = node.attrs
-    ids, weights = route_topk(args[0], a["k"], a["mode"], a["renormalize"])
+    a = bind(node, args)
+    ids, weights = route_topk(
+        a["logits"], node.attrs["k"], node.attrs["mode"], node.attrs["renormalize"],
+        limits_of(node, a["bias"]),
+    )  # fmt: skip
     return ids.long(), weights
+
+
+def limits_of(node, bias=None):
+    """The routing `Limits` a ROUTER (or next-layer PREFETCH) node's attributes give."""
+    a = node.attrs
+    return Limits(a.get("scale", 1.0), a.get("n_group", 1), a.get("topk_group", 1), bias)
 
 
 @_eager(Op.GATHER)

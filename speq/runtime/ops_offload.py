@@ -14,7 +14,7 @@ from speq.ir.run import Impl, implements
 from speq.ir.schema import bind
 from speq.models import functional as fn
 from speq.runtime.link import Priority
-from speq.runtime.ops_eager import EAGER
+from speq.runtime.ops_eager import EAGER, limits_of
 
 OFFLOAD: dict[Op, Impl] = {}
 
@@ -50,7 +50,7 @@ def _prefetch(node, args, ctx):
     if a["source"] == "elb":  # the draft's routing, into the Expert Lookahead Buffer
         ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
         return ()
-    hidden, router = args
-    ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"])
+    hidden, router = args[:2]  # the next layer's router bias, if any, is not read: a prediction
+    ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"], limits_of(node))
     ctx.runtime.prefetch(a["layer"], sorted(set(ids.reshape(-1).tolist())), Priority.NORMAL)
     return ()

@@ -192,9 +192,30 @@ def _attention(node: Node, c: _Ctx) -> NodeCost:
     return NodeCost(flops, kv_read + c.nbytes(q, node.out))
 
 
+@_register(Op.MLA_KV_WRITE)
+def _mla_kv_write(node: Node, c: _Ctx) -> NodeCost:
+    compressed, norm, _pos = node.inputs
+    return NodeCost(6.0 * c.numel(compressed), 2 * c.nbytes(compressed) + c.nbytes(norm))
+
+
+@_register(Op.MLA_ATTENTION)
+def _mla_attention(node: Node, c: _Ctx) -> NodeCost:
+    """The reference's MLA: every cached latent expanded to every head's key and value, then
+    attention (what speq runs; the absorbed form that skips the expansion is not implemented)."""
+    q, _kv, _pos, wkv_b = node.inputs
+    a = node.attrs
+    heads, t = a["heads"], c.dim(q.shape[0])
+    head_dim = c.dim(q.shape[-1]) // heads
+    rank = c.dim(wkv_b.shape[1])
+    expand = 2.0 * c.context * rank * c.dim(wkv_b.shape[0])
+    attend = 2.0 * t * c.context * heads * (head_dim + a["v_dim"])
+    cache_read = c.context * (rank + a["rope"]) * c.dtype_bytes
+    return NodeCost(expand + attend, cache_read + c.nbytes(q, wkv_b, node.out))
+
+
 @_register(Op.ROUTER)
 def _router(node: Node, c: _Ctx) -> NodeCost:
-    (logits,) = node.inputs
+    logits = node.inputs[0]
     flops = routing_function(node.attrs["mode"]).flops_per_logit * c.numel(logits)
     return NodeCost(flops, c.nbytes(logits, *node.outputs))
 

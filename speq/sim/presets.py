@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from speq.kernels.routing import routing_function
 from speq.models.config import MoEConfig
 
 _PRESETS = {
@@ -48,16 +49,19 @@ _PRESETS = {
         max_seq_len=4096,
         rope_theta=1000000.0,
     ),
-    # DeepSeek-V2-Lite config.json. It uses MLA attention (low-rank compressed KV), which MoEConfig
-    # does not model: attention is approximated by MHA of the same hidden size (16 heads of 128),
-    # which has ~3M more parameters per layer and a much larger KV cache than MLA's 576 per token.
-    # Its 2 shared experts of width 1408 are one shared expert of width 2 * 1408.
+    # DeepSeek-V2-Lite config.json: MLA (a 512 latent and a 64 rotary key cached per token; heads
+    # of 128 + 64 for q and k, 128 for v; no q bottleneck). Its 2 shared experts of width 1408 are
+    # one shared expert of width 2 * 1408; its YaRN RoPE scaling changes no shape.
     "deepseek-v2-lite": MoEConfig(
         vocab_size=102400,
         hidden_size=2048,
         num_layers=27,
         num_heads=16,
         num_kv_heads=16,
+        head_dim=192,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
         num_experts=64,
         top_k=6,
         expert_intermediate_size=1408,
@@ -124,17 +128,32 @@ def non_expert_params(cfg: MoEConfig) -> int:
     of the leading dense layers and shared experts (the weights that stay on the device)."""
     h = cfg.hidden_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    attn = 2 * h * q + 2 * h * kv  # q and o, k and v
-    attn += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
-    attn += {"none": 0, "head": 2 * cfg.head_dim, "full": q + kv}[cfg.qk_norm]
+    if cfg.is_mla:
+        attn = _mla_params(cfg)
+    else:
+        attn = 2 * h * q + 2 * h * kv  # q and o, k and v
+        attn += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
+        attn += {"none": 0, "head": 2 * cfg.head_dim, "full": q + kv}[cfg.qk_norm]
     per_layer = attn + 2 * h  # plus the two norms
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.num_layers - n_moe
     dense_mlp = 3 * h * (cfg.dense_intermediate_size or 0)
     moe_rest = cfg.num_experts * h + 3 * h * cfg.shared_expert_intermediate_size
-    moe_rest += h * cfg.shared_expert_gate
+    moe_rest += (
+        h * cfg.shared_expert_gate + cfg.num_experts * routing_function(cfg.router_mode).bias
+    )
     tables = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     return tables + h + cfg.num_layers * per_layer + n_dense * dense_mlp + n_moe * moe_rest
+
+
+def _mla_params(cfg: MoEConfig) -> int:
+    """One MLA layer: q (direct, or its bottleneck and norm), the KV down-projection and norm,
+    the expansion to every head's key and value, the output projection."""
+    h, r, rope, heads = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_heads
+    q = heads * cfg.head_dim
+    q_params = cfg.q_lora_rank * (h + 1 + q) if cfg.q_lora_rank else h * q
+    kv = (r + rope) * h + r + heads * (cfg.head_dim - rope + cfg.v_head_dim) * r
+    return q_params + kv + h * cfg.attn_out_dim
 
 
 def total_params(cfg: MoEConfig) -> int:

@@ -42,6 +42,28 @@ FAMILIES = {
         dict(num_experts=4, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, intermediate_size=16, clip_qkv=0.5)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            num_key_value_heads=4, n_routed_experts=4, n_group=2, topk_group=1,
+            topk_method="group_limited_greedy", routed_scaling_factor=2.0, kv_lora_rank=16,
+            q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10,
+            moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+            intermediate_size=40, num_hidden_layers=3,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4, n_routed_experts=6, n_group=3, topk_group=2,
+            routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=10, moe_intermediate_size=16, n_shared_experts=1,
+            first_k_dense_replace=1, intermediate_size=40, num_hidden_layers=3,
+            norm_topk_prob=True,
+        ),
+    ),
 }  # fmt: skip
 
 
@@ -54,9 +76,11 @@ def tiny_hf(family: str = "mixtral", vocab: int = 64, seed: int = 0, **overrides
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(torch.float64).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if "norm" in name and p.is_floating_point():
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("correction_bias"):  # DeepSeek-V3's: steers, not decides
+                p.copy_(0.05 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
     model.set_experts_implementation("eager")  # the grouped-mm default has no float64 kernel

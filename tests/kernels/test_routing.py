@@ -121,3 +121,81 @@ def test_triton_nan_logits_count_as_minus_inf() -> None:
 def test_bad_inputs(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         route_topk(*args)
+
+
+# ---------------------------------------------------------------- DeepSeek's routing
+def _deepseek_v2(logits, k, n_group, topk_group, scale):
+    """DeepSeek-V2's group-limited greedy routing, written as its reference code computes it."""
+    scores = logits.softmax(dim=-1)
+    t, e = scores.shape
+    group_scores = scores.view(t, n_group, e // n_group).max(dim=-1).values
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]
+    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    mask = mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    w, ids = torch.topk(scores.masked_fill(~mask.bool(), 0.0), k=k, dim=-1)
+    return ids, w * scale
+
+
+def _deepseek_v3(logits, bias, k, n_group, topk_group, scale, renormalize):
+    scores = logits.sigmoid()
+    choice = scores + bias
+    t, e = scores.shape
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]
+    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    mask = mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    ids = torch.topk(choice.masked_fill(~mask.bool(), float("-inf")), k=k, dim=-1)[1]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, w * scale
+
+
+def _by_id(ids, w):
+    order = ids.long().argsort(dim=-1)
+    return ids.long().gather(1, order), w.gather(1, order)
+
+
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2), (8, 3)])
+def test_group_limited_softmax_routing_is_deepseek_v2s(groups):
+    from speq.kernels.routing import Limits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+    lim = Limits(scale=2.5, n_group=groups[0], topk_group=groups[1])
+    ids, w = route_topk_torch(logits, 4, "softmax_topk", False, lim)
+    ref_ids, ref_w = _deepseek_v2(logits, 4, *groups, 2.5)
+    assert torch.equal(_by_id(ids, w)[0], _by_id(ref_ids, ref_w)[0])
+    torch.testing.assert_close(_by_id(ids, w)[1], _by_id(ref_ids, ref_w)[1], rtol=0, atol=1e-12)
+    if groups[0] > 1:  # the limit bites: some rows' plain top-k leave the allowed groups
+        plain, _ = route_topk_torch(logits, 4, "softmax_topk", False)
+        assert not torch.equal(_by_id(plain, w)[0], _by_id(ids, w)[0])
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_routing_with_a_correction_bias_is_deepseek_v3s(renormalize):
+    from speq.kernels.routing import Limits
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+    bias = 0.3 * torch.randn(16, generator=gen, dtype=torch.float64)
+    lim = Limits(scale=1.5, n_group=4, topk_group=2, bias=bias)
+    ids, w = route_topk_torch(logits, 4, "sigmoid_topk", renormalize, lim)
+    ref_ids, ref_w = _deepseek_v3(logits, bias, 4, 4, 2, 1.5, renormalize)
+    assert torch.equal(_by_id(ids, w)[0], _by_id(ref_ids, ref_w)[0])
+    torch.testing.assert_close(_by_id(ids, w)[1], _by_id(ref_ids, ref_w)[1], rtol=0, atol=1e-12)
+    # the bias steers the choice, not the weights: without it other experts win
+    no_bias, _ = route_topk_torch(logits, 4, "sigmoid_topk", renormalize, Limits(1.5, 4, 2))
+    assert not torch.equal(_by_id(no_bias, w)[0], _by_id(ids, w)[0])
+
+
+def test_bad_group_limits_are_named():
+    from speq.kernels.routing import Limits
+
+    logits = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="n_group = 5"):
+        route_topk_torch(logits, 2, "softmax_topk", True, Limits(n_group=5))
+    with pytest.raises(ValueError, match="exceeds the experts of topk_group = 1"):
+        route_topk_torch(logits, 5, "softmax_topk", True, Limits(n_group=4, topk_group=1))
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        route_topk(logits, 2, "sigmoid_topk", backend="triton")

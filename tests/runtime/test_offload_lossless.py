@@ -16,7 +16,15 @@ def _budget(cm_resident: speq.CompiledModel, slots: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "variant", ["top1", "top2_gqa", "mha_shared", "dense_first_topk_softmax", "olmoe_fullnorm_clip"]
+    "variant",
+    [
+        "top1",
+        "top2_gqa",
+        "mha_shared",
+        "dense_first_topk_softmax",
+        "olmoe_fullnorm_clip",
+        "deepseek_v2_mla",
+    ],
 )
 @pytest.mark.parametrize("policy", ["ondemand", "nextgate", "oracle"])
 @pytest.mark.parametrize("backend", ["cpu", "sim"])

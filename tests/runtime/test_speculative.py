@@ -19,6 +19,7 @@ CONFIGS = {
     "dense_first": VARIANTS["dense_first_topk_softmax"],
     "top4_of_6": dict(num_experts=6, top_k=4),
     "qwen_like": VARIANTS["qwen_gated_headnorm"],
+    "deepseek_v3_like": VARIANTS["deepseek_v3_sigmoid"],
 }
 
 

@@ -4,12 +4,15 @@ speq's model (speq.models.hf.family.Family). `FAMILIES` is the registry; `family
 
 from __future__ import annotations
 
+from speq.models.hf.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from speq.models.hf.family import Family
 from speq.models.hf.mixtral import MIXTRAL
 from speq.models.hf.olmoe import OLMOE
 from speq.models.hf.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3)
+}
 
 
 def supported() -> str:

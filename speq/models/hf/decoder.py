@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from speq.kernels.routing import routing_function
 from speq.models.config import MoEConfig
 from speq.models.hf.family import Params, Tensors, field, take
 from speq.models.weights import ExpertStack
@@ -26,6 +27,7 @@ class Layout:
     gate: str
     up: str
     down: str
+    shared: str = "shared_expert"  # the shared expert's module (DeepSeek: shared_experts)
 
 
 def attention_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -97,6 +99,13 @@ def decoder_weights(
         out[f"{ours}.attn_norm.weight"] = get(f"{p}.input_layernorm.weight", (h,))
         out[f"{ours}.mlp_norm.weight"] = get(f"{p}.post_attention_layernorm.weight", (h,))
         a = f"{p}.self_attn"
+        if cfg.is_mla:
+            out |= _mla(cfg, get, a, ours)
+            if cfg.is_moe_layer(i):
+                out |= _moe_block(cfg, tensors, get, p, ours, layout)
+            else:
+                out |= _dense(get, f"{p}.mlp", f"{ours}.mlp", cfg.dense_intermediate_size, h)
+            continue
         for which, rows in (("q", q), ("k", kv), ("v", kv)):
             out[f"{ours}.attn.w{which}"] = get(f"{a}.{which}_proj.weight", (rows, h))
             if cfg.qkv_bias:
@@ -130,8 +139,10 @@ def _moe_block(cfg: MoEConfig, tensors: Tensors, get, p: str, ours: str, layout:
         down = [get(f"{x}.{j}.{layout.down}.weight", (h, inter)) for j in range(e)]
         out[f"{ours}.mlp.w13"] = ExpertStack(list(zip(gate, up)))
         out[f"{ours}.mlp.w2"] = ExpertStack([(t,) for t in down])
+    if routing_function(cfg.router_mode).bias:
+        out[f"{ours}.mlp.router_bias"] = get(f"{block}.gate.e_score_correction_bias", (e,))
     if si := cfg.shared_expert_intermediate_size:
-        out |= _dense(get, f"{block}.shared_expert", f"{ours}.mlp.shared", si, h)
+        out |= _dense(get, f"{block}.{layout.shared}", f"{ours}.mlp.shared", si, h)
     if cfg.shared_expert_gate:
         out[f"{ours}.mlp.shared_gate"] = get(f"{block}.shared_expert_gate.weight", (1, h))
     return out
@@ -147,3 +158,23 @@ def _dense(get, theirs: str, ours: str, inter: int, h: int) -> Params:
         f"{ours}.w13": torch.cat([gate, up]),
         f"{ours}.w2": get(f"{theirs}.down_proj.weight", (h, inter)),
     }
+
+
+def _mla(cfg: MoEConfig, get, a: str, ours: str) -> Params:
+    """DeepSeek's Multi-head Latent Attention weights (``self_attn`` at ``a``)."""
+    h, r, rope, heads = cfg.hidden_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_heads
+    q = heads * cfg.head_dim
+    out: Params = {}
+    if cfg.q_lora_rank:
+        ql = cfg.q_lora_rank
+        out[f"{ours}.attn.wq_a"] = get(f"{a}.q_a_proj.weight", (ql, h))
+        out[f"{ours}.attn.q_a_norm.weight"] = get(f"{a}.q_a_layernorm.weight", (ql,))
+        out[f"{ours}.attn.wq_b"] = get(f"{a}.q_b_proj.weight", (q, ql))
+    else:
+        out[f"{ours}.attn.wq"] = get(f"{a}.q_proj.weight", (q, h))
+    out[f"{ours}.attn.wkv_a"] = get(f"{a}.kv_a_proj_with_mqa.weight", (r + rope, h))
+    out[f"{ours}.attn.kv_a_norm.weight"] = get(f"{a}.kv_a_layernorm.weight", (r,))
+    expand = heads * (cfg.head_dim - rope + cfg.v_head_dim)
+    out[f"{ours}.attn.wkv_b"] = get(f"{a}.kv_b_proj.weight", (expand, r))
+    out[f"{ours}.attn.wo"] = get(f"{a}.o_proj.weight", (h, cfg.attn_out_dim))
+    return out
