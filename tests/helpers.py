@@ -41,6 +41,15 @@ VARIANTS: dict[str, dict] = {
     ),
     # OLMoE-like: q/k norm over the whole projection, q, k, v clamped (a limit that bites)
     "olmoe_fullnorm_clip": dict(qk_norm="full", clip_qkv=0.6),
+    # PhiMoE-like: LayerNorms, biased attention and head, the sparsemixer router
+    "phimoe_layernorm_sparsemixer": dict(
+        norm="layer",
+        lm_head_bias=True,
+        qkv_bias=True,
+        o_bias=True,
+        router_mode="sparsemixer",
+        router_jitter_eps=0.01,
+    ),
     # DeepSeek-V2-like: MLA with a q bottleneck, group-limited softmax routing scaled, a shared
     # expert and a dense first layer
     "deepseek_v2_mla": dict(

@@ -41,9 +41,13 @@ def capture(spec: ModelSpec) -> Graph:
         return b.emit1(Op.LINEAR, inputs, name, (x.shape[0], w.shape[0]), dt)
 
     def norm(x: Value, weight: str, name: str) -> Value:
-        return b.emit1(
-            Op.RMSNORM, (x, param(weight, (h,))), name, x.shape, dt, eps=cfg.rms_norm_eps
-        )
+        """One of the decoder's norms: RMSNorm, or LayerNorm with its bias (`MoEConfig.norm`)."""
+        eps = cfg.rms_norm_eps
+        if cfg.norm == "layer":
+            bias = param(weight.removesuffix(".weight") + ".bias", (h,))
+            inputs = (x, param(weight, (h,)), bias)
+            return b.emit1(Op.LAYERNORM, inputs, name, x.shape, dt, eps=eps)
+        return b.emit1(Op.RMSNORM, (x, param(weight, (h,))), name, x.shape, dt, eps=eps)
 
     def dense_mlp(x: Value, prefix: str, width: int, name: str) -> Value:
         gu = linear(x, param(f"{prefix}.w13", (2 * width, h)), f"{name}.gate_up")
@@ -78,7 +82,8 @@ def capture(spec: ModelSpec) -> Graph:
                 y = b.emit1(Op.ADD, (y, s), f"{n}.mlp_out", ("T", h), dt)
         x = b.emit1(Op.ADD, (x, y), f"l{i}.out", ("T", h), dt)
     f = norm(x, "norm.weight", "final")
-    logits = linear(f, param(spec.head_param, (cfg.vocab_size, h)), "logits")
+    head_bias = param("lm_head_bias", (cfg.vocab_size,)) if cfg.lm_head_bias else None
+    logits = linear(f, param(spec.head_param, (cfg.vocab_size, h)), "logits", head_bias)
     b.emit(Op.OUTPUT, (logits,), [])
     return verify(b.build(), ATTRIBUTE_DOMAINS)
 
@@ -161,11 +166,13 @@ def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, w
     inputs = (logits,)
     if routing_function(cfg.router_mode).bias:
         inputs += (param(f"layers.{i}.mlp.router_bias", (e,)),)
-    limits = {}  # DeepSeek's options, where they are not the plain top-k's
+    limits = {}  # DeepSeek's and PhiMoE's options, where they are not the plain top-k's
     if cfg.routed_scaling_factor != 1.0:
         limits["scale"] = cfg.routed_scaling_factor
     if cfg.n_group > 1:
         limits |= dict(n_group=cfg.n_group, topk_group=cfg.topk_group)
+    if cfg.router_jitter_eps:
+        limits["jitter_eps"] = cfg.router_jitter_eps
     ids, weights = b.emit(
         Op.ROUTER,
         inputs,

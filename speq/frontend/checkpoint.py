@@ -71,9 +71,16 @@ def _expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embed": (v, h), "norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (v, h)
+    if cfg.lm_head_bias:
+        shapes["lm_head_bias"] = (v,)
+    layer_norm = cfg.norm == "layer"
+    if layer_norm:
+        shapes["norm.bias"] = (h,)
     for i in range(cfg.num_layers):
         p = f"layers.{i}"
         shapes |= {f"{p}.attn_norm.weight": (h,), f"{p}.mlp_norm.weight": (h,)}
+        if layer_norm:
+            shapes |= {f"{p}.attn_norm.bias": (h,), f"{p}.mlp_norm.bias": (h,)}
         q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
         shapes[f"{p}.attn.wo"] = (h, cfg.attn_out_dim)
         if cfg.is_mla:

@@ -10,6 +10,7 @@ class Op(Enum):
     PARAM = auto()  # a named weight tensor
     EMBED = auto()  # table[tokens]
     RMSNORM = auto()  # over groups of the last dim the size of the weight (all, or each head)
+    LAYERNORM = auto()  # over the last dim, with a weight and a bias
     LINEAR = auto()  # x @ W^T (+ bias)
     ROPE = auto()  # rotary embedding of [T, heads*D] at positions pos..pos+T-1
     KV_WRITE = auto()  # store k, v of T tokens in the KV cache of one layer
@@ -47,6 +48,7 @@ TAGS: dict[Op, frozenset[Tag]] = {
     Op.PARAM: frozenset({Tag.SOURCE}),
     Op.EMBED: frozenset(),
     Op.RMSNORM: frozenset(),
+    Op.LAYERNORM: frozenset(),
     Op.LINEAR: frozenset(),
     Op.ROPE: frozenset({Tag.ELEMENTWISE}),
     Op.KV_WRITE: frozenset({Tag.STATEFUL}),

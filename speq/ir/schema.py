@@ -44,6 +44,7 @@ SCHEMAS: dict[Op, Schema] = {
     Op.PARAM: Schema((), 1, ("name",)),
     Op.EMBED: Schema((("tokens", "int"), ("table", "float")), 1),
     Op.RMSNORM: Schema((("x", "float"), ("weight", "float")), 1, ("eps",)),
+    Op.LAYERNORM: Schema((("x", "float"), ("weight", "float"), ("bias", "float")), 1, ("eps",)),
     Op.LINEAR: Schema((("x", "float"), ("weight", "float")), 1, optional=(("bias", "float"),)),
     Op.ROPE: Schema((("x", "float"), ("pos", "int")), 1, ("heads", "theta")),
     Op.KV_WRITE: Schema((("k", "float"), ("v", "float"), ("pos", "int")), 1, ("layer",)),

@@ -19,6 +19,10 @@ Contract, for token t and choice j (0 <= j < k):
     ``s + bias`` (a learned per-expert correction, ``bias``), the weights are ``s`` of the chosen,
     divided by their sum (+1e-20) when ``renormalize``.
 
+  - ``"sparsemixer"`` (PhiMoE, at inference): each of the k picks is the best remaining logit;
+    its weight is its softmax over the logits within ``2 * jitter_eps`` of it (relative to the
+    larger of the two magnitudes), the earlier picks excluded.
+
 Every function takes two DeepSeek options: ``n_group`` / ``topk_group`` (group-limited choice:
 the experts form ``n_group`` equal groups, each scored by its best expert (softmax modes) or by
 the sum of its best two ``s + bias`` (sigmoid), and only the ``topk_group`` best groups may be
@@ -78,11 +82,12 @@ class Limits:
     n_group: int = 1
     topk_group: int = 1
     bias: torch.Tensor | None = None
+    jitter_eps: float = 0.0  # sparsemixer's: logits this close (relatively) to the best compete
 
     @property
     def plain(self) -> bool:
         """No groups, no scaling, no bias: what the Triton kernel computes."""
-        return self.scale == 1.0 and self.n_group == 1 and self.bias is None
+        return self.scale == 1.0 and self.n_group == 1 and self.bias is None and not self.jitter_eps
 
 
 NO_LIMITS = Limits()  # plain top-k
@@ -153,6 +158,21 @@ def _sigmoid_topk(x: torch.Tensor, k: int, renormalize: bool, lim: Limits):
     return order, weights
 
 
+def _sparsemixer(x: torch.Tensor, k: int, renormalize: bool, lim: Limits):
+    """PhiMoE's routing at inference, two experts: each pick is the best remaining logit, and
+    its weight its softmax among the logits within ``2 * jitter_eps`` of it (relatively)."""
+    order, weights, masked = [], [], x
+    for _ in range(k):
+        best, pick = masked.max(dim=-1, keepdim=True)
+        factor = x.abs().clamp(min=best)
+        far = (best - x) / factor > 2 * lim.jitter_eps
+        gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+        order.append(pick)
+        weights.append(gates.gather(1, pick))
+        masked = masked.scatter(1, pick, float("-inf"))
+    return torch.cat(order, 1), torch.cat(weights, 1)
+
+
 def _reference(fn) -> Route:
     def route(logits: torch.Tensor, k: int, renormalize: bool, lim: Limits = NO_LIMITS):
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -183,6 +203,7 @@ ROUTING_FUNCTIONS: Mapping[str, RoutingFunction] = MappingProxyType(
             RoutingFunction("softmax_topk", _reference(_softmax_topk), _triton(_SOFTMAX_TOPK), 5.0),
             RoutingFunction("topk_softmax", _reference(_topk_softmax), _triton(_TOPK_SOFTMAX), 5.0),
             RoutingFunction("sigmoid_topk", _reference(_sigmoid_topk), None, 8.0, bias=True),
+            RoutingFunction("sparsemixer", _reference(_sparsemixer), None, 12.0),
         )
     }
 )

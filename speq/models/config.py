@@ -14,6 +14,8 @@ from speq.kernels.routing import ROUTING_FUNCTIONS, ROUTING_MODES
 # how q and k are normalised before the rotary embedding: not at all; each head (a weight of
 # head_dim, Qwen3-MoE); or each whole projection (a weight of heads * head_dim, OLMoE)
 QK_NORMS = ("none", "head", "full")
+# the decoder's norms: RMSNorm, or LayerNorm with a bias (PhiMoE)
+NORMS = ("rms", "layer")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class MoEConfig:
     rotary key per token, expanded to every head's key (``head_dim`` = its non-rotary part +
     ``qk_rope_head_dim``) and value (``v_head_dim``); queries come through a ``q_lora_rank``
     bottleneck when that is > 0. MLA's rotary embedding rotates interleaved pairs.
+
+    PhiMoE: ``norm`` (`NORMS`) ``"layer"`` makes the decoder's norms (before attention, before
+    the MLP, final) LayerNorms with a bias; ``lm_head_bias``: the head has a bias;
+    ``router_jitter_eps``: the sparsemixer router's closeness threshold.
     """
 
     vocab_size: int
@@ -74,6 +80,9 @@ class MoEConfig:
     q_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    norm: str = "rms"
+    lm_head_bias: bool = False
+    router_jitter_eps: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -161,6 +170,10 @@ class MoEConfig:
                 _require(
                     name, getattr(self, name), lambda v: v == 0, "0 without MLA (kv_lora_rank 0)"
                 )
+        _require("norm", self.norm, lambda v: v in NORMS, f"one of {NORMS}")
+        if self.router_mode == "sparsemixer":
+            _require("top_k", self.top_k, lambda v: v == 2, "2 with the sparsemixer router")
+            _require("router_jitter_eps", self.router_jitter_eps, lambda v: v > 0, "> 0")
         _require("qk_norm", self.qk_norm, lambda v: v in QK_NORMS, f"one of {QK_NORMS}")
         _require("clip_qkv", self.clip_qkv, lambda v: v is None or v > 0, "> 0, or null")
         _require(

@@ -23,6 +23,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * weight.to(y.dtype)).reshape(shape).to(x.dtype)
 
 
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dimension with an affine weight and bias."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w^T (+ b)``."""
     y = x @ w.t()
@@ -143,8 +150,11 @@ def route(
 
 
 def limits_of(cfg, bias: torch.Tensor | None = None) -> Limits:
-    """The routing `Limits` of a `MoEConfig` (its DeepSeek options) and a layer's router bias."""
-    return Limits(cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group, bias)
+    """The routing `Limits` of a `MoEConfig` (DeepSeek's and PhiMoE's options) and a layer's
+    router bias."""
+    return Limits(
+        cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group, bias, cfg.router_jitter_eps
+    )
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

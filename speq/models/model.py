@@ -24,6 +24,23 @@ class RMSNorm(nn.Module):
         return fn.rms_norm(x, self.weight, self.eps)
 
 
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fn.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def decoder_norm(cfg: MoEConfig) -> nn.Module:
+    """One of the decoder's norms (before attention, before the MLP, final): `MoEConfig.norm`."""
+    cls = LayerNorm if cfg.norm == "layer" else RMSNorm
+    return cls(cfg.hidden_size, cfg.rms_norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -178,9 +195,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = decoder_norm(cfg)
         self.attn = MLAttention(cfg) if cfg.is_mla else Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = decoder_norm(cfg)
         if cfg.is_moe_layer(layer):
             self.mlp: nn.Module = MoEBlock(cfg)
         else:
@@ -207,11 +224,13 @@ class MoEForCausalLM(nn.Module):
         self.config = config
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = decoder_norm(config)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
             self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        if config.lm_head_bias:
+            self.lm_head_bias = nn.Parameter(torch.empty(config.vocab_size))
         self._init_weights(seed)
         self.to(dtype)
 
@@ -248,7 +267,7 @@ class MoEForCausalLM(nn.Module):
             x = layer(x, start, cache)
         if cache is not None:
             cache.length = start + t
-        return self.norm(x) @ self.head_weight.t()
+        return fn.linear(self.norm(x), self.head_weight, getattr(self, "lm_head_bias", None))
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.config, batch, self.embed.dtype, self.embed.device)

@@ -39,6 +39,11 @@ def _rmsnorm(node, args, ctx):
     return (fn.rms_norm(args[0], args[1], node.attrs["eps"]),)
 
 
+@_eager(Op.LAYERNORM)
+def _layernorm(node, args, ctx):
+    return (fn.layer_norm(*args, node.attrs["eps"]),)
+
+
 @_eager(Op.LINEAR)
 def _linear(node, args, ctx):
     return (fn.linear(*args),)
@@ -143,7 +148,8 @@ def _router(node, args, ctx):
 def limits_of(node, bias=None):
     """The routing `Limits` a ROUTER (or next-layer PREFETCH) node's attributes give."""
     a = node.attrs
-    return Limits(a.get("scale", 1.0), a.get("n_group", 1), a.get("topk_group", 1), bias)
+    groups = (a.get("n_group", 1), a.get("topk_group", 1))
+    return Limits(a.get("scale", 1.0), *groups, bias, a.get("jitter_eps", 0.0))
 
 
 @_eager(Op.GATHER)

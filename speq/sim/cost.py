@@ -139,6 +139,12 @@ def _embed(node: Node, c: _Ctx) -> NodeCost:
     return NodeCost(0.0, c.nbytes(tokens) + 2 * c.nbytes(node.out))  # T rows read, T rows written
 
 
+@_register(Op.LAYERNORM)
+def _layernorm(node: Node, c: _Ctx) -> NodeCost:
+    x, w, b = node.inputs
+    return NodeCost(7.0 * c.numel(x), c.nbytes(x, w, b, node.out))
+
+
 @_register(Op.RMSNORM)
 def _rmsnorm(node: Node, c: _Ctx) -> NodeCost:
     x, w = node.inputs

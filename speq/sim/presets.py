@@ -17,8 +17,9 @@ from speq.kernels.routing import routing_function
 from speq.models.config import MoEConfig
 
 _PRESETS = {
-    # Phi-3.5-MoE-instruct config.json: 16 experts (the paper's table says 8; 41.9B needs 16).
-    # Its router is SparseMixer and its norms LayerNorm; approximated by softmax-top-k and RMSNorm.
+    # Phi-3.5-MoE-instruct config.json: 16 experts (the paper's table says 8; 41.9B needs 16),
+    # the SparseMixer router, LayerNorms, biased attention and head. Its LongRoPE scaling changes
+    # no shape.
     "phi-3.5-moe": MoEConfig(
         vocab_size=32064,
         hidden_size=4096,
@@ -30,6 +31,12 @@ _PRESETS = {
         expert_intermediate_size=6400,
         max_seq_len=4096,
         rms_norm_eps=1e-5,
+        router_mode="sparsemixer",
+        router_jitter_eps=0.01,
+        norm="layer",
+        qkv_bias=True,
+        o_bias=True,
+        lm_head_bias=True,
     ),
     # Qwen1.5-MoE-A2.7B config.json (a Qwen2-MoE): one shared expert 4x as wide as a routed one,
     # scaled by a sigmoid gate; q, k, v biases; no renormalising.
@@ -134,7 +141,8 @@ def non_expert_params(cfg: MoEConfig) -> int:
         attn = 2 * h * q + 2 * h * kv  # q and o, k and v
         attn += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
         attn += {"none": 0, "head": 2 * cfg.head_dim, "full": q + kv}[cfg.qk_norm]
-    per_layer = attn + 2 * h  # plus the two norms
+    norm = 2 * h if cfg.norm == "layer" else h  # LayerNorm has a bias
+    per_layer = attn + 2 * norm  # plus the two norms
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.num_layers - n_moe
     dense_mlp = 3 * h * (cfg.dense_intermediate_size or 0)
@@ -143,7 +151,8 @@ def non_expert_params(cfg: MoEConfig) -> int:
         h * cfg.shared_expert_gate + cfg.num_experts * routing_function(cfg.router_mode).bias
     )
     tables = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return tables + h + cfg.num_layers * per_layer + n_dense * dense_mlp + n_moe * moe_rest
+    tables += cfg.vocab_size * cfg.lm_head_bias
+    return tables + norm + cfg.num_layers * per_layer + n_dense * dense_mlp + n_moe * moe_rest
 
 
 def _mla_params(cfg: MoEConfig) -> int:

@@ -42,6 +42,11 @@ FAMILIES = {
         dict(num_experts=4, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, intermediate_size=16, clip_qkv=0.5)),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(num_local_experts=4, intermediate_size=16, attention_bias=True, lm_head_bias=True),
+    ),
     "deepseek_v2": (
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",

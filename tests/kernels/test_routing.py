@@ -199,3 +199,19 @@ def test_bad_group_limits_are_named():
         route_topk_torch(logits, 5, "softmax_topk", True, Limits(n_group=4, topk_group=1))
     with pytest.raises(ValueError, match="no Triton kernel"):
         route_topk(logits, 2, "sigmoid_topk", backend="triton")
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_sparsemixer_routing_is_phimoes(eps):
+    """Against transformers' own sparsemixer (inference mode), on logits close enough together
+    that the jitter threshold decides which experts each softmax sees."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from speq.kernels.routing import Limits
+
+    gen = torch.Generator().manual_seed(2)
+    logits = 0.05 * torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    ref_w, ref_ids = sparsemixer(logits, eps, False, 2)
+    ids, w = route_topk_torch(logits, 2, "sparsemixer", False, Limits(jitter_eps=eps))
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-12)

@@ -8,10 +8,11 @@ from speq.models.hf.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from speq.models.hf.family import Family
 from speq.models.hf.mixtral import MIXTRAL
 from speq.models.hf.olmoe import OLMOE
+from speq.models.hf.phimoe import PHIMOE
 from speq.models.hf.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3)
+    f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE)
 }
 
 

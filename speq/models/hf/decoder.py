@@ -28,6 +28,7 @@ class Layout:
     up: str
     down: str
     shared: str = "shared_expert"  # the shared expert's module (DeepSeek: shared_experts)
+    routers: tuple[str, ...] = ("gate",)  # the router's module, the first one present wins
 
 
 def attention_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -91,13 +92,17 @@ def decoder_weights(
         return take(tensors, name, shape, where)
 
     out: Params = {"embed": get("model.embed_tokens.weight", (v, h))}
-    out["norm.weight"] = get("model.norm.weight", (h,))
+    norms = ("weight", "bias") if cfg.norm == "layer" else ("weight",)
+    out |= {f"norm.{w}": get(f"model.norm.{w}", (h,)) for w in norms}
     if not cfg.tie_word_embeddings:
         out["lm_head"] = get("lm_head.weight", (v, h))
+    if cfg.lm_head_bias:
+        out["lm_head_bias"] = get("lm_head.bias", (v,))
     for i in range(cfg.num_layers):
         p, ours = f"model.layers.{i}", f"layers.{i}"
-        out[f"{ours}.attn_norm.weight"] = get(f"{p}.input_layernorm.weight", (h,))
-        out[f"{ours}.mlp_norm.weight"] = get(f"{p}.post_attention_layernorm.weight", (h,))
+        for w in norms:
+            out[f"{ours}.attn_norm.{w}"] = get(f"{p}.input_layernorm.{w}", (h,))
+            out[f"{ours}.mlp_norm.{w}"] = get(f"{p}.post_attention_layernorm.{w}", (h,))
         a = f"{p}.self_attn"
         if cfg.is_mla:
             out |= _mla(cfg, get, a, ours)
@@ -126,9 +131,11 @@ def decoder_weights(
 
 def _moe_block(cfg: MoEConfig, tensors: Tensors, get, p: str, ours: str, layout: Layout) -> Params:
     h, e, inter = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
-    block = next((f"{p}.{b}" for b in layout.blocks if f"{p}.{b}.gate.weight" in tensors), None)
-    block = block or f"{p}.{layout.blocks[0]}"  # absent: the error names the first
-    out: Params = {f"{ours}.mlp.router": get(f"{block}.gate.weight", (e, h))}
+    found = [(f"{p}.{b}", r) for b in layout.blocks for r in layout.routers]
+    block, router = next(
+        ((b, r) for b, r in found if f"{b}.{r}.weight" in tensors), found[0]
+    )  # absent: the error names the first
+    out: Params = {f"{ours}.mlp.router": get(f"{block}.{router}.weight", (e, h))}
     x = f"{block}.experts"
     if f"{x}.gate_up_proj" in tensors:
         out[f"{ours}.mlp.w13"] = get(f"{x}.gate_up_proj", (e, 2 * inter, h))
@@ -140,7 +147,7 @@ def _moe_block(cfg: MoEConfig, tensors: Tensors, get, p: str, ours: str, layout:
         out[f"{ours}.mlp.w13"] = ExpertStack(list(zip(gate, up)))
         out[f"{ours}.mlp.w2"] = ExpertStack([(t,) for t in down])
     if routing_function(cfg.router_mode).bias:
-        out[f"{ours}.mlp.router_bias"] = get(f"{block}.gate.e_score_correction_bias", (e,))
+        out[f"{ours}.mlp.router_bias"] = get(f"{block}.{router}.e_score_correction_bias", (e,))
     if si := cfg.shared_expert_intermediate_size:
         out |= _dense(get, f"{block}.{layout.shared}", f"{ours}.mlp.shared", si, h)
     if cfg.shared_expert_gate:
