@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from speq.models.weights import checkpoint_folder
+from speq.models.weights import checkpoint_folder, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
@@ -51,21 +51,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a checkpoint folder")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-            "expected a JSON object"
-        ) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-        ) from None
-    return data
+    return read_json(path, "a JSON object")
 
 
 def shard_paths(folder: Path) -> list[Path]:

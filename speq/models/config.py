@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from speq.kernels.routing import ROUTING_FUNCTIONS, ROUTING_MODES
+from speq.models.weights import read_json
 
 # how q and k are normalised before the rotary embedding: not at all; each head (a weight of
 # head_dim, Qwen3-MoE); or each whole projection (a weight of heads * head_dim, OLMoE)
@@ -262,24 +263,7 @@ class MoEConfig:
     @classmethod
     def load(cls, path: str | Path) -> MoEConfig:
         """A config from a JSON file; every error names the file."""
-        path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is missing") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                "expected a JSON object of MoEConfig fields"
-            ) from None
-        except OSError as e:
-            raise type(e)(f"cannot read {path}: {e.strerror or e}") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-            ) from None
+        d = read_json(Path(path), "a JSON object of MoEConfig fields")
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:

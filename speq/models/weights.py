@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +33,30 @@ def check_tensors(
                 f"{file_of(name)}: tensor {name!r} has shape {list(tensors[name].shape)}, but "
                 f"{config} requires {list(shape)}"
             )
+
+
+def read_json(path: Path, expected: str) -> object:
+    """The JSON in the file ``path``; an error names the file, the fault and what was
+    ``expected`` (e.g. "a JSON object of MoEConfig fields")."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except OSError as e:
+        raise type(e)(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"expected {expected}"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
 
 
 def checkpoint_folder(path: str | Path) -> Path:

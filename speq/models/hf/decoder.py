@@ -57,6 +57,17 @@ def attention_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
     )
 
 
+def full_attention(d: Mapping[str, Any], fields: Mapping[str, Any], source: str) -> None:
+    """A ValueError when ``sliding_window`` is shorter than the context (speq's attention is full
+    causal attention)."""
+    window, most = d.get("sliding_window"), fields["max_seq_len"]
+    if window is not None and window < most:
+        raise ValueError(
+            f"{source}: sliding_window = {window} < max_position_embeddings = {most}: speq's "
+            "attention is full causal attention"
+        )
+
+
 def first_dense_layers(sparse: list[bool], source: str) -> int:
     """How many leading layers are dense, when the MoE layers are exactly the ones after them
     (speq's layout); a ValueError otherwise."""

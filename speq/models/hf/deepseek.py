@@ -6,12 +6,13 @@ each group's best two, renormalised when ``norm_topk_prob``, times the scaling f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from speq.models.config import MoEConfig
 from speq.models.hf.decoder import Layout, attention_fields, decoder_weights, moe_config
-from speq.models.hf.family import Family, Params, Tensors, field
+from speq.models.hf.family import Family, field
 
 LAYOUT = Layout(
     blocks=("mlp",), gate="gate_proj", up="up_proj", down="down_proj", shared="shared_experts"
@@ -70,21 +71,17 @@ def v3_config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     return moe_config(source, **fields, router_mode="sigmoid_topk", norm_topk_prob=renormalize)
 
 
-def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
-    return decoder_weights(cfg, tensors, where, LAYOUT)
-
-
 DEEPSEEK_V2 = Family(
     name="deepseek_v2",
     model_types=("deepseek_v2",),
     classes=("DeepseekV2ForCausalLM",),
     config=v2_config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
 )
 DEEPSEEK_V3 = Family(
     name="deepseek_v3",
     model_types=("deepseek_v3",),
     classes=("DeepseekV3ForCausalLM",),
     config=v3_config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
 )

@@ -6,14 +6,21 @@ is one of names (and of the expert layout: transformers 5 holds ``gate_up_proj [
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 
 from speq.models.config import MoEConfig
-from speq.models.hf.decoder import Layout, attention_fields, decoder_weights, moe_config
-from speq.models.hf.family import Family, Params, Tensors, field
+from speq.models.hf.decoder import (
+    Layout,
+    attention_fields,
+    decoder_weights,
+    full_attention,
+    moe_config,
+)
+from speq.models.hf.family import Family, Tensors, field
 
 CLASS = "MixtralForCausalLM"
 
@@ -25,12 +32,7 @@ def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     """A transformers Mixtral config (as a dict) as a `MoEConfig`; a setting speq cannot run (a
     sliding window shorter than the context, scaled RoPE, another activation) is a ValueError."""
     fields = attention_fields(d, source)
-    window = d.get("sliding_window")
-    if window is not None and window < fields["max_seq_len"]:
-        raise ValueError(
-            f"{source}: sliding_window = {window} < max_position_embeddings = "
-            f"{fields['max_seq_len']}: speq's attention is full causal attention"
-        )
+    full_attention(d, fields, source)
     return moe_config(
         source,
         **fields,
@@ -40,11 +42,6 @@ def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
         norm_topk_prob=True,
         router_mode="softmax_topk",
     )
-
-
-def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
-    """speq's weights from a Mixtral's tensors (a live model's or a checkpoint's)."""
-    return decoder_weights(cfg, tensors, where, LAYOUT)
 
 
 def _layer_names(i: int) -> dict[str, str]:
@@ -124,7 +121,7 @@ MIXTRAL = Family(
     model_types=("mixtral",),
     classes=(CLASS,),
     config=config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
     hf_config=hf_config,
     hf_tensors=hf_tensors,
 )

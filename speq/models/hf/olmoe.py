@@ -4,12 +4,13 @@ experts named ``gate_proj`` / ``up_proj`` / ``down_proj``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from speq.models.config import MoEConfig
 from speq.models.hf.decoder import Layout, attention_fields, decoder_weights, moe_config
-from speq.models.hf.family import Family, Params, Tensors, field
+from speq.models.hf.family import Family, field
 
 LAYOUT = Layout(blocks=("mlp",), gate="gate_proj", up="up_proj", down="down_proj")
 
@@ -31,14 +32,10 @@ def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     )
 
 
-def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
-    return decoder_weights(cfg, tensors, where, LAYOUT)
-
-
 OLMOE = Family(
     name="olmoe",
     model_types=("olmoe",),
     classes=("OlmoeForCausalLM",),
     config=config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
 )

@@ -5,12 +5,19 @@ model and ``gate`` in a checkpoint)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from speq.models.config import MoEConfig
-from speq.models.hf.decoder import Layout, attention_fields, decoder_weights, moe_config
-from speq.models.hf.family import Family, Params, Tensors, field
+from speq.models.hf.decoder import (
+    Layout,
+    attention_fields,
+    decoder_weights,
+    full_attention,
+    moe_config,
+)
+from speq.models.hf.family import Family, field
 
 LAYOUT = Layout(
     blocks=("mlp", "block_sparse_moe"), gate="w1", up="w3", down="w2", routers=("router", "gate")
@@ -19,12 +26,7 @@ LAYOUT = Layout(
 
 def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     fields = attention_fields(d, source)
-    window = d.get("sliding_window")
-    if window is not None and window < fields["max_seq_len"]:
-        raise ValueError(
-            f"{source}: sliding_window = {window} < max_position_embeddings = "
-            f"{fields['max_seq_len']}: speq's attention is full causal attention"
-        )
+    full_attention(d, fields, source)
     bias = bool(d.get("attention_bias", False))
     return moe_config(
         source,
@@ -42,14 +44,10 @@ def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     )
 
 
-def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
-    return decoder_weights(cfg, tensors, where, LAYOUT)
-
-
 PHIMOE = Family(
     name="phimoe",
     model_types=("phimoe",),
     classes=("PhimoeForCausalLM",),
     config=config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
 )

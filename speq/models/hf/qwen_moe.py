@@ -6,7 +6,8 @@ Dense layers (``mlp_only_layers``, ``decoder_sparse_step``) are supported where 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from speq.models.config import MoEConfig
@@ -17,7 +18,7 @@ from speq.models.hf.decoder import (
     first_dense_layers,
     moe_config,
 )
-from speq.models.hf.family import Family, Params, Tensors, field
+from speq.models.hf.family import Family, field
 
 LAYOUT = Layout(blocks=("mlp",), gate="gate_proj", up="up_proj", down="down_proj")
 
@@ -60,21 +61,17 @@ def qwen3_config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig
     return moe_config(source, **_common(d, source), qkv_bias=bias, o_bias=bias, qk_norm="head")
 
 
-def weights(cfg: MoEConfig, tensors: Tensors, where: Callable[[str], str]) -> Params:
-    return decoder_weights(cfg, tensors, where, LAYOUT)
-
-
 QWEN2_MOE = Family(
     name="qwen2_moe",
     model_types=("qwen2_moe",),
     classes=("Qwen2MoeForCausalLM",),
     config=qwen2_config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
 )
 QWEN3_MOE = Family(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
     classes=("Qwen3MoeForCausalLM",),
     config=qwen3_config,
-    weights=weights,
+    weights=partial(decoder_weights, layout=LAYOUT),
 )
