@@ -171,7 +171,7 @@ def bench_model(path: str | None) -> tuple[Any, Any, str]:
     """The model a benchmark runs, in float64 (batch-invariant argmax: outputs compare exactly):
     the shipped demo MoE, or a checkpoint folder of either format (speq's, or a Hugging Face one
     of a supported family) with its tokenizer.json. Returns (model, tokenizer, description)."""
-    from speq.frontend.checkpoint import reference_model
+    from speq.models import MoEForCausalLM
     from speq.models.demo import demo_model
     from speq.models.tokenizer import Tokenizer
 
@@ -181,7 +181,8 @@ def bench_model(path: str | None) -> tuple[Any, Any, str]:
     tok_path = Path(path) / "tokenizer.json"
     if not tok_path.is_file():
         raise SystemExit(f"--model {path}: {tok_path} is missing (the prompts are text)")
-    return reference_model(path, torch.float64), Tokenizer(tok_path), f"the checkpoint {path}"
+    model = MoEForCausalLM.from_pretrained(path, torch.float64)
+    return model, Tokenizer(tok_path), f"the checkpoint {path}"
 
 
 # ---------------------------------------------------------------- rounds and ratios

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from speq.runtime.backends import get_backend
 from speq.runtime.budget import MemoryPlan
 from speq.runtime.engine import Engine
 from speq.runtime.metrics import Metrics
-from speq.runtime.options import CompileOptions
+from speq.runtime.options import CompileOptions, context_length
 from speq.runtime.policies import get_policy
 from speq.runtime.sampling import SamplingParams
 from speq.runtime.store import ExpertStore
@@ -171,6 +172,9 @@ def compile(
         spec, params = from_hf_model(model, options.dtype)
     else:
         spec, params = from_reference(model, options.dtype)
+    context = context_length(options, spec.config.max_seq_len)
+    if context != spec.config.max_seq_len:
+        spec = ModelSpec(dataclasses.replace(spec.config, max_seq_len=context), spec.dtype)
     t0 = time.perf_counter()
     program = Program((capture(spec),))
     passes = default_passes(pipeline_options(options))

@@ -62,7 +62,7 @@ def test_graphs_print_as_canonical_text():
         (
             torch.tensor([1, 2]),
             {"max_new_tokens": 63},
-            r"65 exceeds the model's max_seq_len \(64\)",
+            r"65 exceeds the model's max_seq_len \(64, the context it was compiled for",
         ),
         (torch.tensor([1, 2]), {"max_new_tokens": -1}, "max_new_tokens"),
         (torch.tensor([1, 2]), {"do_sample": True, "temperature": 0.0}, "temperature"),
@@ -103,3 +103,22 @@ def test_importing_speq_leaves_triton_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and len(eval(out.stdout)) == 3, out.stderr
+
+
+def test_the_kv_cache_holds_the_compiled_context():
+    """A model declaring a long context gets a KV cache of DEFAULT_MAX_SEQ_LEN tokens unless
+    CompileOptions.max_seq_len asks for another (never more than the model's own)."""
+    from speq.runtime.options import DEFAULT_MAX_SEQ_LEN
+
+    model = tiny_model(torch.float64, max_seq_len=8192)
+    assert speq.compile(model).config.max_seq_len == DEFAULT_MAX_SEQ_LEN
+    cm = speq.compile(model, speq.CompileOptions(max_seq_len=32))
+    assert cm.config.max_seq_len == 32 and cm.memory.kv_bytes < speq.compile(model).memory.kv_bytes
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(cm.generate(ids, 8), eager_greedy(model, ids, 8))
+    with pytest.raises(ValueError, match=r"max_seq_len \(32, the context it was compiled for"):
+        cm.generate(ids, 30)
+    with pytest.raises(ValueError, match=r"max_seq_len = 9000 exceeds the model's context \(8192"):
+        speq.compile(model, speq.CompileOptions(max_seq_len=9000))
+    with pytest.raises(ValueError, match=r"CompileOptions.max_seq_len must be an int >= 1"):
+        speq.CompileOptions(max_seq_len=0)

@@ -27,8 +27,8 @@ import speq
 import speq.cli.common
 from helpers import VARIANTS, tiny_config
 from speq.cli import main
-from speq.frontend.checkpoint import _expected_shapes
 from speq.models import MoEConfig, MoEForCausalLM
+from speq.models.checkpoint import expected_shapes
 from speq.models.config import _FIELD_TYPES
 
 TINY = tiny_config()  # the tests' smallest model (tests/helpers.py)
@@ -296,7 +296,7 @@ def test_config_from_dict_checks_every_field_type():
 def test_the_checked_shapes_are_the_models(variant):
     cfg = tiny_config(**VARIANTS[variant])
     model = MoEForCausalLM(cfg)
-    assert _expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def test_load_refuses_what_is_not_a_path():

@@ -42,7 +42,7 @@ def compile_model(model: MoEForCausalLM | str, options: speq.CompileOptions) -> 
     """`speq.compile`, with a bar over the shards while a checkpoint folder opens."""
     if not isinstance(model, str):
         return speq.compile(model, options)
-    from speq.frontend.folder import shard_paths
+    from speq.models.folder import shard_paths
 
     with bars() as new_bar:
         bar = new_bar(total=len(shard_paths(Path(model))), desc="opening", unit="shard")

@@ -11,6 +11,7 @@ import torch
 
 import speq
 from speq.cli.common import bars, budget_flag, prompt_ids
+from speq.models import MoEForCausalLM
 from speq.models.demo import demo_model
 from speq.models.tokenizer import Tokenizer
 
@@ -112,12 +113,11 @@ def _model(folder: str | None):
     if folder is None:
         model, tok = demo_model(dtype=torch.float64)
         return model, tok, "the shipped demo MoE (see docs/MODEL_CARD.md)"
-    from speq.frontend.checkpoint import reference_model
-
     path = Path(folder, "tokenizer.json")
     if not path.is_file():
         raise FileNotFoundError(f"--model {folder}: {path} is missing (the demo's prompt is text)")
-    return reference_model(folder, torch.float64), Tokenizer(path), f"the checkpoint {folder}"
+    model = MoEForCausalLM.from_pretrained(folder, torch.float64)
+    return model, Tokenizer(path), f"the checkpoint {folder}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -24,9 +24,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from speq.frontend.folder import read_config
     from speq.models import MoEForCausalLM, export_hf
     from speq.models.demo import random_demo_model
+    from speq.models.folder import read_config
     from speq.models.tokenizer import Tokenizer
 
     if args.checkpoint:

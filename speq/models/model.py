@@ -9,9 +9,10 @@ from torch import nn
 
 from speq.kernels.routing import routing_function
 from speq.models import functional as fn
+from speq.models.checkpoint import read_checkpoint, stored_dtype
 from speq.models.config import MoEConfig
 from speq.models.kv_cache import KVCache
-from speq.models.weights import check_tensors, checkpoint_folder
+from speq.models.weights import stacked
 
 
 class RMSNorm(nn.Module):
@@ -284,40 +285,13 @@ class MoEForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
-        """Load a folder written by ``save_pretrained`` (weights keep their stored dtype by default).
+        """Load a checkpoint folder: one ``save_pretrained`` wrote, or a Hugging Face one of a
+        supported family (speq.models.hf). Weights keep their stored dtype by default; every
+        expert is read and stacked (`speq.load` keeps a folder memory-mapped instead).
 
         A fault in the folder is a FileNotFoundError or ValueError naming the file at fault (and
         the tensor or config field)."""
-        import safetensors
-        from safetensors import safe_open
-
-        # safetensors' own error (a bad header or truncated data); older releases do not export it
-        corrupt = getattr(safetensors, "SafetensorError", Exception)
-        folder = checkpoint_folder(path)
-        for name in ("config.json", "model.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} is missing: not a speq checkpoint folder")
-        config = MoEConfig.load(folder / "config.json")
-        shard = folder / "model.safetensors"
-        size = shard.stat().st_size
-        if size == 0:
-            raise ValueError(f"corrupt safetensors file {shard}: the file is empty (0 bytes)")
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except OSError as e:
-            raise type(e)(f"cannot read {shard}: {e.strerror or e}") from None
-        except corrupt as e:
-            raise ValueError(f"corrupt safetensors file {shard} ({size} bytes): {e}") from None
-        stored = next(iter(state.values())).dtype if state else torch.float32
-        model = cls(config, seed=0, dtype=dtype or stored)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        check_tensors(expected, state, lambda _: shard, shard, folder / "config.json")
-        unexpected = sorted(set(state) - set(expected))
-        if unexpected:
-            raise ValueError(
-                f"{shard} has tensor(s) {', '.join(map(repr, unexpected[:5]))} that the model "
-                f"{folder / 'config.json'} describes does not have"
-            )
-        model.load_state_dict({k: v.to(dtype or stored) for k, v in state.items()})
-        return model
+        config, params = read_checkpoint(path)
+        model = cls(config, seed=0, dtype=dtype or stored_dtype(params))
+        model.load_state_dict({k: stacked(v).to(model.embed.dtype) for k, v in params.items()})
+        return model.eval()

@@ -397,6 +397,7 @@ class Engine:
         if total > self.config.max_seq_len:
             raise ValueError(
                 f"prompt ({input_ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = "
-                f"{total} exceeds the model's max_seq_len ({self.config.max_seq_len})"
+                f"{total} exceeds the model's max_seq_len ({self.config.max_seq_len}, the context "
+                "it was compiled for: CompileOptions.max_seq_len)"
             )
         return input_ids.to(torch.int64).cpu()

@@ -62,6 +62,9 @@ class CompileOptions:
     - ``cuda_graphs``: on the ``cuda`` backend, capture each replay region of the lowered plan
       as a CUDA graph and replay it (speq.runtime.replay); False runs every node eagerly, as do
       float64 models (their kernels' torch paths sync with the host).
+    - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
+      own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
+      contexts of 32k-160k tokens, whose KV cache would take the device budget).
     """
 
     policy: str = "resident"
@@ -81,6 +84,7 @@ class CompileOptions:
     predictor: str = "draft"
     memory_dtype: torch.dtype | None = None
     cuda_graphs: bool = True
+    max_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         """Every option checked before any work: a TypeError for a wrong type, a ValueError for
@@ -111,7 +115,11 @@ class CompileOptions:
             raise ValueError(f"CompileOptions.backend = {self.backend!r} but {unavailable}")
         if self.device_memory is not None:
             parse_budget(self.device_memory)
-        for name, value in (("k", self.k), ("draft_group_size", self.draft_group_size)):
+        for name, value in (
+            ("k", self.k),
+            ("draft_group_size", self.draft_group_size),
+            ("max_seq_len", self.max_seq_len),
+        ):
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"CompileOptions.{name} must be an int >= 1, got {value!r}")
         if self.draft_group_size is None:
@@ -133,6 +141,21 @@ class CompileOptions:
             raise TypeError(f"CompileOptions.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.trace_path is not None:
             _check_writable(self.trace_path)
+
+
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def context_length(options: CompileOptions, model_max: int) -> int:
+    """The KV cache's length for a model of context ``model_max`` under ``options``."""
+    if options.max_seq_len is None:
+        return min(model_max, DEFAULT_MAX_SEQ_LEN)
+    if options.max_seq_len > model_max:
+        raise ValueError(
+            f"CompileOptions.max_seq_len = {options.max_seq_len} exceeds the model's context "
+            f"({model_max} tokens)"
+        )
+    return options.max_seq_len
 
 
 def _is_int(value: object) -> bool:
