@@ -50,6 +50,11 @@ VARIANTS: dict[str, dict] = {
         router_mode="sparsemixer",
         router_jitter_eps=0.01,
     ),
+    # GPT-OSS-like attention: a sink per head, every other layer a sliding window (the test
+    # prompts and outputs outrun it)
+    "sinks_sliding_window": dict(
+        num_layers=3, attention_sinks=True, sliding_window=6, sliding_layers=(0, 2), head_dim=12
+    ),
     # DeepSeek-V2-like: MLA with a q bottleneck, group-limited softmax routing scaled, a shared
     # expert and a dense first layer
     "deepseek_v2_mla": dict(

@@ -96,8 +96,13 @@ def _attention(b: GraphBuilder, spec: ModelSpec, i: int, a: Value, pos: Value, p
     q = b.emit1(Op.ROPE, (q, pos), f"{n}.q_rot", q.shape, dt, heads=cfg.num_heads, **rope)
     k = b.emit1(Op.ROPE, (k, pos), f"{n}.k_rot", k.shape, dt, heads=cfg.num_kv_heads, **rope)
     kv = b.emit1(Op.KV_WRITE, (k, v, pos), f"{n}.kv", (), "kv", layer=i)
-    heads = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads)
-    return b.emit1(Op.ATTENTION, (q, kv, pos), f"{n}.attn", q.shape, dt, layer=i, **heads)
+    attrs = dict(layer=i, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads)
+    if cfg.window(i):
+        attrs["window"] = cfg.window(i)
+    inputs = (q, kv, pos)
+    if cfg.attention_sinks:
+        inputs += (param(f"layers.{i}.attn.sinks", (cfg.num_heads,)),)
+    return b.emit1(Op.ATTENTION, inputs, f"{n}.attn", q.shape, dt, **attrs)
 
 
 def _mla(b: GraphBuilder, spec: ModelSpec, i: int, a: Value, pos: Value, param, linear):

@@ -48,8 +48,12 @@ SCHEMAS: dict[Op, Schema] = {
     Op.LINEAR: Schema((("x", "float"), ("weight", "float")), 1, optional=(("bias", "float"),)),
     Op.ROPE: Schema((("x", "float"), ("pos", "int")), 1, ("heads", "theta")),
     Op.KV_WRITE: Schema((("k", "float"), ("v", "float"), ("pos", "int")), 1, ("layer",)),
+    # optional attr: window (a sliding window; absent: every position)
     Op.ATTENTION: Schema(
-        (("q", "float"), ("kv", "kv"), ("pos", "int")), 1, ("layer", "heads", "kv_heads")
+        (("q", "float"), ("kv", "kv"), ("pos", "int")),
+        1,
+        ("layer", "heads", "kv_heads"),
+        (("sinks", "float"),),
     ),
     Op.MLA_KV_WRITE: Schema(
         (("compressed", "float"), ("norm", "float"), ("pos", "int")),

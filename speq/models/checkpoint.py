@@ -94,6 +94,8 @@ def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
             shapes |= {f"{p}.attn.bq": (q,), f"{p}.attn.bk": (kv,), f"{p}.attn.bv": (kv,)}
         if cfg.o_bias:
             shapes[f"{p}.attn.bo"] = (h,)
+        if cfg.attention_sinks:
+            shapes[f"{p}.attn.sinks"] = (cfg.num_heads,)
         if cfg.qk_norm != "none":
             full = cfg.qk_norm == "full"
             shapes[f"{p}.attn.q_norm.weight"] = (q if full else d,)

@@ -49,6 +49,11 @@ class MoEConfig:
     PhiMoE: ``norm`` (`NORMS`) ``"layer"`` makes the decoder's norms (before attention, before
     the MLP, final) LayerNorms with a bias; ``lm_head_bias``: the head has a bias;
     ``router_jitter_eps``: the sparsemixer router's closeness threshold.
+
+    ``sliding_window`` > 0: the layers in ``sliding_layers`` attend to the last
+    ``sliding_window`` positions only (Mistral-style sliding-window attention; the others attend
+    to every position). ``attention_sinks``: each head has a learned sink logit that joins its
+    softmax's normaliser and takes no value (GPT-OSS).
     """
 
     vocab_size: int
@@ -84,6 +89,9 @@ class MoEConfig:
     norm: str = "rms"
     lm_head_bias: bool = False
     router_jitter_eps: float = 0.0
+    attention_sinks: bool = False
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -172,6 +180,19 @@ class MoEConfig:
                     name, getattr(self, name), lambda v: v == 0, "0 without MLA (kv_lora_rank 0)"
                 )
         _require("norm", self.norm, lambda v: v in NORMS, f"one of {NORMS}")
+        object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
+        _require(
+            "sliding_window",
+            self.sliding_window,
+            lambda v: isinstance(v, int) and v >= 0 and (v > 0 or not self.sliding_layers),
+            ">= 0, and >= 1 when sliding_layers are given",
+        )
+        _require(
+            "sliding_layers",
+            self.sliding_layers,
+            lambda v: all(isinstance(i, int) and 0 <= i < self.num_layers for i in v),
+            f"layer indices in 0..{self.num_layers - 1}",
+        )
         if self.router_mode == "sparsemixer":
             _require("top_k", self.top_k, lambda v: v == 2, "2 with the sparsemixer router")
             _require("router_jitter_eps", self.router_jitter_eps, lambda v: v > 0, "> 0")
@@ -208,6 +229,10 @@ class MoEConfig:
     def attn_out_dim(self) -> int:
         """Width of the attention output (the output projection's input): heads x value size."""
         return self.num_heads * (self.v_head_dim if self.is_mla else self.head_dim)
+
+    def window(self, layer: int) -> int:
+        """The positions ``layer`` attends to (its sliding window), 0 for all of them."""
+        return self.sliding_window if layer in self.sliding_layers else 0
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense_layers
@@ -275,6 +300,7 @@ _FIELD_TYPES = {
     "int": "int",
     "int | None": "int_or_none",
     "float | None": "number_or_none",
+    "tuple[int, ...]": "int_list",
     "bool": "bool",
     "str": "str",
     "float": "number",
@@ -283,6 +309,7 @@ _KINDS = {
     "int": "an integer",
     "int_or_none": "an integer or null",
     "number_or_none": "a number or null",
+    "int_list": "an array of integers",
     "bool": "true or false",
     "str": "a string",
     "number": "a number",
@@ -300,6 +327,8 @@ def _is_a(value: object, kind: str) -> bool:
         return value is None or isinstance(value, int)
     if kind == "number":
         return isinstance(value, (int, float))
+    if kind == "int_list":
+        return isinstance(value, (list, tuple)) and all(_is_a(v, "int") for v in value)
     if kind == "number_or_none":
         return value is None or isinstance(value, (int, float))
     return isinstance(value, str)

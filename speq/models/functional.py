@@ -110,7 +110,12 @@ def mla_attention(
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int | torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: int | torch.Tensor,
+    sinks: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal grouped-query attention.
 
@@ -118,7 +123,9 @@ def attention(
     [B, S, Hkv, D]`` hold keys and values of positions ``0 .. S-1`` (S >= q_start + T). Query i
     sees keys 0 .. q_start+i. ``q_start`` may be a 0-d tensor (then S is typically the whole
     cache: static shapes, as a captured CUDA graph needs). The scale is ``D ** -0.5``; ``v`` may
-    have another head size ``Dv`` (MLA). Returns ``[B, T, Hq, Dv]``.
+    have another head size ``Dv`` (MLA). ``window`` > 0: query i sees only the last ``window``
+    keys up to its own position; ``sinks [Hq]``: a logit per head that joins the softmax's
+    normaliser and takes no value. Returns ``[B, T, Hq, Dv]``.
     """
     _, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -130,8 +137,16 @@ def attention(
     scores = (qh @ kh.transpose(-1, -2)) * (d**-0.5)
     qpos = (q_start + torch.arange(t, device=q.device))[:, None]
     kpos = torch.arange(s, device=q.device)[None, :]
-    scores = scores.masked_fill(kpos > qpos, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vh
+    hidden = kpos > qpos
+    if window:
+        hidden = hidden | (kpos <= qpos - window)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.to(cdt)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    out = probs @ vh
     return out.transpose(1, 2).to(q.dtype)
 
 

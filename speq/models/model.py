@@ -61,6 +61,8 @@ class Attention(nn.Module):
             full = cfg.qk_norm == "full"
             self.q_norm = RMSNorm(cfg.num_heads * d if full else d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * d if full else d, cfg.rms_norm_eps)
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
 
     def _project(self, x: torch.Tensor, name: str) -> torch.Tensor:
         y = fn.linear(x, getattr(self, f"w{name}"), getattr(self, f"b{name}", None))
@@ -81,7 +83,7 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(layer, k, v, start)
             k, v = cache.view(layer, start + t)
-        o = fn.attention(q, k, v, start)
+        o = fn.attention(q, k, v, start, getattr(self, "sinks", None), cfg.window(layer))
         return fn.linear(o.reshape(b, t, -1), self.wo, getattr(self, "bo", None))
 
 

@@ -88,11 +88,12 @@ def _kv_write(node, args, ctx):
 
 @_eager(Op.ATTENTION)
 def _attention(node, args, ctx):
-    q, cache, pos = args
-    t = q.shape[0]
-    end = cache.max_len if isinstance(pos, torch.Tensor) else pos + t
-    k, v = cache.view(node.attrs["layer"], end)
-    o = fn.attention(q.view(1, t, node.attrs["heads"], -1), k, v, pos)
+    a = bind(node, args)
+    q, pos, t = a["q"], a["pos"], a["q"].shape[0]
+    end = a["kv"].max_len if isinstance(pos, torch.Tensor) else pos + t
+    k, v = a["kv"].view(node.attrs["layer"], end)
+    q = q.view(1, t, node.attrs["heads"], -1)
+    o = fn.attention(q, k, v, pos, a["sinks"], node.attrs.get("window", 0))
     return (o.reshape(t, -1),)
 
 

@@ -193,8 +193,10 @@ def _attention(node: Node, c: _Ctx) -> NodeCost:
     heads, kv_heads = node.attrs["heads"], node.attrs["kv_heads"]
     head_dim = c.dim(q.shape[-1]) // heads
     t = c.dim(q.shape[0])
-    flops = 4.0 * t * c.context * heads * head_dim  # q k^T and p v over the attended prefix
-    kv_read = c.context * kv_heads * head_dim * 2 * c.dtype_bytes
+    window = node.attrs.get("window", 0)
+    context = min(c.context, window + t) if window else c.context  # what a window attends to
+    flops = 4.0 * t * context * heads * head_dim  # q k^T and p v over the attended prefix
+    kv_read = context * kv_heads * head_dim * 2 * c.dtype_bytes
     return NodeCost(flops, kv_read + c.nbytes(q, node.out))
 
 

@@ -142,7 +142,7 @@ def non_expert_params(cfg: MoEConfig) -> int:
         attn += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
         attn += {"none": 0, "head": 2 * cfg.head_dim, "full": q + kv}[cfg.qk_norm]
     norm = 2 * h if cfg.norm == "layer" else h  # LayerNorm has a bias
-    per_layer = attn + 2 * norm  # plus the two norms
+    per_layer = attn + 2 * norm + cfg.num_heads * cfg.attention_sinks  # plus the norms, sinks
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.num_layers - n_moe
     dense_mlp = 3 * h * (cfg.dense_intermediate_size or 0)

@@ -179,7 +179,18 @@ def test_the_base_model_without_its_head_is_refused():
         speq.compile(tiny_mixtral().model)
 
 
-def test_a_setting_speq_cannot_run_is_named(tmp_path):
-    model = tiny_mixtral(sliding_window=16)
-    with pytest.raises(ValueError, match=r"sliding_window = 16 < max_position_embeddings = 64"):
+def test_a_setting_speq_cannot_run_is_named():
+    model = tiny_mixtral(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match=r"RoPE type 'linear': speq supports the default RoPE"):
         speq.compile(model)
+
+
+def test_a_sliding_window_decodes_as_transformers_does():
+    """Mistral-style sliding-window attention (every layer sees the last 8 positions): the
+    prompt and the output outrun it."""
+    model = tiny_mixtral(sliding_window=8)
+    with torch.no_grad():
+        expected = model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert not torch.equal(expected, tiny_mixtral().generate(PROMPT, max_new_tokens=NEW))
+    for options in (speq.CompileOptions(), speq.CompileOptions(policy="speq", k=3)):
+        assert torch.equal(speq.compile(model, options).generate(PROMPT, NEW), expected)

@@ -20,6 +20,7 @@ CONFIGS = {
     "top4_of_6": dict(num_experts=6, top_k=4),
     "qwen_like": VARIANTS["qwen_gated_headnorm"],
     "deepseek_v3_like": VARIANTS["deepseek_v3_sigmoid"],
+    "sinks_window": VARIANTS["sinks_sliding_window"],
 }
 
 

@@ -57,15 +57,13 @@ def attention_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
     )
 
 
-def full_attention(d: Mapping[str, Any], fields: Mapping[str, Any], source: str) -> None:
-    """A ValueError when ``sliding_window`` is shorter than the context (speq's attention is full
-    causal attention)."""
-    window, most = d.get("sliding_window"), fields["max_seq_len"]
-    if window is not None and window < most:
-        raise ValueError(
-            f"{source}: sliding_window = {window} < max_position_embeddings = {most}: speq's "
-            "attention is full causal attention"
-        )
+def window_fields(d: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Mistral-style ``sliding_window`` (every layer attends to the last that many positions) as
+    `MoEConfig` fields; none when the window covers the whole context."""
+    window, layers = d.get("sliding_window"), fields["num_layers"]
+    if window is None or window >= fields["max_seq_len"]:
+        return {}
+    return dict(sliding_window=window, sliding_layers=tuple(range(layers)))
 
 
 def first_dense_layers(sparse: list[bool], source: str) -> int:

@@ -17,8 +17,8 @@ from speq.models.hf.decoder import (
     Layout,
     attention_fields,
     decoder_weights,
-    full_attention,
     moe_config,
+    window_fields,
 )
 from speq.models.hf.family import Family, Tensors, field
 
@@ -30,9 +30,9 @@ LAYOUT = Layout(blocks=("mlp", "block_sparse_moe"), gate="w1", up="w3", down="w2
 
 def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     """A transformers Mixtral config (as a dict) as a `MoEConfig`; a setting speq cannot run (a
-    sliding window shorter than the context, scaled RoPE, another activation) is a ValueError."""
+    scaled RoPE, another activation) is a ValueError."""
     fields = attention_fields(d, source)
-    full_attention(d, fields, source)
+    fields |= window_fields(d, fields)
     return moe_config(
         source,
         **fields,
@@ -69,6 +69,12 @@ def hf_config(cfg: MoEConfig) -> dict[str, Any]:
         unfit.append("dense leading layers")
     if cfg.qkv_bias or cfg.o_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None:
         unfit.append("attention biases, q/k norms or clamping")
+    if cfg.is_mla or cfg.attention_sinks or cfg.norm != "rms" or cfg.lm_head_bias:
+        unfit.append("MLA, attention sinks, LayerNorms or a head bias")
+    if cfg.sliding_layers and set(cfg.sliding_layers) != set(range(cfg.num_layers)):
+        unfit.append("a sliding window on some layers only")
+    if cfg.routed_scaling_factor != 1.0 or cfg.n_group > 1 or cfg.shared_expert_gate:
+        unfit.append("scaled or group-limited routing, or a gated shared expert")
     if unfit:
         raise ValueError(f"a Mixtral checkpoint cannot hold a model with {', '.join(unfit)}")
     return {
@@ -88,7 +94,7 @@ def hf_config(cfg: MoEConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "sliding_window": None,
+        "sliding_window": cfg.sliding_window or None,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_dropout": 0.0,
         "router_jitter_noise": 0.0,

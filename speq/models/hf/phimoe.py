@@ -14,8 +14,8 @@ from speq.models.hf.decoder import (
     Layout,
     attention_fields,
     decoder_weights,
-    full_attention,
     moe_config,
+    window_fields,
 )
 from speq.models.hf.family import Family, field
 
@@ -26,7 +26,7 @@ LAYOUT = Layout(
 
 def config(d: Mapping[str, Any], source: str = "config.json") -> MoEConfig:
     fields = attention_fields(d, source)
-    full_attention(d, fields, source)
+    fields |= window_fields(d, fields)
     bias = bool(d.get("attention_bias", False))
     return moe_config(
         source,
