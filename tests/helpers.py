@@ -55,6 +55,16 @@ VARIANTS: dict[str, dict] = {
     "sinks_sliding_window": dict(
         num_layers=3, attention_sinks=True, sliding_window=6, sliding_layers=(0, 2), head_dim=12
     ),
+    # GPT-OSS-like experts: biased router and experts, the clamped SwiGLU (a limit that bites)
+    "oai_expert_biases": dict(
+        router_mode="topk_softmax",
+        router_logit_bias=True,
+        expert_bias=True,
+        activation="swiglu_oai",
+        swiglu_limit=0.5,
+        qkv_bias=True,
+        o_bias=True,
+    ),
     # DeepSeek-V2-like: MLA with a q bottleneck, group-limited softmax routing scaled, a shared
     # expert and a dense first layer
     "deepseek_v2_mla": dict(

@@ -165,9 +165,10 @@ def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, w
     cfg, dt = spec.config, dtype_name(spec.dtype)
     h, inter, e, k = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts, cfg.top_k
     n, pairs = f"l{i}", f"T*{k}"
-    logits = b.emit1(
-        Op.LINEAR, (m, param(f"layers.{i}.mlp.router", (e, h))), f"{n}.router_logits", ("T", e), dt
-    )
+    router = (m, param(f"layers.{i}.mlp.router", (e, h)))
+    if cfg.router_logit_bias:
+        router += (param(f"layers.{i}.mlp.router_logit_bias", (e,)),)
+    logits = b.emit1(Op.LINEAR, router, f"{n}.router_logits", ("T", e), dt)
     inputs = (logits,)
     if routing_function(cfg.router_mode).bias:
         inputs += (param(f"layers.{i}.mlp.router_bias", (e,)),)
@@ -190,8 +191,13 @@ def _routed_experts(b: GraphBuilder, spec: ModelSpec, i: int, m: Value, param, w
     )
     w13 = param(spec.expert_param(i, "w13"), (e, 2 * inter, h))
     w2 = param(spec.expert_param(i, "w2"), (e, h, inter))
+    b13 = (param(f"layers.{i}.mlp.b13", (e, 2 * inter)),) if cfg.expert_bias else ()
+    b2 = (param(f"layers.{i}.mlp.b2", (e, h)),) if cfg.expert_bias else ()
     xs = b.emit1(Op.GATHER, (m, ids), f"{n}.pairs", (pairs, h), dt)
-    gu = b.emit1(Op.EXPERT_GEMM, (xs, ids, w13), f"{n}.gate_up", (pairs, 2 * inter), dt, layer=i)
-    act = b.emit1(Op.SWIGLU, (gu,), f"{n}.act", (pairs, inter), dt)
-    down = b.emit1(Op.EXPERT_GEMM, (act, ids, w2), f"{n}.down", (pairs, h), dt, layer=i)
+    gu = b.emit1(
+        Op.EXPERT_GEMM, (xs, ids, w13, *b13), f"{n}.gate_up", (pairs, 2 * inter), dt, layer=i
+    )
+    act_attrs = cfg.expert_activation.attrs()
+    act = b.emit1(Op.SWIGLU, (gu,), f"{n}.act", (pairs, inter), dt, **act_attrs)
+    down = b.emit1(Op.EXPERT_GEMM, (act, ids, w2, *b2), f"{n}.down", (pairs, h), dt, layer=i)
     return b.emit1(Op.SCATTER, (down, weights), f"{n}.moe", ("T", h), dt)

@@ -1,7 +1,9 @@
 """What each op takes and gives: named inputs with a dtype class, the output count, attributes.
 
 Inputs are named, so an implementation reads them by name (`bind`), never by counting them. An
-input listed in ``optional`` may be absent (it is then None in `bind`'s result).
+input listed in ``optional`` may be absent (it is then None in `bind`'s result); the optional
+inputs present keep the schema's order, each taking the next optional name of its dtype class
+(so FUSED_MOE's residency is found whether or not its expert biases come before it).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ SCHEMAS: dict[Op, Schema] = {
         ("layer", "heads", "rope", "v_dim", "theta"),
     ),
     Op.ADD: Schema((("a", "float"), ("b", "float")), 1),
+    # optional attrs: activation ("swiglu_oai"), alpha, limit (absent: silu(gate) * up)
     Op.SWIGLU: Schema((("gate_up", "float"),), 1),
     Op.CLAMP: Schema((("x", "float"),), 1, ("limit",)),
     Op.SIGMOID_MUL: Schema((("gate", "float"), ("x", "float")), 1),
@@ -74,9 +77,14 @@ SCHEMAS: dict[Op, Schema] = {
         (("logits", "float"),), 2, ("k", "layer", "mode", "renormalize"), (("bias", "float"),)
     ),
     Op.GATHER: Schema((("x", "float"), ("ids", "int")), 1),
-    Op.EXPERT_GEMM: Schema((("x", "float"), ("ids", "int"), ("w", "float")), 1, ("layer",)),
+    # ``bias [E, N]``: a bias per expert (GPT-OSS), by expert id
+    Op.EXPERT_GEMM: Schema(
+        (("x", "float"), ("ids", "int"), ("w", "float")), 1, ("layer",), (("bias", "float"),)
+    ),
     Op.SCATTER: Schema((("rows", "float"), ("weights", "float")), 1),
-    # ``residency``: the WAIT that made the layer's experts resident (absent: resident weights)
+    # ``b13 [E, 2I]`` / ``b2 [E, H]``: the experts' biases, by expert id (GPT-OSS; resident);
+    # ``residency``: the WAIT that made the layer's experts resident (absent: resident weights);
+    # optional attrs as SWIGLU's
     Op.FUSED_MOE: Schema(
         (
             ("x", "float"),
@@ -87,7 +95,7 @@ SCHEMAS: dict[Op, Schema] = {
         ),
         1,
         ("layer",),
-        optional=(("residency", "residency"),),
+        optional=(("b13", "float"), ("b2", "float"), ("residency", "residency")),
     ),
     # source "nextgate": (hidden, next router weight); source "elb": (draft ids, draft weights)
     Op.PREFETCH: Schema(None, 0, ("layer", "source")),
@@ -96,16 +104,33 @@ SCHEMAS: dict[Op, Schema] = {
 }
 
 
+def input_names(node: Node) -> list[str]:
+    """The schema name of each of ``node``'s inputs: the required ones in order, then each
+    optional one present under the next optional name of its dtype class; a ValueError when an
+    input has no name left."""
+    schema = SCHEMAS[node.op]
+    if schema.inputs is None:
+        raise ValueError(f"{node.op.name.lower()} has no named inputs")
+    names = [name for name, _ in schema.inputs]
+    rest, j = node.inputs[len(names) :], 0
+    for v in rest:
+        while j < len(schema.optional) and v.dtype not in CLASSES[schema.optional[j][1]]:
+            j += 1
+        if j == len(schema.optional):
+            raise ValueError(f"{node.op.name.lower()} input %{v.name} ({v.dtype}) has no place")
+        names.append(schema.optional[j][0])
+        j += 1
+    return names
+
+
 def bind(node: Node, args: Sequence[Any]) -> dict[str, Any]:
     """``node``'s arguments by input name; an absent optional input is None."""
-    names = SCHEMAS[node.op].names
-    if not names:
-        raise ValueError(f"{node.op.name.lower()} has no named inputs")
-    return {name: args[i] if i < len(args) else None for i, name in enumerate(names)}
+    out = dict.fromkeys(SCHEMAS[node.op].names)
+    out.update(zip(input_names(node), args))
+    return out
 
 
 def input_named(node: Node, name: str):
     """The `Value` of ``node``'s input ``name``, or None where an optional input is absent."""
-    names = SCHEMAS[node.op].names
-    i = names.index(name)
-    return node.inputs[i] if i < len(node.inputs) else None
+    names = input_names(node)
+    return node.inputs[names.index(name)] if name in names else None

@@ -16,7 +16,7 @@ from speq.ir.graph import Graph, Node, Value
 from speq.ir.ops import Op, Tag
 from speq.ir.printer import format_graph
 from speq.ir.program import Program
-from speq.ir.schema import CLASSES, SCHEMAS
+from speq.ir.schema import CLASSES, SCHEMAS, input_names
 
 # the values an attribute may take, by (op, attribute): given by the layers that own the tables
 # (e.g. the routing functions a ROUTER's ``mode`` names), so that the IR imports none of them
@@ -74,11 +74,15 @@ def _check_node(node: Node, defined: dict[str, Value], domains: Domains) -> str 
         if not len(schema.inputs) <= n <= len(full):
             expected = f"{len(schema.inputs)}" + (f" to {len(full)}" if schema.optional else "")
             return f"{name} takes {expected} inputs, got {n}"
-        for pos, (v, (arg, cls)) in enumerate(zip(node.inputs, full)):
+        for pos, (v, (arg, cls)) in enumerate(zip(node.inputs, schema.inputs)):
             if v.dtype not in CLASSES[cls]:
                 return (
                     f"{name} input {pos} (%{v.name}) must be {cls}, got {v.dtype} (the {arg} input)"
                 )
+        try:
+            input_names(node)
+        except ValueError as e:
+            return str(e)
     if len(node.outputs) != schema.outputs:
         return f"{name} produces {schema.outputs} outputs, got {len(node.outputs)}"
     missing = [a for a in schema.attrs if a not in node.attrs]

@@ -111,11 +111,14 @@ def _gate_up_kernel(
     block_expert_ptr,
     num_valid_blocks_ptr,
     slot_ptr,
+    bias_ptr,
     # sizes
     num_pairs,
     I,
     K,
     num_blocks,
+    alpha,
+    limit,
     # strides
     stride_xt,
     stride_xk,
@@ -127,6 +130,8 @@ def _gate_up_kernel(
     stride_sg,
     stride_hp,
     stride_hn,
+    stride_be,
+    stride_bn,
     # meta-parameters
     TOP_K: tl.constexpr,
     W_BITS: tl.constexpr,
@@ -134,13 +139,16 @@ def _gate_up_kernel(
     SCALE_AFTER_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """h[p, n] = silu(x[t] . Wg[n]) * (x[t] . Wu[n]) for the pairs p of one row block, where
-    t = p // TOP_K and Wg = w13[slot, :I], Wu = w13[slot, I:]."""
+    """h[p, n] = act(x[t] . Wg[n] (+ bg[n]), x[t] . Wu[n] (+ bu[n])) for the pairs p of one row
+    block, where t = p // TOP_K, Wg = w13[slot, :I], Wu = w13[slot, I:], b = bias[expert] (fp32);
+    act (ACTIVATION, speq.kernels.activation): 0 silu(g) * u; 1 GPT-OSS's clamped SwiGLU."""
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m >= tl.load(num_valid_blocks_ptr):
@@ -192,7 +200,16 @@ def _gate_up_kernel(
             acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PRECISION)
 
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    if HAS_BIAS:
+        b_base = bias_ptr + expert.to(tl.int64) * stride_be
+        acc_g += tl.load(b_base + offs_n * stride_bn, mask=n_ok, other=0.0)[None, :]
+        acc_u += tl.load(b_base + (offs_n + I) * stride_bn, mask=n_ok, other=0.0)[None, :]
+    if ACTIVATION == 0:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    else:
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = g * tl.sigmoid(alpha * g) * (u + 1.0)
     tl.store(
         h_ptr + pair[:, None] * stride_hp + offs_n[None, :] * stride_hn,
         h.to(h_ptr.dtype.element_ty),
@@ -212,6 +229,7 @@ def _down_kernel(
     block_expert_ptr,
     num_valid_blocks_ptr,
     slot_ptr,
+    bias_ptr,
     # sizes
     num_pairs,
     N,
@@ -231,7 +249,10 @@ def _down_kernel(
     stride_rj,
     stride_or,
     stride_on,
+    stride_be,
+    stride_bn,
     # meta-parameters
+    HAS_BIAS: tl.constexpr,
     TOP_K: tl.constexpr,
     W_BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
@@ -244,7 +265,8 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[p, n] = rw[t, j] * (h[p] . W2[n]) over the K range of split ``program_id(1)``, with
+    """y[p, n] = rw[t, j] * (h[p] . W2[n] (+ bias[expert, n] in split 0)) over the K range of
+    split ``program_id(1)``, with
     t = p // TOP_K, j = p % TOP_K and W2 = w2[slot]; COMBINE_ATOMIC adds y into out[t] (fp32),
     COMBINE_STORE writes it to out[p]."""
     pid = tl.program_id(0)
@@ -292,6 +314,11 @@ def _down_kernel(
         else:
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
+    if HAS_BIAS:  # bias[expert] (fp32), added by the first K split only
+        b = tl.load(
+            bias_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0
+        )
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * b[None, :]
     rw = tl.load(rw_ptr + token * stride_rt + (pair % TOP_K) * stride_rj, mask=row_ok, other=0.0)
     acc = acc * rw.to(tl.float32)[:, None]
     mask = row_ok[:, None] & n_ok[None, :]

@@ -1,4 +1,4 @@
-"""The fused MoE layer: routed experts with the SwiGLU activation and the weighted combine.
+"""The fused MoE layer: routed experts with a gated activation and the weighted combine.
 
 For T tokens with hidden size H, top-k routing over E experts whose weights sit in a pool of S
 slots (expert e in slot ``slot_of_expert[e]``), with ``w13[s]`` = [gate rows 0..I-1; up rows
@@ -20,7 +20,9 @@ Three implementations, selected by ``backend`` (see :func:`fused_moe`):
   inputs), the simple, obviously correct version the others are tested against.
 
 Either weight may be a :class:`~speq.kernels.quant.QuantizedExperts` (the draft model's INT4/INT8
-weights), dequantized inside the kernel.
+weights), dequantized inside the kernel. Optional per-expert biases (``b13``, ``b2``, by expert id)
+and another gated activation (speq.kernels.activation: GPT-OSS's clamped SwiGLU) apply to all
+three.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from speq.kernels._triton import (
     next_power_of_2,
     select_backend,
 )
+from speq.kernels.activation import SWIGLU, Activation
 from speq.kernels.alignment import ExpertPlan, align_experts
 from speq.kernels.autotune import KernelConfig, get_config
 from speq.kernels.quant import QuantizedExperts
@@ -149,6 +152,10 @@ def fused_moe_torch(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     slot_of_expert: torch.Tensor | None = None,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: Activation = SWIGLU,
 ) -> torch.Tensor:
     """Reference: loop over experts, fp32 math (float64 for float64 inputs); quantized weights
     are dequantized first. Returns ``[T, H]`` in hidden's dtype."""
@@ -167,7 +174,11 @@ def fused_moe_torch(
         s = int(slot_of_expert[e])
         gate = x[token] @ w13_c[s, :i].T
         up = x[token] @ w13_c[s, i:].T
-        y = (torch.nn.functional.silu(gate) * up) @ w2_c[s].T
+        if b13 is not None:
+            gate, up = gate + b13[e, :i].to(compute), up + b13[e, i:].to(compute)
+        y = activation(gate, up) @ w2_c[s].T
+        if b2 is not None:
+            y = y + b2[e].to(compute)
         out.index_add_(0, token, topk_weights[token, choice].to(compute)[:, None] * y)
     return out.to(hidden.dtype)
 
@@ -180,9 +191,12 @@ def _fused_moe_grouped_torch(
     topk_weights: torch.Tensor,
     slot_of_expert: torch.Tensor,
     dims: MoEDims,
+    bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    activation: Activation = SWIGLU,
 ) -> torch.Tensor:
     """CPU path: sort the pairs by expert once, then per expert with tokens its gate, up and
     down matmuls in x's dtype, combined with ``index_add_`` in fp32 (float64)."""
+    b13, b2 = bias
     linear = torch.nn.functional.linear
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros((dims.num_tokens, dims.hidden), dtype=acc_dtype, device=hidden.device)
@@ -206,7 +220,9 @@ def _fused_moe_grouped_torch(
         x = hidden[rows]
         # Separate gate and up products measured faster on the CPU than one [2I, H] product.
         gate, up = linear(x, w13_s[:i]), linear(x, w13_s[i:])
-        y = linear(torch.nn.functional.silu(gate) * up, w2_s)
+        if b13 is not None:
+            gate, up = gate + b13[e, :i], up + b13[e, i:]
+        y = linear(activation(gate, up), w2_s, None if b2 is None else b2[e])
         out.index_add_(0, rows, y.to(acc_dtype) * route_w[start : start + count, None])
         start += count
     return out.to(hidden.dtype)
@@ -241,6 +257,8 @@ def _fused_moe_triton(
     plan: ExpertPlan | None = None,
     intermediate: torch.Tensor | None = None,
     accum: torch.Tensor | None = None,
+    bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    activation: Activation = SWIGLU,
 ) -> torch.Tensor:
     """Launch the kernels. Tests may pass the buffers: ``intermediate [>= T*k, >= I]`` (x's
     dtype) and ``accum``, fp32: ``[>= T, >= H]`` zeroed over ``[:T, :H]`` for the atomic combine,
@@ -273,16 +291,20 @@ def _fused_moe_triton(
         num_stages=config.num_stages,
     )
 
+    b13, b2 = (b if b is None else b.to(torch.float32) for b in bias)
     w, ws, bits, gsize, strides = _weight_args(w13)
     grid_a = (plan.max_blocks * cdiv(i, config.block_n),)
     kern._gate_up_kernel[grid_a](
         hidden, w, ws, intermediate,
         plan.sorted_pair_ids, plan.block_expert, plan.num_valid_blocks, slots,
-        dims.num_pairs, i, h, plan.max_blocks,
+        route_w if b13 is None else b13,
+        dims.num_pairs, i, h, plan.max_blocks, activation.alpha, activation.limit,
         *hidden.stride(), *strides, *intermediate.stride(),
+        *((0, 0) if b13 is None else b13.stride()),
         TOP_K=k, W_BITS=bits, GROUP_SIZE=gsize,
         SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0,
-        DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32, **meta,
+        DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32,
+        HAS_BIAS=b13 is not None, ACTIVATION=activation.code, **meta,
     )  # fmt: skip
 
     split_k = 1 if deterministic else config.split_k
@@ -297,8 +319,11 @@ def _fused_moe_triton(
     kern._down_kernel[grid_b](
         intermediate, w, ws, route_w, accum,
         plan.sorted_pair_ids, plan.block_expert, plan.num_valid_blocks, slots,
+        route_w if b2 is None else b2,
         dims.num_pairs, h, i, plan.max_blocks, k_per_split,
         *intermediate.stride(), *strides, *route_w.stride(), *accum.stride(),
+        *((0, 0) if b2 is None else b2.stride()),
+        HAS_BIAS=b2 is not None,
         TOP_K=k, W_BITS=bits, GROUP_SIZE=gsize,
         SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0,
         DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32,
@@ -326,6 +351,9 @@ def fused_moe(
     deterministic: bool = False,
     config: KernelConfig | None = None,
     backend: Backend = "auto",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: Activation = SWIGLU,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer (see the module docstring for the math).
 
@@ -346,6 +374,9 @@ def fused_moe(
             (tuned JSON for this device if present, else the analytic default).
         backend: ``"auto"`` (Triton on CUDA for supported dtypes, else torch), ``"triton"``
             (CPU tensors need ``TRITON_INTERPRET=1``) or ``"torch"`` (the grouped torch path).
+        b13, b2: ``[E, 2I]`` / ``[E, H]`` biases of each expert's gate/up and down products,
+            indexed by expert id (GPT-OSS), or None.
+        activation: the gated activation (speq.kernels.activation; default silu(gate) * up).
 
     Returns:
         ``out [T, H]`` in hidden's dtype.
@@ -354,9 +385,10 @@ def fused_moe(
     if slot_of_expert is None:
         slot_of_expert = _identity_slots(dims, hidden.device)
     chosen = select_backend(backend, hidden.device, (hidden.dtype,), TRITON_DTYPES, "fused_moe")
+    bias = (b13, b2)
     if chosen == "torch":
         return _fused_moe_grouped_torch(
-            hidden, w13, w2, topk_ids, topk_weights, slot_of_expert, dims
+            hidden, w13, w2, topk_ids, topk_weights, slot_of_expert, dims, bias, activation
         )
     if config is None:
         quant = next((w for w in (w13, w2) if isinstance(w, QuantizedExperts)), None)
@@ -383,4 +415,6 @@ def fused_moe(
         dims,
         config,
         deterministic=deterministic,
+        bias=bias,
+        activation=activation,
     )

@@ -104,6 +104,11 @@ def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
             e, n = cfg.num_experts, cfg.expert_intermediate_size
             if routing_function(cfg.router_mode).bias:
                 shapes[f"{p}.mlp.router_bias"] = (e,)
+            if cfg.router_logit_bias:
+                shapes[f"{p}.mlp.router_logit_bias"] = (e,)
+            if cfg.expert_bias:
+                n = cfg.expert_intermediate_size
+                shapes |= {f"{p}.mlp.b13": (e, 2 * n), f"{p}.mlp.b2": (e, h)}
             shapes |= {
                 f"{p}.mlp.router": (e, h),
                 f"{p}.mlp.w13": (e, 2 * n, h),

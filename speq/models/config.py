@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from speq.kernels.activation import ACTIVATIONS, Activation
 from speq.kernels.routing import ROUTING_FUNCTIONS, ROUTING_MODES
 from speq.models.weights import read_json
 
@@ -54,6 +55,11 @@ class MoEConfig:
     ``sliding_window`` positions only (Mistral-style sliding-window attention; the others attend
     to every position). ``attention_sinks``: each head has a learned sink logit that joins its
     softmax's normaliser and takes no value (GPT-OSS).
+
+    GPT-OSS's experts: ``router_logit_bias``: the router's logits have a bias;
+    ``expert_bias``: each routed expert has a bias on its gate/up and down products;
+    ``activation`` (speq.kernels.activation) ``"swiglu_oai"`` with ``swiglu_alpha`` and
+    ``swiglu_limit``: the routed experts' clamped SwiGLU (dense MLPs keep silu(gate) * up).
     """
 
     vocab_size: int
@@ -92,6 +98,11 @@ class MoEConfig:
     attention_sinks: bool = False
     sliding_window: int = 0
     sliding_layers: tuple[int, ...] = ()
+    router_logit_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -180,6 +191,8 @@ class MoEConfig:
                     name, getattr(self, name), lambda v: v == 0, "0 without MLA (kv_lora_rank 0)"
                 )
         _require("norm", self.norm, lambda v: v in NORMS, f"one of {NORMS}")
+        _require("activation", self.activation, lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}")
+        _require("swiglu_limit", self.swiglu_limit, lambda v: v > 0, "> 0")
         object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
         _require(
             "sliding_window",
@@ -229,6 +242,11 @@ class MoEConfig:
     def attn_out_dim(self) -> int:
         """Width of the attention output (the output projection's input): heads x value size."""
         return self.num_heads * (self.v_head_dim if self.is_mla else self.head_dim)
+
+    @property
+    def expert_activation(self) -> Activation:
+        """The routed experts' activation."""
+        return Activation(self.activation, self.swiglu_alpha, self.swiglu_limit)
 
     def window(self, layer: int) -> int:
         """The positions ``layer`` attends to (its sliding window), 0 for all of them."""

@@ -8,9 +8,12 @@ cached positions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from speq.kernels.activation import SWIGLU, Activation
 from speq.kernels.routing import NO_LIMITS, Limits, route_topk_torch
 
 
@@ -172,10 +175,11 @@ def limits_of(cfg, bias: torch.Tensor | None = None) -> Limits:
     )
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``[..., 2I]`` (gate then up) to ``silu(gate) * up  [..., I]``."""
+def swiglu(gate_up: torch.Tensor, activation: Activation = SWIGLU) -> torch.Tensor:
+    """``[..., 2I]`` (gate then up) to ``silu(gate) * up  [..., I]`` (or another gated
+    ``activation``, speq.kernels.activation)."""
     i = gate_up.shape[-1] // 2
-    return F.silu(gate_up[..., :i]) * gate_up[..., i:]
+    return activation(gate_up[..., :i], gate_up[..., i:])
 
 
 def gather_pairs(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -183,8 +187,11 @@ def gather_pairs(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.repeat_interleave(ids.shape[1], dim=0)
 
 
-def expert_gemm(xs: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Grouped GEMM: row ``p = t*k + j`` of ``xs [T*k, K]`` times ``w[ids[t, j]]^T``.
+def expert_gemm(
+    xs: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Grouped GEMM: row ``p = t*k + j`` of ``xs [T*k, K]`` times ``w[ids[t, j]]^T`` (plus
+    ``bias[ids[t, j]]`` when given, ``bias [E, N]``).
 
     ``w [E, N, K]`` stacks the experts' weights; the result is ``[T*k, N]``. One matmul per expert
     that has rows, in ascending expert order.
@@ -193,7 +200,7 @@ def expert_gemm(xs: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.T
     out = xs.new_empty(xs.shape[0], w.shape[1])
     for e in torch.unique(flat).tolist():
         rows = (flat == e).nonzero(as_tuple=True)[0]
-        out[rows] = xs[rows] @ w[e].t()
+        out[rows] = linear(xs[rows], w[e], None if bias is None else bias[e])
     return out
 
 
@@ -213,8 +220,22 @@ def moe(
     mode: str,
     renormalize: bool,
     limits: Limits = NO_LIMITS,
+    experts: ExpertExtras | None = None,
 ) -> torch.Tensor:
-    """A routed-expert block on ``x [T, H]``: route, gather, gate/up GEMM, SwiGLU, down, combine."""
-    ids, weights = route(x @ router_weight.t(), k, mode, renormalize, limits)
-    h = swiglu(expert_gemm(gather_pairs(x, ids), ids, w13))
-    return scatter_pairs(expert_gemm(h, ids, w2), weights)
+    """A routed-expert block on ``x [T, H]``: route, gather, gate/up GEMM, SwiGLU, down, combine
+    (``experts``: GPT-OSS's router and expert biases and activation)."""
+    e = experts or ExpertExtras()
+    ids, weights = route(linear(x, router_weight, e.router_bias), k, mode, renormalize, limits)
+    h = swiglu(expert_gemm(gather_pairs(x, ids), ids, w13, e.b13), e.activation)
+    return scatter_pairs(expert_gemm(h, ids, w2, e.b2), weights)
+
+
+@dataclass(frozen=True)
+class ExpertExtras:
+    """What GPT-OSS adds to a routed-expert block: a bias on the router's logits, a bias per
+    expert on its gate/up (``b13 [E, 2I]``) and down (``b2 [E, H]``) products, its activation."""
+
+    router_bias: torch.Tensor | None = None
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    activation: Activation = SWIGLU

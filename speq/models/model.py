@@ -168,6 +168,11 @@ class MoEBlock(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         if routing_function(cfg.router_mode).bias:
             self.router_bias = nn.Parameter(torch.zeros(e))
+        if cfg.router_logit_bias:
+            self.router_logit_bias = nn.Parameter(torch.zeros(e))
+        if cfg.expert_bias:
+            self.b13 = nn.Parameter(torch.zeros(e, 2 * i))
+            self.b2 = nn.Parameter(torch.zeros(e, h))
         si = cfg.shared_expert_intermediate_size
         self.shared = DenseMLP(h, si) if si else None
         if cfg.shared_expert_gate:
@@ -185,6 +190,12 @@ class MoEBlock(nn.Module):
             cfg.router_mode,
             cfg.norm_topk_prob,
             fn.limits_of(cfg, getattr(self, "router_bias", None)),
+            fn.ExpertExtras(
+                getattr(self, "router_logit_bias", None),
+                getattr(self, "b13", None),
+                getattr(self, "b2", None),
+                cfg.expert_activation,
+            ),
         )
         if self.shared is not None:
             shared = self.shared(flat)

@@ -2,8 +2,8 @@
 
 Pattern: a SCATTER whose rows come from EXPERT_GEMM(SWIGLU(EXPERT_GEMM(GATHER(x, ids), ids, w13)),
 ids, w2). Check: every intermediate has exactly one user and all three ids are the same value.
-Rewrite: FUSED_MOE(x, ids, weights, w13, w2) defining the SCATTER's output value, so its users
-are unchanged. A match whose check fails is left unfused, with the reason logged at debug level.
+Rewrite: FUSED_MOE(x, ids, weights, w13, w2[, b13, b2]) defining the SCATTER's output value, so
+its users are unchanged; the GEMMs' expert biases and the activation's attributes go with it. A match whose check fails is left unfused, with the reason logged at debug level.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def match(
     if len(ids) != 1:
         log.debug("fuse_moe declines %s: the GEMMs route by different ids", scatter.out)
         return None
+    if len(gemm1.inputs) != len(gemm2.inputs):
+        log.debug("fuse_moe declines %s: one GEMM has a bias, the other not", scatter.out)
+        return None
     return chain
 
 
@@ -50,13 +53,14 @@ def fuse_moe(graph: Graph) -> Graph:
         chain = match(scatter, producers, users)
         if chain is None:
             continue
-        gather, gemm1, _, gemm2, _ = chain
+        gather, gemm1, act, gemm2, _ = chain
         x, ids = gather.inputs
+        biases = (*gemm1.inputs[3:], *gemm2.inputs[3:])  # the experts' biases, where they have
         node = Node(
             Op.FUSED_MOE,
-            (x, ids, scatter.inputs[1], gemm1.inputs[2], gemm2.inputs[2]),
+            (x, ids, scatter.inputs[1], gemm1.inputs[2], gemm2.inputs[2], *biases),
             scatter.outputs,
-            {"layer": gemm1.attrs["layer"]},
+            {"layer": gemm1.attrs["layer"], **{k: v for k, v in act.attrs.items()}},
         )
         drop.update(id(n) for n in chain[:-1])
         fused[id(scatter)] = node

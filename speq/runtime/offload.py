@@ -327,8 +327,10 @@ class OffloadRuntime:
         ids: torch.Tensor,
         weights: torch.Tensor,
         residency: Residency,
+        **extras,
     ) -> torch.Tensor:
-        """The routed-expert block of one layer through the fused kernel, chunk by chunk."""
+        """The routed-expert block of one layer through the fused kernel, chunk by chunk;
+        ``extras``: fused_moe's expert biases and activation (GPT-OSS)."""
         from speq.kernels import fused_moe
 
         layer = residency.layer
@@ -347,7 +349,7 @@ class OffloadRuntime:
                 (w13, w2), slots = self.store.stacked(layer), self._identity
             else:
                 w13, w2, slots = self.pool.w13, self.pool.w2, self.cache.slot_tables[layer]
-            y = fused_moe(x, w13, w2, ids_c.to(torch.int32), w_c, slots)
+            y = fused_moe(x, w13, w2, ids_c.to(torch.int32), w_c, slots, **extras)
             out = y if out is None else out + y
             self.release(entries)
         self.policy.after_layer(self, layer)

@@ -13,6 +13,7 @@ import torch
 from speq.ir.ops import Op
 from speq.ir.run import Impl, ImplTable, implements
 from speq.ir.schema import bind
+from speq.kernels.activation import Activation
 from speq.kernels.routing import Limits, route_topk
 from speq.models import functional as fn
 
@@ -133,7 +134,7 @@ def _add(node, args, ctx):
 
 @_eager(Op.SWIGLU)
 def _swiglu(node, args, ctx):
-    return (fn.swiglu(args[0]),)
+    return (fn.swiglu(args[0], Activation.of(node.attrs)),)
 
 
 @_eager(Op.ROUTER)
@@ -173,7 +174,11 @@ def _fused_moe(node, args, ctx):
     from speq.kernels.fused_moe import fused_moe  # lazily: see speq.kernels._triton
 
     a = bind(node, args)
-    return (fused_moe(a["x"], a["w13"], a["w2"], a["ids"].to(torch.int32), a["weights"]),)
+    ids, act = a["ids"].to(torch.int32), Activation.of(node.attrs)
+    y = fused_moe(
+        a["x"], a["w13"], a["w2"], ids, a["weights"], b13=a["b13"], b2=a["b2"], activation=act
+    )
+    return (y,)
 
 
 EAGER_TABLE = ImplTable((("eager", EAGER),))  # the reference interpreter's table

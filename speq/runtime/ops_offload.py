@@ -12,6 +12,7 @@ from collections.abc import Callable
 from speq.ir.ops import Op
 from speq.ir.run import Impl, implements
 from speq.ir.schema import bind
+from speq.kernels.activation import Activation
 from speq.models import functional as fn
 from speq.runtime.link import Priority
 from speq.runtime.ops_eager import EAGER, limits_of
@@ -41,7 +42,8 @@ def _fused_moe(node, args, ctx):
     a = bind(node, args)
     if a["residency"] is None:  # no WAIT: resident weights (the draft's quantized experts)
         return EAGER[Op.FUSED_MOE](node, args, ctx)
-    return (ctx.runtime.moe(a["x"], a["ids"], a["weights"], a["residency"]),)
+    extras = dict(b13=a["b13"], b2=a["b2"], activation=Activation.of(node.attrs))
+    return (ctx.runtime.moe(a["x"], a["ids"], a["weights"], a["residency"], **extras),)
 
 
 @_offload(Op.PREFETCH)

@@ -242,7 +242,7 @@ def _scatter(node: Node, c: _Ctx) -> NodeCost:
 
 @_register(Op.EXPERT_GEMM)
 def _expert_gemm(node: Node, c: _Ctx) -> NodeCost:
-    x, ids, w = node.inputs  # w: [E, N, K], one [N, K] matrix per expert
+    x, ids, w = node.inputs[:3]  # w: [E, N, K], one [N, K] matrix per expert (then a bias)
     pairs, n, k = c.dim(x.shape[0]), c.dim(w.shape[-2]), c.dim(w.shape[-1])
     weights = c.distinct_experts() * n * k * c.elem_bytes(w)
     return NodeCost(2.0 * pairs * n * k, weights + c.nbytes(x, ids, node.out))
@@ -250,7 +250,7 @@ def _expert_gemm(node: Node, c: _Ctx) -> NodeCost:
 
 @_register(Op.FUSED_MOE)
 def _fused_moe(node: Node, c: _Ctx) -> NodeCost:
-    x, ids, route_w, w13 = node.inputs[:4]  # then w2, and optionally the residency token
+    x, ids, route_w, w13 = node.inputs[:4]  # then w2, optionally biases and the residency
     cfg = c.cfg
     h, inter = cfg.hidden_size, cfg.expert_intermediate_size
     pairs = c.tokens * cfg.top_k

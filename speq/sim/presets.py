@@ -150,6 +150,8 @@ def non_expert_params(cfg: MoEConfig) -> int:
     moe_rest += (
         h * cfg.shared_expert_gate + cfg.num_experts * routing_function(cfg.router_mode).bias
     )
+    moe_rest += cfg.num_experts * cfg.router_logit_bias
+    moe_rest += cfg.num_experts * cfg.expert_bias * (2 * cfg.expert_intermediate_size + h)
     tables = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     tables += cfg.vocab_size * cfg.lm_head_bias
     return tables + norm + cfg.num_layers * per_layer + n_dense * dense_mlp + n_moe * moe_rest

@@ -24,6 +24,7 @@ TINY = dict(
     num_key_value_heads=2,
     num_experts_per_tok=2,
     max_position_embeddings=64,
+    initializer_range=0.3,  # at transformers' 0.02 a tiny model's text is one repeated token
 )
 # family -> (config class, model class, its own fields): each exercises what sets it apart
 FAMILIES = {
@@ -46,6 +47,15 @@ FAMILIES = {
         "PhimoeConfig",
         "PhimoeForCausalLM",
         dict(num_local_experts=4, intermediate_size=16, attention_bias=True, lm_head_bias=True),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            num_local_experts=4, intermediate_size=16, head_dim=12, sliding_window=8,
+            swiglu_limit=1.0, attn_implementation="eager", num_hidden_layers=3,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
     ),
     "deepseek_v2": (
         "DeepseekV2Config",
@@ -88,6 +98,8 @@ def tiny_hf(family: str = "mixtral", vocab: int = 64, seed: int = 0, **overrides
                 p.copy_(0.05 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
+            elif name.endswith("sinks"):  # GPT-OSS's attention sinks
+                p.copy_(torch.randn_like(p))
     model.set_experts_implementation("eager")  # the grouped-mm default has no float64 kernel
     model.generation_config.eos_token_id = None  # decode exactly NEW tokens, as speq does
     return model

@@ -90,14 +90,18 @@ def build(fn, pointers, constexprs, num_warps=4, num_stages=3):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 common = dict(pair_ids_ptr="*i32", block_expert_ptr="*i32", num_valid_blocks_ptr="*i32",
-              slot_ptr="*i32")
-for act, bits, wt, prec in [("bf16", 0, "bf16", "tf32"), ("fp16", 4, "u8", "tf32"),
-                            ("fp32", 8, "i8", "ieee")]:
+              slot_ptr="*i32", bias_ptr="*fp32", alpha="fp32", limit="fp32")
+for act, bits, wt, prec, biased in [("bf16", 0, "bf16", "tf32", False),
+                                    ("fp16", 4, "u8", "tf32", False),
+                                    ("fp32", 8, "i8", "ieee", False),
+                                    ("bf16", 0, "bf16", "tf32", True)]:  # GPT-OSS's experts
     scale = "*fp32" if bits else f"*{act}"
     meta = dict(TOP_K=2, W_BITS=bits, GROUP_SIZE=64 if bits else 1, DOT_PRECISION=prec,
-                DOT_IN_FP32=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=4)
+                DOT_IN_FP32=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=4,
+                HAS_BIAS=biased)
     gate_up = build(K._gate_up_kernel, dict(common, x_ptr=f"*{act}", w_ptr=f"*{wt}",
-                    w_scale_ptr=scale, h_ptr=f"*{act}"), dict(meta, SCALE_AFTER_DOT=bits == 4))
+                    w_scale_ptr=scale, h_ptr=f"*{act}"),
+                    dict(meta, SCALE_AFTER_DOT=bits == 4, ACTIVATION=int(biased)))
     down = build(K._down_kernel, dict(common, h_ptr=f"*{act}", w_ptr=f"*{wt}", w_scale_ptr=scale,
                  rw_ptr="*fp32", out_ptr="*fp32"),
                  dict(meta, SCALE_AFTER_DOT=bits != 8, COMBINE=bits // 4))
@@ -121,7 +125,8 @@ print("ok")
     reason="this Triton has no NVIDIA backend",
 )
 def test_kernels_compile_for_sm90() -> None:
-    """Lower every kernel (dense, INT4, INT8; atomic and store combine; both routing modes) to
+    """Lower every kernel (dense, INT4, INT8; atomic and store combine; expert biases and the
+    clamped SwiGLU; both routing modes) to
     a Hopper cubin. This needs no GPU and catches what the interpreter lets through (globals
     that are not constexpr, dtype rules of tl.dot, early returns)."""
     proc = _run_python(AOT_SCRIPT, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from speq.kernels import KernelConfig, align_experts, fused_moe, fused_moe_torch
+from speq.kernels.activation import Activation
 from speq.kernels.fused_moe import _check_inputs, _fused_moe_triton
 
 from .kernel_cases import TRITON_DEVICE, MoECase, assert_close, make_inputs, params, supports
@@ -241,3 +242,59 @@ def test_triton_backend_refuses_float64() -> None:
 def test_unknown_backend() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_moe(**_bad(), backend="cuda")
+
+
+# ---------------------------------------------------------------- expert biases, GPT-OSS's activation
+OAI = Activation("swiglu_oai", alpha=1.702, limit=0.8)  # a limit the test values cross
+BIASED = [
+    MoECase("bias-oai-t7", T=7, H=33, I=40, E=5, k=2, pool=2, permute=True, config=WIDE),
+    MoECase("bias-oai-split-k", T=7, H=33, I=48, E=5, k=2, config=dataclasses.replace(SMALL, split_k=2)),
+    MoECase("bias-oai-int4", T=7, H=33, I=40, E=5, k=2, quant=(4, 4, 16), config=KernelConfig(block_m=16, block_n=64, block_k=16)),
+    MoECase("bias-oai-deterministic-fp16", T=5, H=24, I=40, E=4, k=2, dtype=F16, deterministic=True),
+    MoECase("bias-oai-fp64", T=7, H=33, I=40, E=5, k=2, dtype=F64, pool=1, permute=True),
+]  # fmt: skip
+
+
+def _biased(case: MoECase, device: torch.device) -> dict:
+    inp = make_inputs(case, device)
+    gen = torch.Generator().manual_seed(99)
+    b13 = torch.randn(case.E, 2 * case.I, generator=gen).to(case.dtype).to(device)
+    b2 = torch.randn(case.E, case.H, generator=gen).to(case.dtype).to(device)
+    return inp | dict(b13=b13, b2=b2, activation=OAI)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", BIASED, ids=str)
+def test_expert_biases_and_the_clamped_activation_match_the_reference(case, backend) -> None:
+    if reason := supports(case, backend):
+        pytest.skip(reason)
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    inp = _biased(case, device)
+    ref = fused_moe_torch(**inp)
+    extra = (
+        dict(deterministic=case.deterministic, config=case.config) if backend == "triton" else {}
+    )
+    out = fused_moe(**inp, backend=backend, **extra)
+    assert_close(out, ref, case.dtype)
+
+
+def test_the_biased_reference_is_the_formula() -> None:
+    """GPT-OSS's experts written out per (token, choice): biases by expert id (not slot), the gate
+    clamped above, the up clamped both ways, and (up + 1)."""
+    case = MoECase("formula-oai", T=3, H=5, I=4, E=4, k=2, dtype=F64, pool=2, permute=True)
+    inp = _biased(case, torch.device("cpu"))
+    x, w13, w2, b13, b2 = (inp[n] for n in ("hidden", "w13", "w2", "b13", "b2"))
+    expected = torch.zeros(case.T, case.H, dtype=F64)
+    for t in range(case.T):
+        for j in range(case.k):
+            e = int(inp["topk_ids"][t, j])
+            s = int(inp["slot_of_expert"][e])
+            gate = (w13[s, : case.I] @ x[t] + b13[e, : case.I]).clamp(max=0.8)
+            up = (w13[s, case.I :] @ x[t] + b13[e, case.I :]).clamp(-0.8, 0.8)
+            y = w2[s] @ (gate * torch.sigmoid(1.702 * gate) * (up + 1)) + b2[e]
+            expected[t] += inp["topk_weights"][t, j].double() * y
+    torch.testing.assert_close(fused_moe_torch(**inp), expected, atol=1e-12, rtol=1e-12)
+    plain = fused_moe_torch(
+        **{k: v for k, v in inp.items() if k not in ("b13", "b2", "activation")}
+    )
+    assert not torch.allclose(plain, expected)

@@ -21,6 +21,7 @@ CONFIGS = {
     "qwen_like": VARIANTS["qwen_gated_headnorm"],
     "deepseek_v3_like": VARIANTS["deepseek_v3_sigmoid"],
     "sinks_window": VARIANTS["sinks_sliding_window"],
+    "oai_experts": VARIANTS["oai_expert_biases"],
 }
 
 

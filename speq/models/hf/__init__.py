@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from speq.models.hf.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from speq.models.hf.family import Family
+from speq.models.hf.gpt_oss import GPT_OSS
 from speq.models.hf.mixtral import MIXTRAL
 from speq.models.hf.olmoe import OLMOE
 from speq.models.hf.phimoe import PHIMOE
 from speq.models.hf.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE)
+    f.name: f
+    for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE, GPT_OSS)
 }
 
 

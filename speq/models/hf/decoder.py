@@ -29,6 +29,7 @@ class Layout:
     down: str
     shared: str = "shared_expert"  # the shared expert's module (DeepSeek: shared_experts)
     routers: tuple[str, ...] = ("gate",)  # the router's module, the first one present wins
+    moe_block: Callable[..., Params] | None = None  # another MoE block mapping (GPT-OSS)
 
 
 def attention_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -131,8 +132,10 @@ def decoder_weights(
             full = cfg.qk_norm == "full"
             out[f"{ours}.attn.q_norm.weight"] = get(f"{a}.q_norm.weight", (q if full else d,))
             out[f"{ours}.attn.k_norm.weight"] = get(f"{a}.k_norm.weight", (kv if full else d,))
+        if cfg.attention_sinks:
+            out[f"{ours}.attn.sinks"] = get(f"{a}.sinks", (cfg.num_heads,))
         if cfg.is_moe_layer(i):
-            out |= _moe_block(cfg, tensors, get, p, ours, layout)
+            out |= (layout.moe_block or _moe_block)(cfg, tensors, get, p, ours, layout)
         else:
             out |= _dense(get, f"{p}.mlp", f"{ours}.mlp", cfg.dense_intermediate_size, h)
     return out
