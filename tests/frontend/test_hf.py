@@ -206,3 +206,14 @@ def test_a_sliding_window_decodes_as_transformers_does():
     assert not torch.equal(expected, tiny_mixtral().generate(PROMPT, max_new_tokens=NEW))
     for options in (speq.CompileOptions(), speq.CompileOptions(policy="speq", k=3)):
         assert torch.equal(speq.compile(model, options).generate(PROMPT, NEW), expected)
+
+
+def test_a_sharded_checkpoint_loads_through_its_index(tmp_path):
+    model = tiny_mixtral()
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        expected = model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    opts = speq.CompileOptions(policy="ondemand", device_memory=speq_budget(model, slots=3))
+    assert torch.equal(speq.load(tmp_path, opts).generate(PROMPT, NEW), expected)
