@@ -54,6 +54,10 @@ class ImplTable:
     sets: tuple[tuple[str, Mapping[Op, Impl]], ...]
     _by_kernel: dict[str, Impl] = field(init=False, repr=False, compare=False)
     _first: dict[Op, str] = field(init=False, repr=False, compare=False)
+    # graph id -> (the graph, its plan): `plan_implementations` once per graph, not per run
+    _plans: dict[int, tuple[Graph, dict[int, Impl]]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         by_kernel: dict[str, Impl] = {}
@@ -84,7 +88,11 @@ class ImplTable:
 
 def plan_implementations(graph: Graph, table: ImplTable) -> dict[int, Impl]:
     """The implementation of every node of ``graph`` (by ``id``): the one its ``kernel`` meta
-    names (a ValueError when ``table`` lacks it), else the first for its op."""
+    names (a ValueError when ``table`` lacks it), else the first for its op. Resolved once per
+    graph and table (graphs are immutable)."""
+    cached = table._plans.get(id(graph))
+    if cached is not None and cached[0] is graph:
+        return cached[1]
     out: dict[int, Impl] = {}
     missing = set()
     for node in graph:
@@ -100,6 +108,7 @@ def plan_implementations(graph: Graph, table: ImplTable) -> dict[int, Impl]:
         raise ValueError(
             f"the lowered plan names kernels {sorted(missing)} that {names} do not provide"
         )
+    table._plans[id(graph)] = (graph, out)
     return out
 
 
@@ -107,9 +116,11 @@ def run_node(node: Node, env: dict[str, Any], ctx: RunContext, impl: Impl, obser
     """Run one node on the values in ``env`` and store its outputs there; ``observer(node, args,
     outs, seconds)`` after it when given."""
     args = tuple(env[v.name] for v in node.inputs)
-    t0 = time.perf_counter()
-    outs = impl(node, args, ctx)
-    if observer is not None:
+    if observer is None:  # no timer when nothing observes
+        outs = impl(node, args, ctx)
+    else:
+        t0 = time.perf_counter()
+        outs = impl(node, args, ctx)
         observer(node, args, outs, time.perf_counter() - t0)
     for v, t in zip(node.outputs, outs, strict=True):
         env[v.name] = t

@@ -78,15 +78,15 @@ def select_backend(
         return "triton" if HAS_TRITON and device.type == "cuda" and dtype_ok else "torch"
     if not HAS_TRITON:
         raise ValueError(f"{op}: backend='triton' but Triton is not installed")
-    if not device_ok:
-        raise ValueError(
-            f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
-            f"set before speq's kernels are first launched; got device {device}"
-        )
-    if not dtype_ok:
+    if not dtype_ok:  # first: no device serves this dtype with the Triton kernel
         names = sorted(str(d).removeprefix("torch.") for d in triton_dtypes)
         got = [str(d).removeprefix("torch.") for d in dtypes]
         raise ValueError(f"{op}: the Triton kernel supports dtypes {names}, got {got}")
+    if not device_ok:
+        raise ValueError(
+            f"{op}: the Triton kernel needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+            f"set before speq's kernels are first launched; got device {device}"
+        )
     return "triton"
 
 

@@ -210,7 +210,29 @@ def get_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> KernelConfig:
     """The tuned config of the nearest bucket if a file exists for this key, else the analytic
-    default; ``overrides`` (field -> value) replace fields of the result."""
+    default; ``overrides`` (field -> value) replace fields of the result. Looked up once per
+    process and key (it runs at every MoE layer of every step): `write_configs` forgets the
+    lookups, so a file tuned in this process is seen."""
+    cfg = _lookup(
+        num_tokens, num_experts, top_k, intermediate, hidden, dtype, bits, group_size,
+        device_name, config_dir,
+    )  # fmt: skip
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+@functools.lru_cache(maxsize=1024)
+def _lookup(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    intermediate: int,
+    hidden: int,
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int | None,
+    device_name: str | None,
+    config_dir: Path | None,
+) -> KernelConfig:
     cfg = None
     if device_name is not None:
         path = config_path(
@@ -228,11 +250,12 @@ def get_config(
         cfg = default_config(
             num_tokens, num_experts, top_k, intermediate, hidden, group_size=group_size
         )
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    return cfg
 
 
 def write_configs(path: Path, configs: Mapping[int, KernelConfig], meta: Mapping[str, Any]) -> None:
     """Write one tuned file (buckets sorted ascending)."""
+    _lookup.cache_clear()
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {
         "meta": dict(meta),

@@ -49,6 +49,8 @@ class ExpertStore:
             self.w2[i] = stacked(w2).pin_memory() if pin else w2
         self.resident = {k: v for k, v in params.items() if k not in names}
         self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # expert weight name -> (layer, "w13" | "w2"): O(1) lookups in the run loop
+        self._names = {spec.expert_param(i, w): (i, w) for i in self.layers for w in ("w13", "w2")}
 
     def stacked(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's ``w13`` and ``w2`` as whole tensors (built once from an `ExpertStack`)."""
@@ -69,15 +71,13 @@ class ExpertStore:
     def dense_param(self, name: str) -> torch.Tensor:
         """The stacked host tensor of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``);
         built for the call from an `ExpertStack`, not kept."""
-        for i in self.layers:
-            if name == self.spec.expert_param(i, "w13"):
-                return stacked(self.w13[i])
-            if name == self.spec.expert_param(i, "w2"):
-                return stacked(self.w2[i])
-        raise KeyError(f"{name} is not a routed expert weight")
+        if name not in self._names:
+            raise KeyError(f"{name} is not a routed expert weight")
+        layer, which = self._names[name]
+        return stacked((self.w13 if which == "w13" else self.w2)[layer])
 
     def is_expert_param(self, name: str) -> bool:
-        return any(name == self.spec.expert_param(i, w) for i in self.layers for w in ("w13", "w2"))
+        return name in self._names
 
     @property
     def num_experts(self) -> int:
