@@ -48,6 +48,7 @@ OLD_PROTOCOL = {  # what the result files written before common.FORMAT lack
     "prompt",
     "kernels_cpu.json": "one timing per contender, so no rounds and no spread",
     "load_cpu.json": "no interleaved rounds",
+    "overhead_cpu.json": "no interleaved rounds",
 }
 COMMANDS = {
     "e2e_cpu.json": "python bench/bench_e2e.py",
@@ -55,6 +56,7 @@ COMMANDS = {
     "governor_cpu.json": "python bench/bench_governor.py",
     "kernels_cpu.json": "python bench/bench_kernels.py",
     "load_cpu.json": "python bench/bench_load.py",
+    "overhead_cpu.json": "python bench/bench_overhead.py",
 }
 SPEEDUP_TERMS = (
     "speed-up: the best same-memory baseline's TPOT (the faster of ondemand, an LRU expert cache "
@@ -357,6 +359,35 @@ def load_block(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the host's own cost
+
+
+def overhead_block(report: dict) -> str:
+    goals = report["goals"]
+    verdicts = "; ".join(
+        f"{name.replace('_', ' ')} <= {g['target']}: {'met' if g['met'] else 'missed'}"
+        for name, g in goals.items()
+    )
+    lines = [
+        f"Measured with `python bench/bench_overhead.py` on {describe_code(report['code'])}: "
+        f"{report['setting']}. Overhead: speq's TPOT minus the eager loop's, in the same round; "
+        f"per node: over the step graph's nodes. Goals: {verdicts}.",
+        "",
+    ]
+    headers = ["layers", "graph nodes", "eager (ms/token)", "speq resident (ms/token)"]
+    headers += ["overhead (ms/token)", "overhead (µs/node)", "calibration (s)", "same tokens"]
+    rows = [
+        [
+            f"{r['layers']}", f"{r['nodes']}", fmt_ratio(r["eager_ms"]), fmt_ratio(r["speq_ms"]),
+            fmt_ratio(r["overhead_ms"]), fmt_ratio(r["overhead_us_per_node"], spec=".1f"),
+            f"{r['calibration_s']:.2f}", "yes" if r["same_tokens"] else "no",
+        ]
+        for r in report["rows"]
+    ]  # fmt: skip
+    lines.append(markdown_table(rows, headers))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- speq explain
 
 
@@ -424,6 +455,8 @@ def results_doc(results: Path) -> str:
             _section(results, "kernels_cpu.json", kernels_block),
             "## Opening a 2 GB checkpoint: speq.load and transformers",
             _section(results, "load_cpu.json", load_block),
+            "## The host's own cost per token, and the governor's calibration",
+            _section(results, "overhead_cpu.json", overhead_block),
             "## `speq explain`",
             f"`print(cm.graphs)` (or `speq explain`) shows the IR after every pass; "
             f"`SPEQ_DEBUG=1` logs it. On the demo model (sim backend, A100 profile), at a device "

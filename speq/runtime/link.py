@@ -221,7 +221,8 @@ class VirtualLink(Link):
         self._schedule(self._now)
 
     def done(self, copy: Copy) -> bool:
-        self._schedule(self._now)
+        # every method that moves the clock or adds a copy (submit, advance, wait) schedules up
+        # to now, so a check needs no scheduling of its own (settle checks every copy in flight)
         return copy.done_at is not None and copy.done_at <= self._now
 
     def advance(self, seconds: float) -> None:
