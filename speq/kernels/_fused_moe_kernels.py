@@ -51,6 +51,8 @@ def _weight_tile(
     # offsets and masks
     offs_n,
     offs_k,
+    k0,
+    K,
     n_ok,
     k_ok,
     # strides
@@ -62,10 +64,17 @@ def _weight_tile(
     W_BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """The [BLOCK_K, BLOCK_N] tile ``W[n, k]^T``. W_BITS=0: the dense weights as stored.
-    W_BITS=8/4: the integer codes in fp32, scaled per element here unless SCALE_AFTER_DOT (the
-    tile lies in one scale group, and the caller scales the dot product's columns instead)."""
+    """The [BLOCK_K, BLOCK_N] tile ``W[n, k]^T`` of the K range starting at ``k0``. W_BITS=0:
+    the dense weights as stored. W_BITS=8/4: the integer codes in fp32, scaled per element here
+    unless SCALE_AFTER_DOT (the tile lies in one scale group, and the caller scales the dot
+    product's columns instead). INT4 loads the tile's ``BLOCK_K / 2`` packed bytes of each row
+    at once (contiguous along K: vector loads), splits each byte's nibbles (low: even k, high:
+    odd k) and interleaves them; with EVEN_K (K a multiple of BLOCK_K) no K mask is needed, so
+    the compiler can prove the loads whole."""
     mask = k_ok[:, None] & n_ok[None, :]
     if W_BITS == 0:
         w = tl.load(
@@ -79,13 +88,20 @@ def _weight_tile(
                 other=0,
             ).to(tl.float32)
         else:
+            offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            if EVEN_K:
+                pmask = tl.broadcast_to(n_ok[None, :], (BLOCK_K // 2, BLOCK_N))
+            else:  # a code past K reads as 0 (0x88), and meets a zero of x anyway
+                pmask = (offs_kp < (K + 1) // 2)[:, None] & n_ok[None, :]
             packed = tl.load(
-                w_ptr + offs_n[None, :] * stride_wn + (offs_k[:, None] // 2) * stride_wk,
-                mask=mask,
+                w_ptr + offs_n[None, :] * stride_wn + offs_kp[:, None] * stride_wk,
+                mask=pmask,
                 other=0x88,
             )
-            shift = ((offs_k % 2) * 4).to(tl.uint8)
-            q = (((packed >> shift[:, None]) & 0xF).to(tl.int32) - 8).to(tl.float32)
+            lo = (packed & 0xF).to(tl.float32) - 8.0
+            hi = (packed >> 4).to(tl.float32) - 8.0
+            pairs = tl.permute(tl.join(lo, hi), (0, 2, 1))  # [BLOCK_K / 2, 2, BLOCK_N]
+            q = tl.reshape(pairs, (BLOCK_K, BLOCK_N))
         if SCALE_AFTER_DOT:
             w = q
         else:
@@ -137,6 +153,7 @@ def _gate_up_kernel(
     W_BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -179,12 +196,12 @@ def _gate_up_kernel(
             other=0.0,
         )
         wg = _weight_tile(
-            w_base, s_base, offs_n, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
-            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
+            w_base, s_base, offs_n, offs_k, k0, K, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
+            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT, BLOCK_K, BLOCK_N, EVEN_K,
         ).to(dtype)  # fmt: skip
         wu = _weight_tile(
-            w_base, s_base, offs_n + I, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
-            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
+            w_base, s_base, offs_n + I, offs_k, k0, K, n_ok, k_ok, stride_wn, stride_wk,
+            stride_sn, stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT, BLOCK_K, BLOCK_N, EVEN_K,
         ).to(dtype)  # fmt: skip
         if DOT_IN_FP32:  # interpreter only: its bf16 tl.dot is wrong (module docstring)
             a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
@@ -257,6 +274,7 @@ def _down_kernel(
     W_BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     COMBINE: tl.constexpr,
@@ -301,8 +319,8 @@ def _down_kernel(
             other=0.0,
         )
         w = _weight_tile(
-            w_base, s_base, offs_n, offs_k, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
-            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT,
+            w_base, s_base, offs_n, offs_k, k0, K, n_ok, k_ok, stride_wn, stride_wk, stride_sn,
+            stride_sg, W_BITS, GROUP_SIZE, SCALE_AFTER_DOT, BLOCK_K, BLOCK_N, EVEN_K,
         ).to(dtype)  # fmt: skip
         if DOT_IN_FP32:  # interpreter only: its bf16 tl.dot is wrong (module docstring)
             a, w = a.to(tl.float32), w.to(tl.float32)

@@ -302,7 +302,7 @@ def _fused_moe_triton(
         *hidden.stride(), *strides, *intermediate.stride(),
         *((0, 0) if b13 is None else b13.stride()),
         TOP_K=k, W_BITS=bits, GROUP_SIZE=gsize,
-        SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0,
+        SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0, EVEN_K=h % config.block_k == 0,
         DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32,
         HAS_BIAS=b13 is not None, ACTIVATION=activation.code, **meta,
     )  # fmt: skip
@@ -325,7 +325,7 @@ def _fused_moe_triton(
         *((0, 0) if b2 is None else b2.stride()),
         HAS_BIAS=b2 is not None,
         TOP_K=k, W_BITS=bits, GROUP_SIZE=gsize,
-        SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0,
+        SCALE_AFTER_DOT=bits > 0 and gsize % config.block_k == 0, EVEN_K=i % config.block_k == 0,
         DOT_PRECISION=dot_precision, DOT_IN_FP32=dot_in_fp32,
         COMBINE=(kern.COMBINE_STORE if deterministic else kern.COMBINE_ATOMIC).value, **meta,
     )  # fmt: skip
