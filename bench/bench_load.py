@@ -154,6 +154,21 @@ def write_checkpoint(folder: Path, gb: float) -> dict:
     return config
 
 
+def results_table(results: dict[str, dict]) -> str:
+    """Contender -> spreads as a markdown table (printed here, and in docs/RESULTS.md)."""
+    headers = ["contender", "open (s)", "decode 8 tokens (s)", "peak memory (MB, anonymous)"]
+    table = [
+        [
+            w,
+            fmt_ratio(r["open_s"]),
+            fmt_ratio(r["decode_s"]),
+            fmt_ratio(r["peak_anon_mb"], spec=".0f"),
+        ]
+        for w, r in results.items()
+    ]
+    return markdown_table(table, headers)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=2.0, help="checkpoint size, at least (GB)")
@@ -214,18 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"format": FORMAT, "benchmark": "load", "setting": setting, "results": rows}
     payload["open_speedup_vs_transformers"] = ratio
     path = write_json(args.out / "load_cpu.json", payload)
-    headers = ["contender", "open (s)", "decode 8 tokens (s)", "peak memory (MB, anonymous)"]
-    table = [
-        [
-            w,
-            fmt_ratio(r["open_s"]),
-            fmt_ratio(r["decode_s"]),
-            fmt_ratio(r["peak_anon_mb"], spec=".0f"),
-        ]
-        for w, r in rows.items()
-    ]
     print(f"# {setting['checkpoint']}: {size / 1e9:.2f} GB, experts {experts / 1e9:.2f} GB")
-    print(markdown_table(table, headers))
+    print(results_table(rows))
     print(f"# open: transformers / speq = {fmt_ratio(ratio)} (median (min-max) over the rounds)")
     print(f"# wrote {path}")
     return 0

@@ -71,6 +71,21 @@ def eager_tpot_ms(model: MoEForCausalLM, prompt: torch.Tensor, n: int) -> tuple[
     return 1e3 * (time.perf_counter() - t0) / max(n - 1, 1), out
 
 
+def results_table(rows: list[dict]) -> str:
+    """The result rows as a markdown table (printed here, and in docs/RESULTS.md)."""
+    headers = ["layers", "graph nodes", "eager (ms/token)", "speq resident (ms/token)"]
+    headers += ["overhead (ms/token)", "overhead (µs/node)", "calibration (s)", "same tokens"]
+    table = [
+        [
+            f"{r['layers']}", f"{r['nodes']}", fmt_ratio(r["eager_ms"]), fmt_ratio(r["speq_ms"]),
+            fmt_ratio(r["overhead_ms"]), fmt_ratio(r["overhead_us_per_node"], spec=".1f"),
+            f"{r['calibration_s']:.2f}", "yes" if r["same_tokens"] else "no",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(table, headers)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -140,18 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = dict(format=FORMAT, benchmark="overhead", setting=setting, rounds=args.rounds)
     payload |= dict(code=code, environment=environment(), rows=rows, goals=goals)
     path = write_json(args.out / "overhead_cpu.json", payload)
-    headers = ["layers", "graph nodes", "eager (ms/token)", "speq resident (ms/token)"]
-    headers += ["overhead (ms/token)", "overhead (µs/node)", "calibration (s)", "same tokens"]
-    table = [
-        [
-            f"{r['layers']}", f"{r['nodes']}", fmt_ratio(r["eager_ms"]), fmt_ratio(r["speq_ms"]),
-            fmt_ratio(r["overhead_ms"]), fmt_ratio(r["overhead_us_per_node"], spec=".1f"),
-            f"{r['calibration_s']:.2f}", "yes" if r["same_tokens"] else "NO",
-        ]
-        for r in rows
-    ]  # fmt: skip
     print(f"# {setting}")
-    print(markdown_table(table, headers))
+    print(results_table(rows))
     for name, g in goals.items():
         print(f"# goal {name} <= {g['target']}: {'met' if g['met'] else 'missed'}")
     print(f"# wrote {path}")

@@ -171,18 +171,12 @@ def bench_model(path: str | None) -> tuple[Any, Any, str]:
     """The model a benchmark runs, in float64 (batch-invariant argmax: outputs compare exactly):
     the shipped demo MoE, or a checkpoint folder of either format (speq's, or a Hugging Face one
     of a supported family) with its tokenizer.json. Returns (model, tokenizer, description)."""
-    from speq.models import MoEForCausalLM
-    from speq.models.demo import demo_model
-    from speq.models.tokenizer import Tokenizer
+    from speq.models.demo import model_with_tokenizer
 
-    if path is None:
-        model, tok = demo_model(dtype=torch.float64)
-        return model, tok, "the shipped demo MoE"
-    tok_path = Path(path) / "tokenizer.json"
-    if not tok_path.is_file():
-        raise SystemExit(f"--model {path}: {tok_path} is missing (the prompts are text)")
-    model = MoEForCausalLM.from_pretrained(path, torch.float64)
-    return model, Tokenizer(tok_path), f"the checkpoint {path}"
+    try:
+        return model_with_tokenizer(path, torch.float64)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 # ---------------------------------------------------------------- rounds and ratios

@@ -345,17 +345,9 @@ def load_block(report: dict) -> str:
         f"Page cache: {s['page_cache']}.",
         "",
     ]
-    headers = ["contender", "open (s)", "decode 8 tokens (s)", "peak memory (MB, anonymous)"]
-    rows = [
-        [
-            name,
-            fmt_ratio(r["open_s"]),
-            fmt_ratio(r["decode_s"]),
-            fmt_ratio(r["peak_anon_mb"], spec=".0f"),
-        ]
-        for name, r in report["results"].items()
-    ]
-    lines.append(markdown_table(rows, headers))
+    from bench_load import results_table
+
+    lines.append(results_table(report["results"]))
     return "\n".join(lines)
 
 
@@ -374,17 +366,9 @@ def overhead_block(report: dict) -> str:
         f"per node: over the step graph's nodes. Goals: {verdicts}.",
         "",
     ]
-    headers = ["layers", "graph nodes", "eager (ms/token)", "speq resident (ms/token)"]
-    headers += ["overhead (ms/token)", "overhead (µs/node)", "calibration (s)", "same tokens"]
-    rows = [
-        [
-            f"{r['layers']}", f"{r['nodes']}", fmt_ratio(r["eager_ms"]), fmt_ratio(r["speq_ms"]),
-            fmt_ratio(r["overhead_ms"]), fmt_ratio(r["overhead_us_per_node"], spec=".1f"),
-            f"{r['calibration_s']:.2f}", "yes" if r["same_tokens"] else "no",
-        ]
-        for r in report["rows"]
-    ]  # fmt: skip
-    lines.append(markdown_table(rows, headers))
+    from bench_overhead import results_table
+
+    lines.append(results_table(report["rows"]))
     return "\n".join(lines)
 
 

@@ -25,7 +25,6 @@ def load_model(args: argparse.Namespace) -> tuple[MoEForCausalLM | str, Tokenize
     the shipped demo model (the default)."""
     if args.checkpoint:
         path = Path(args.checkpoint, "tokenizer.json")
-        model_config(args.checkpoint)  # a fault in the folder is reported before anything runs
         try:
             tok = Tokenizer(path) if path.is_file() else None
         except Exception as e:  # the tokenizers library's own error: a bad tokenizer.json

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from pathlib import Path
 
 import torch
 
 import speq
 from speq.cli.common import bars, budget_flag, prompt_ids
-from speq.models import MoEForCausalLM
-from speq.models.demo import demo_model
-from speq.models.tokenizer import Tokenizer
+from speq.models.demo import model_with_tokenizer
 
 DEMO_PROMPT = "And it came to pass, when the king"
 # `time python -m speq demo` (32 new tokens) on this project's 2-core CPU machine, no GPU
@@ -107,23 +104,13 @@ def _run(model, c, prompt: torch.Tensor, expected: torch.Tensor, new_bar) -> dic
     return {"label": label, "policy": c.options.policy, "k": c.options.k, **row}
 
 
-def _model(folder: str | None):
-    """The demo's model in float64 (exact, batch-invariant argmax): the shipped one, or a
-    checkpoint folder of either format with its tokenizer.json."""
-    if folder is None:
-        model, tok = demo_model(dtype=torch.float64)
-        return model, tok, "the shipped demo MoE (see docs/MODEL_CARD.md)"
-    path = Path(folder, "tokenizer.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"--model {folder}: {path} is missing (the demo's prompt is text)")
-    model = MoEForCausalLM.from_pretrained(folder, torch.float64)
-    return model, Tokenizer(path), f"the checkpoint {folder}"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from speq import compare
 
-    model, tokenizer, what = _model(args.model)
+    # float64: exact, batch-invariant argmax
+    model, tokenizer, what = model_with_tokenizer(args.model, torch.float64)
+    if args.model is None:
+        what += " (see docs/MODEL_CARD.md)"
     cfg, n = model.config, args.max_new_tokens
     say(
         f"speq demo: {what} ({cfg.num_layers} layers, {cfg.num_experts} experts "

@@ -29,7 +29,8 @@ def read_checkpoint(
     if isinstance(f.config, dict) and "model_type" in f.config:
         params, config = _hf_weights(f)
     else:
-        params, config = _speq_weights(f), _speq_config(f)
+        config = _speq_config(f)
+        params = _speq_weights(f, config)
     return config, params
 
 
@@ -46,8 +47,8 @@ def _speq_config(f: Folder) -> MoEConfig:
         raise ValueError(f"{f.config_path}: {e}") from None
 
 
-def _speq_weights(f: Folder) -> dict[str, torch.Tensor]:
-    expected = expected_shapes(_speq_config(f))
+def _speq_weights(f: Folder, config: MoEConfig) -> dict[str, torch.Tensor]:
+    expected = expected_shapes(config)
     check_tensors(expected, f.tensors, f.where.__getitem__, f.files, f.config_path)
     unexpected = sorted(set(f.tensors) - set(expected))
     if unexpected:

@@ -42,3 +42,22 @@ def demo_model(dtype: torch.dtype | None = None) -> tuple[MoEForCausalLM, Tokeni
     """
     model = MoEForCausalLM.from_pretrained(DEMO_CHECKPOINT, dtype=dtype)
     return model.eval(), Tokenizer(DEMO_CHECKPOINT / "tokenizer.json")
+
+
+def model_with_tokenizer(
+    folder: str | Path | None, dtype: torch.dtype | None = None
+) -> tuple[MoEForCausalLM, Tokenizer, str]:
+    """A model that takes text, with a description of it: the shipped demo MoE (``folder``
+    None), or a checkpoint folder of either format (speq's, or a Hugging Face one) with its
+    tokenizer.json (a FileNotFoundError names it when missing)."""
+    if folder is None:
+        model, tok = demo_model(dtype)
+        return model, tok, "the shipped demo MoE"
+    path = Path(folder, "tokenizer.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {folder}: {path} is missing (the prompts are text)")
+    return (
+        MoEForCausalLM.from_pretrained(folder, dtype),
+        Tokenizer(path),
+        f"the checkpoint {folder}",
+    )

@@ -85,13 +85,12 @@ class ExpertStack:
         if not parts or not all(parts):
             raise ValueError("ExpertStack needs at least one expert of at least one part")
         self.parts = tuple(tuple(p) for p in parts)
-        first = self.parts[0]
-        cols = {t.shape[1] for e in self.parts for t in e if t.dim() == 2}
-        rows = {sum(t.shape[0] for t in e) for e in self.parts}
-        if len(cols) != 1 or len(rows) != 1 or any(t.dim() != 2 for e in self.parts for t in e):
+        shapes = {(sum(t.shape[0] for t in e), e[0].shape[-1]) for e in self.parts}
+        flat = all(t.dim() == 2 and t.shape[1] == e[0].shape[1] for e in self.parts for t in e)
+        if not flat or len(shapes) != 1:
             raise ValueError("ExpertStack: every expert must be 2-d parts of the same total shape")
-        self.dtype = dtype or first[0].dtype
-        self.shape = torch.Size((len(self.parts), rows.pop(), cols.pop()))
+        self.dtype = dtype or self.parts[0][0].dtype
+        self.shape = torch.Size((len(self.parts), *shapes.pop()))
 
     def __len__(self) -> int:
         return len(self.parts)

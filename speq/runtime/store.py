@@ -37,8 +37,9 @@ class ExpertStore:
         self.spec = spec
         cfg = spec.config
         self.layers = cfg.moe_layers
-        names = {spec.expert_param(i, w) for i in self.layers for w in ("w13", "w2")}
-        missing = sorted(names - set(params))
+        # expert weight name -> (layer, "w13" | "w2"): O(1) lookups in the run loop
+        self._names = {spec.expert_param(i, w): (i, w) for i in self.layers for w in ("w13", "w2")}
+        missing = sorted(set(self._names) - set(params))
         if missing:
             raise ValueError(f"expert weights missing from the model: {missing}")
         self.w13: dict[int, torch.Tensor | ExpertStack] = {}
@@ -47,10 +48,8 @@ class ExpertStore:
             w13, w2 = params[spec.expert_param(i, "w13")], params[spec.expert_param(i, "w2")]
             self.w13[i] = stacked(w13).pin_memory() if pin else w13
             self.w2[i] = stacked(w2).pin_memory() if pin else w2
-        self.resident = {k: v for k, v in params.items() if k not in names}
+        self.resident = {k: v for k, v in params.items() if k not in self._names}
         self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # expert weight name -> (layer, "w13" | "w2"): O(1) lookups in the run loop
-        self._names = {spec.expert_param(i, w): (i, w) for i in self.layers for w in ("w13", "w2")}
 
     def stacked(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's ``w13`` and ``w2`` as whole tensors (built once from an `ExpertStack`)."""

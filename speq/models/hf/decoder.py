@@ -95,8 +95,7 @@ def decoder_weights(
     experts) or a checkpoint's (fused, or one tensor per expert projection: `ExpertStack`s of
     memory-mapped views). Views where the layouts agree; the small dense gate/up pairs (shared
     expert, dense layers) are concatenated."""
-    h, d, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    h, v = cfg.hidden_size, cfg.vocab_size
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return take(tensors, name, shape, where)
@@ -113,31 +112,33 @@ def decoder_weights(
         for w in norms:
             out[f"{ours}.attn_norm.{w}"] = get(f"{p}.input_layernorm.{w}", (h,))
             out[f"{ours}.mlp_norm.{w}"] = get(f"{p}.post_attention_layernorm.{w}", (h,))
-        a = f"{p}.self_attn"
-        if cfg.is_mla:
-            out |= _mla(cfg, get, a, ours)
-            if cfg.is_moe_layer(i):
-                out |= _moe_block(cfg, tensors, get, p, ours, layout)
-            else:
-                out |= _dense(get, f"{p}.mlp", f"{ours}.mlp", cfg.dense_intermediate_size, h)
-            continue
-        for which, rows in (("q", q), ("k", kv), ("v", kv)):
-            out[f"{ours}.attn.w{which}"] = get(f"{a}.{which}_proj.weight", (rows, h))
-            if cfg.qkv_bias:
-                out[f"{ours}.attn.b{which}"] = get(f"{a}.{which}_proj.bias", (rows,))
-        out[f"{ours}.attn.wo"] = get(f"{a}.o_proj.weight", (h, q))
-        if cfg.o_bias:
-            out[f"{ours}.attn.bo"] = get(f"{a}.o_proj.bias", (h,))
-        if cfg.qk_norm != "none":
-            full = cfg.qk_norm == "full"
-            out[f"{ours}.attn.q_norm.weight"] = get(f"{a}.q_norm.weight", (q if full else d,))
-            out[f"{ours}.attn.k_norm.weight"] = get(f"{a}.k_norm.weight", (kv if full else d,))
-        if cfg.attention_sinks:
-            out[f"{ours}.attn.sinks"] = get(f"{a}.sinks", (cfg.num_heads,))
+        out |= (_mla if cfg.is_mla else _attention)(cfg, get, f"{p}.self_attn", ours)
         if cfg.is_moe_layer(i):
             out |= (layout.moe_block or _moe_block)(cfg, tensors, get, p, ours, layout)
         else:
             out |= _dense(get, f"{p}.mlp", f"{ours}.mlp", cfg.dense_intermediate_size, h)
+    return out
+
+
+def _attention(cfg: MoEConfig, get, a: str, ours: str) -> Params:
+    """Grouped-query attention weights (``self_attn`` at ``a``): projections and their biases,
+    q/k norms, sinks."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    out: Params = {}
+    for which, rows in (("q", q), ("k", kv), ("v", kv)):
+        out[f"{ours}.attn.w{which}"] = get(f"{a}.{which}_proj.weight", (rows, h))
+        if cfg.qkv_bias:
+            out[f"{ours}.attn.b{which}"] = get(f"{a}.{which}_proj.bias", (rows,))
+    out[f"{ours}.attn.wo"] = get(f"{a}.o_proj.weight", (h, q))
+    if cfg.o_bias:
+        out[f"{ours}.attn.bo"] = get(f"{a}.o_proj.bias", (h,))
+    if cfg.qk_norm != "none":
+        full = cfg.qk_norm == "full"
+        out[f"{ours}.attn.q_norm.weight"] = get(f"{a}.q_norm.weight", (q if full else d,))
+        out[f"{ours}.attn.k_norm.weight"] = get(f"{a}.k_norm.weight", (kv if full else d,))
+    if cfg.attention_sinks:
+        out[f"{ours}.attn.sinks"] = get(f"{a}.sinks", (cfg.num_heads,))
     return out
 
 
