@@ -54,6 +54,18 @@ class Backend:
         reads the host store)."""
         return not self.modelled_time
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device (CUDA queues it; the CPU runs it at once), so
+        that the wall clock measures compute, not enqueueing."""
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+
+    def release_memory(self) -> None:
+        """Give the device memory that tensors no longer use back to the device (CUDA's caching
+        allocator keeps freed blocks; a larger pool allocated next could not reuse them)."""
+        if self.device_type == "cuda":
+            torch.cuda.empty_cache()
+
     def unavailable(self) -> str | None:
         """Why this backend cannot run here, or None."""
         if self.device_type == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""Device memory budgets: parsing "6GB" / "512MB" / bytes, and the minimum a model needs."""
+"""Device memory budgets: parsing "6GB" / "512MB" / bytes, the minimum a model needs, and the
+workspace a GPU needs beside the weights (`workspace_estimate`)."""
 
 from __future__ import annotations
 
@@ -33,30 +34,60 @@ class Budget:
         return f"{n / _UNITS[self.unit.upper()]:.3f} {self.unit} ({n:,} bytes)"
 
 
-def parse_budget(value: int | str) -> Budget:
-    """``123456``, ``"64MB"``, ``"1.5 GB"``, ``"512MiB"`` (1 GB = 1e9 bytes, 1 GiB = 2**30)."""
+def parse_budget(value: int | str, name: str = "device_memory") -> Budget:
+    """``123456``, ``"64MB"``, ``"1.5 GB"``, ``"512MiB"`` (1 GB = 1e9 bytes, 1 GiB = 2**30);
+    ``name``: the option it is, for error messages."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"device_memory must be bytes (int) or a string like '6GB', got {value!r}")
+        raise ValueError(f"{name} must be bytes (int) or a string like '6GB', got {value!r}")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"device_memory must be positive, got {value}")
+            raise ValueError(f"{name} must be positive, got {value}")
         return Budget(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
     unit = (m.group(2) if m else "") or "B"
     if not m or unit.upper() not in _UNITS:
         raise ValueError(
-            f"cannot read device_memory {value!r}: expected a number and a unit among "
+            f"cannot read {name} {value!r}: expected a number and a unit among "
             "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
         )
     nbytes = int(float(m.group(1)) * _UNITS[unit.upper()])
     if nbytes <= 0:
-        raise ValueError(f"device_memory must be positive, got {value!r}")
+        raise ValueError(f"{name} must be positive, got {value!r}")
     return Budget(nbytes, unit)
+
+
+LIBRARY_WORKSPACE_BYTES = 32 * 2**20  # cuBLAS's default workspace on Hopper (8 x 4 MiB)
+
+
+def workspace_estimate(cfg, itemsize: int, tokens: int = 17, captures: int = 18) -> int:
+    """Bytes of device memory a GPU run needs beyond weights and the KV cache, for passes of up
+    to ``tokens`` new tokens (a verification window; prefills are not counted): the transient
+    activations of one pass (hidden states, q/k/v and fp32 attention scores over the whole
+    context, the cache's keys and values read in fp32, the MoE intermediates and fp32
+    accumulator, fp32 logits), the cuBLAS workspace, and one layer's activations for each of
+    ``captures`` CUDA-graph captures (one per window size and the draft) kept in their graphs'
+    private pools. An estimate from the shapes, rounded up to a MiB; a prefill of P tokens
+    needs about ``num_heads * P * max_seq_len * 4`` bytes more for its scores."""
+    t, h, s = tokens, cfg.hidden_size, cfg.max_seq_len
+    heads, kv = cfg.num_heads, cfg.num_kv_heads
+    hd = cfg.head_dim if not cfg.is_mla else cfg.head_dim + cfg.v_head_dim
+    width = max(cfg.expert_intermediate_size, cfg.dense_intermediate_size or 0)
+    layer = (
+        6 * t * h * itemsize  # residual, normed, attention and MoE outputs
+        + t * (heads + 2 * kv) * hd * itemsize  # q, k, v
+        + heads * t * s * 4  # scores (fp32)
+        + 2 * s * kv * hd * 4  # the cache's keys and values, read in fp32
+        + t * cfg.top_k * 3 * width * itemsize  # gate/up and activated intermediates
+        + t * cfg.top_k * h * 4  # the fp32 accumulator (per pair when deterministic)
+    )
+    total = layer + t * cfg.vocab_size * 4 + LIBRARY_WORKSPACE_BYTES + captures * layer
+    return -(-total // 2**20) * 2**20
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How a budget is spent: resident non-expert weights, the KV cache, the draft, expert slots."""
+    """How a budget is spent: resident non-expert weights, the KV cache, the draft, the
+    workspace set aside for activations and libraries, expert slots."""
 
     budget: Budget | None
     non_expert_bytes: int
@@ -64,6 +95,7 @@ class MemoryPlan:
     draft_bytes: int
     expert_bytes: int
     slots: int
+    workspace_bytes: int = 0
 
     @property
     def used_bytes(self) -> int:
@@ -71,6 +103,7 @@ class MemoryPlan:
             self.non_expert_bytes
             + self.kv_bytes
             + self.draft_bytes
+            + self.workspace_bytes
             + self.slots * self.expert_bytes
         )
 
@@ -84,11 +117,13 @@ def plan_memory(
     expert_bytes: int,
     min_slots: int,
     max_slots: int,
+    workspace_bytes: int = 0,
 ) -> MemoryPlan:
     """Slots for as many experts as fit (at most ``max_slots``); an error below ``min_slots``."""
-    fixed = non_expert_bytes + kv_bytes + draft_bytes
+    fixed = non_expert_bytes + kv_bytes + draft_bytes + workspace_bytes
+    sizes = (non_expert_bytes, kv_bytes, draft_bytes, expert_bytes)
     if budget is None:
-        return MemoryPlan(None, non_expert_bytes, kv_bytes, draft_bytes, expert_bytes, max_slots)
+        return MemoryPlan(None, *sizes, max_slots, workspace_bytes)
     minimum = fixed + min_slots * expert_bytes
     if budget.nbytes < minimum:
         parts = [
@@ -97,10 +132,14 @@ def plan_memory(
         ]
         if draft_bytes:
             parts.append(f"quantized draft experts {budget.format(draft_bytes)}")
+        if workspace_bytes:
+            parts.append(f"workspace {budget.format(workspace_bytes)}")
         parts.append(f"{min_slots} expert slots of {budget.format(expert_bytes)}")
         raise ValueError(
             f"device_memory {budget.format()} is below the minimum {budget.format(minimum)}: "
             + " + ".join(parts)
         )
     slots = min(max_slots, (budget.nbytes - fixed) // expert_bytes)
-    return MemoryPlan(budget, non_expert_bytes, kv_bytes, draft_bytes, expert_bytes, slots)
+    return MemoryPlan(
+        budget, non_expert_bytes, kv_bytes, draft_bytes, expert_bytes, slots, workspace_bytes
+    )

@@ -84,7 +84,13 @@ class Calibrator:
         p = int(prompt.shape[-1])
         ids = prompt.reshape(-1)
         engine.step("step", ids, cache, 0, session)
-        clock = session.link.now if engine.backend.modelled_time else time.perf_counter
+        if engine.backend.modelled_time:
+            clock = session.link.now
+        else:  # synchronised: on CUDA a pass returns once queued (the draft has no host sync)
+
+            def clock() -> float:
+                engine.backend.synchronize()
+                return time.perf_counter()
 
         def timed(graph: str, t: int) -> float:
             samples = []

@@ -44,7 +44,9 @@ class DraftWeights:
     def drop(self) -> None:
         """Keep the weights in host memory only (their device memory becomes cache slots)."""
         if self.on_device:
-            self.params = {k: v.to("cpu") for k, v in self.params.items()}
+            self.params = {
+                k: _host(v, pin=self.device.type == "cuda") for k, v in self.params.items()
+            }
             self.on_device = False
 
     def restore(self) -> None:
@@ -75,3 +77,12 @@ class DraftWeights:
         rt.upload(Copy("draft", -1, self.nbytes, Priority.DEMAND, rt.link.now(), src, dst))
         self.params = device
         self.on_device = True
+
+
+def _host(q, pin: bool):
+    """A quantized weight in host memory; ``pin``: page-locked, so that the mid-run upload
+    (`DraftWeights.upload`) is an asynchronous copy at the link's full rate."""
+    q = q.to("cpu")
+    if pin:
+        q = dataclasses.replace(q, data=q.data.pin_memory(), scales=q.scales.pin_memory())
+    return q

@@ -22,7 +22,7 @@ from speq.ir.run import run_graph
 from speq.models.kv_cache import KVCache
 from speq.models.spec import ModelSpec
 from speq.runtime.backends import SIM, get_backend
-from speq.runtime.budget import MemoryPlan, parse_budget, plan_memory
+from speq.runtime.budget import MemoryPlan, parse_budget, plan_memory, workspace_estimate
 from speq.runtime.cache import ExpertCache
 from speq.runtime.calibrate import Calibrator
 from speq.runtime.draft import DraftWeights
@@ -128,6 +128,7 @@ class Engine:
 
         return plan_memory(
             budget,
+            workspace_bytes=self.workspace_bytes(),
             non_expert_bytes=size(store.resident_bytes),
             kv_bytes=size(KVCache(cfg, 1, self.spec.dtype, "meta").nbytes),
             draft_bytes=self.draft.device_bytes,
@@ -136,20 +137,37 @@ class Engine:
             max_slots=total,
         )
 
+    def workspace_bytes(self) -> int:
+        """Device memory set aside for activations and libraries (CompileOptions
+        .workspace_memory, else an estimate on a GPU and nothing elsewhere)."""
+        value = self.options.workspace_memory
+        if value is not None:
+            return 0 if value == 0 else parse_budget(value, "workspace_memory").nbytes
+        if self.backend.device_type != "cuda":
+            return 0
+        return workspace_estimate(self.config, self.deployment_dtype.itemsize)
+
     def _allocate_pool(self) -> None:
         if self.backend.copies_weights:
-            self.pool = None  # freed before the new one is allocated
+            self.pool = None  # freed (and given back to the device) before the new one
+            self.backend.release_memory()
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
             self._pool_filled = False
 
     def replan(self) -> None:
-        """Plan the memory again (the draft came or went) and allocate the pool it leaves."""
+        """Plan the memory again (the draft came or went) and allocate the pool it leaves. Every
+        capture goes first: captures hold the weights and the pool they read (and, on CUDA,
+        their graphs' memory), so the old draft and pool would otherwise stay beside the new."""
+        if self.replayer is not None:
+            self.replayer.clear()
         self.memory = self._plan_memory()
         self._allocate_pool()
 
     def drop_draft(self) -> None:
         """The draft's weights to host memory, their bytes to the expert cache."""
         if self.draft.on_device:
+            if self.replayer is not None:
+                self.replayer.clear()  # before the drop: a capture holds the draft's weights
             self.draft.drop()
             self.replan()
 
@@ -246,12 +264,18 @@ class Engine:
     ) -> torch.Tensor:
         """One forward pass of ``graph`` over ``tokens`` at ``pos``: the logits."""
         ctx = session.context(cache, pos, tokens.shape[0])
-        inputs = {"tokens": tokens.to(self.device), "pos": pos}
         kernels = session.backend.kernels
         if self.replayer is None or cache is not self._kv:  # replay serves the decodes' cache
+            inputs = {"tokens": tokens.to(self.device), "pos": pos}
             (logits,) = run_graph(self.program[graph], inputs, ctx, kernels)
         else:  # the position as a device tensor: one capture serves every position
-            inputs["pos"] = torch.tensor(pos, device=self.device)
+            # tokens and position in one asynchronous copy from pinned memory (torch's pinned
+            # allocator keeps the block until the copy is done)
+            staged = torch.cat([tokens.reshape(-1), torch.tensor([pos])])
+            if self.backend.pins_memory:
+                staged = staged.pin_memory()
+            staged = staged.to(self.device, non_blocking=True)
+            inputs = {"tokens": staged[:-1], "pos": staged[-1]}
             (logits,) = self.replayer.run(self.program[graph], inputs, ctx, kernels)
         cache.length = pos + tokens.shape[0]
         return logits

@@ -132,6 +132,10 @@ class Link(ABC):
     def advance(self, seconds: float) -> None:
         """Account ``seconds`` of compute (only the virtual clock needs this)."""
 
+    def released(self, slots: Sequence[int]) -> None:
+        """The compute queued so far is the last to read ``slots`` before a copy may overwrite
+        them (only the CUDA link, whose compute runs behind the host, needs this)."""
+
     def close(self) -> None:
         """Finish outstanding copies and release resources."""
 
@@ -259,45 +263,119 @@ class CudaLink(Link):
     """Asynchronous copies on CUDA streams from pinned host memory; events mark completion.
 
     Bandwidth and latency are the hardware's own; ``gbps`` / ``latency_us`` are used only by the
-    cost model. Demand fetches go on a high-priority stream.
+    cost model. Two things make it behave as the emulated and virtual links model a link:
+
+    * **Demand fetches do not queue behind prefetches.** Stream priorities order kernels, not
+      host-to-device copies, and the copy engine serves what is enqueued in order; so at most
+      ``prefetch_depth`` prefetches are enqueued on the device at a time, the rest wait on the
+      host (highest priority first, then in issue order) and are enqueued as earlier ones
+      complete (checked whenever the runtime calls the link, at least once per MoE layer). A
+      demand fetch is enqueued at once, on its own stream, and waits at most for those.
+    * **A copy waits only for the last reader of its slot.** `released` records an event after
+      the kernels that read a set of slots; a copy into a slot waits for that slot's event, not
+      for all compute queued so far.
     """
 
-    def __init__(self, gbps: float, latency_us: float, device: torch.device) -> None:
+    def __init__(
+        self, gbps: float, latency_us: float, device: torch.device, prefetch_depth: int = 2
+    ) -> None:
         super().__init__(gbps, latency_us)
         self.device = device
-        self._streams = {
-            Priority.DEMAND: torch.cuda.Stream(device, priority=-1),
-            Priority.HIGH: torch.cuda.Stream(device, priority=-1),
-            Priority.NORMAL: torch.cuda.Stream(device, priority=0),
-        }
+        self.prefetch_depth = prefetch_depth
+        self._held: list[tuple[int, int, Copy]] = []  # prefetches not yet enqueued
+        self._seq = itertools.count()
+        self._enqueued: list[Copy] = []  # prefetches on the device, maybe not complete
+        self._release: dict[int, object] = {}  # slot -> event after its last reader
         self._t0 = time.perf_counter()
+        self._setup()
 
-    def now(self) -> float:
-        return time.perf_counter() - self._t0
+    # the device calls (a CPU test fakes these five)
+    def _setup(self) -> None:
+        self._streams = {
+            Priority.DEMAND: torch.cuda.Stream(self.device, priority=-1),
+            Priority.HIGH: torch.cuda.Stream(self.device, priority=0),
+            Priority.NORMAL: torch.cuda.Stream(self.device, priority=0),
+        }
 
-    def submit(self, copy: Copy) -> None:
+    def _enqueue(self, copy: Copy) -> None:
         stream = self._streams[copy.priority]
-        # the slot may still be read by kernels queued on the compute stream before its eviction
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        release = self._release.pop(copy.slot, None)
+        if release is not None:  # the kernels that read the slot's previous expert
+            stream.wait_event(release)
         with torch.cuda.stream(stream):
             transfer(copy, self.faults, non_blocking=True)
             copy.event = torch.cuda.Event()
             copy.event.record(stream)
+
+    def _complete(self, copy: Copy) -> bool:
+        return bool(copy.event.query())
+
+    def _sync(self, copy: Copy) -> None:
+        copy.event.synchronize()
+
+    def _drain(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def released(self, slots: Sequence[int]) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        for slot in slots:
+            self._release[slot] = event
+
+    # the queue discipline
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def submit(self, copy: Copy) -> None:
+        if copy.priority is Priority.DEMAND:
+            self._start(copy)
+        else:
+            heapq.heappush(self._held, (int(copy.priority), next(self._seq), copy))
+        self._pump()
+
+    def _start(self, copy: Copy) -> None:
         copy.started_at = self.now()
+        self._enqueue(copy)
+        if copy.priority is not Priority.DEMAND:
+            self._enqueued.append(copy)
+
+    def _pump(self) -> None:
+        """Enqueue held prefetches while fewer than ``prefetch_depth`` are incomplete."""
+        self._enqueued = [c for c in self._enqueued if not self._complete(c)]
+        while self._held and len(self._enqueued) < self.prefetch_depth:
+            self._start(heapq.heappop(self._held)[2])
 
     def done(self, copy: Copy) -> bool:
-        return bool(copy.event.query())
+        self._pump()
+        if copy.event is None or not self._complete(copy):
+            return False
+        if copy.done_at is None:
+            copy.done_at = self.now()  # when first seen complete
+        return True
 
     def wait(self, copies: Sequence[Copy]) -> float:
         t0 = time.perf_counter()
         for c in copies:
+            self._pump()
+            while c.event is None:  # still held: the prefetches ahead of it must finish first
+                self._sync(self._enqueued[0])
+                self._pump()
             try:
-                c.event.synchronize()
+                self._sync(c)
             except RuntimeError as e:  # the copy's CUDA error surfaces at the sync
                 c.error = c.error or e
             if c.done_at is None:
                 c.done_at = self.now()
+        self._pump()
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        torch.cuda.synchronize(self.device)
+        while self._held:
+            self.wait([self._held[0][2]])
+        self._drain()
+
+    def abort(self) -> None:
+        for _, _, c in self._held:
+            c.error, c.done_at = CopyCancelled(f"copy of {c.key} dropped"), self.now()
+        self._held.clear()
+        self._drain()

@@ -350,6 +350,8 @@ class OffloadRuntime:
             else:
                 w13, w2, slots = self.pool.w13, self.pool.w2, self.cache.slot_tables[layer]
             y = fused_moe(x, w13, w2, ids_c.to(torch.int32), w_c, slots, **extras)
+            if self.pool is not None:
+                self.link.released([e.slot for e in entries])
             out = y if out is None else out + y
             self.release(entries)
         self.policy.after_layer(self, layer)

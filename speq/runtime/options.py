@@ -62,6 +62,12 @@ class CompileOptions:
     - ``cuda_graphs``: on the ``cuda`` backend, capture each replay region of the lowered plan
       as a CUDA graph and replay it (speq.runtime.replay); False runs every node eagerly, as do
       float64 models (their kernels' torch paths sync with the host).
+    - ``workspace_memory``: device memory set aside from ``device_memory`` for what is not a
+      weight or the KV cache (activations, MoE intermediates, library workspaces, CUDA-graph
+      pools), bytes or a string like ``"512MB"``; None: on the ``cuda`` backend an estimate
+      from the model's shapes (`speq.runtime.budget.workspace_estimate`, which does not count a
+      long prompt's prefill), on ``cpu`` and ``sim`` 0 (their budgets count weights and the KV
+      cache, as the paper's do).
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
       own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
       contexts of 32k-160k tokens, whose KV cache would take the device budget).
@@ -85,6 +91,7 @@ class CompileOptions:
     memory_dtype: torch.dtype | None = None
     cuda_graphs: bool = True
     max_seq_len: int | None = None
+    workspace_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         """Every option checked before any work: a TypeError for a wrong type, a ValueError for
@@ -115,6 +122,8 @@ class CompileOptions:
             raise ValueError(f"CompileOptions.backend = {self.backend!r} but {unavailable}")
         if self.device_memory is not None:
             parse_budget(self.device_memory)
+        if self.workspace_memory not in (None, 0):
+            parse_budget(self.workspace_memory, "workspace_memory")
         for name, value in (
             ("k", self.k),
             ("draft_group_size", self.draft_group_size),

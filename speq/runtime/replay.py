@@ -14,7 +14,9 @@ a lowered graph like the interpreter, except that a region runs as a unit over s
 Weights (PARAM nodes) are read in place, never copied: a region whose weight tensors changed is
 captured again. The start position must be a 0-d device tensor for a region to be reused from one
 position to the next (the eager ROPE, KV_WRITE and ATTENTION take either). A new KV cache drops
-every capture (they write into the old one). Regions run for more than ``max_tokens`` new tokens
+every capture (they write into the old one), and so does `clear`, which the engine calls when
+weights leave the device (a dropped draft): a capture holds the weights it read and, on CUDA, its
+graph's private memory pool, so until it goes the memory is not freed. Regions run for more than ``max_tokens`` new tokens
 (a prefill) run node by node instead: one capture per prompt length would not pay for itself.
 
 Only the CPU half (``capture=False``) runs in this project's CI; ``capture=True`` needs a CUDA
@@ -23,6 +25,7 @@ device and is exercised by the GPU test tier (tests/gpu).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +104,21 @@ class Replayer:
         self._segments: dict[int, tuple[Graph, list[Segment]]] = {}
         self._captured: dict[tuple, Captured] = {}
         self._cache: Any = None
+
+    def clear(self) -> None:
+        """Drop every capture, with the buffers, weights and graph memory it holds."""
+        self._captured.clear()
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether any capture holds ``tensor`` (by identity, or a tensor sharing its memory)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(
+            x is tensor or (isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == ptr)
+            for cap in self._captured.values()
+            for part in (cap.buffers, cap.outputs)
+            for v in part.values()
+            for x in _tensors(v)
+        )
 
     def run(
         self,
@@ -194,6 +212,16 @@ class Replayer:
         for node in seg.nodes:
             run_node(node, env, ctx, impls[id(node)])
         return {name: env[name] for name in seg.outputs}
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors ``x`` is or holds (a quantized weight holds its codes and scales)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if dataclasses.is_dataclass(x):
+        parts = (getattr(x, f.name) for f in dataclasses.fields(x))
+        return [v for v in parts if isinstance(v, torch.Tensor)]
+    return []
 
 
 def _fresh(x: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,8 +24,9 @@ class ExpertKey:
 class ExpertStore:
     """Host-side expert weights: per MoE layer ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``.
 
-    Takes the stacked tensors out of a model's weights without copying them (pinned copies are
-    made when CUDA is available, so host → device copies can be asynchronous). A layer may be an
+    Takes the stacked tensors out of a model's weights without copying them. With ``pin`` (the
+    cuda backend) they are page-locked, so host → device copies are asynchronous: in place where
+    the memory allows it (`pin_in_place`), so the store does not double the host memory. A layer may be an
     `ExpertStack` (a per-expert checkpoint, memory-mapped): ``w13[layer][e]`` then reads one
     expert, and only `stacked` (the sim backend's compute) and `dense_param` (the draft's
     quantization) build a layer's whole tensor. Everything else (``resident``) always lives on
@@ -44,10 +46,13 @@ class ExpertStore:
             raise ValueError(f"expert weights missing from the model: {missing}")
         self.w13: dict[int, torch.Tensor | ExpertStack] = {}
         self.w2: dict[int, torch.Tensor | ExpertStack] = {}
+        registered: list[torch.Tensor] = []
         for i in self.layers:
             w13, w2 = params[spec.expert_param(i, "w13")], params[spec.expert_param(i, "w2")]
-            self.w13[i] = stacked(w13).pin_memory() if pin else w13
-            self.w2[i] = stacked(w2).pin_memory() if pin else w2
+            self.w13[i] = pin_in_place(stacked(w13), registered) if pin else w13
+            self.w2[i] = pin_in_place(stacked(w2), registered) if pin else w2
+        if registered:  # unregistered when the store goes (the finalizer keeps them until then)
+            weakref.finalize(self, _unregister, registered)
         self.resident = {k: v for k, v in params.items() if k not in self._names}
         self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -104,3 +109,26 @@ class ExpertStore:
 
     def keys(self) -> list[ExpertKey]:
         return [ExpertKey(i, e) for i in self.layers for e in range(self.num_experts)]
+
+
+def pin_in_place(t: torch.Tensor, registered: list[torch.Tensor]) -> torch.Tensor:
+    """``t`` in page-locked host memory: registered with CUDA in place (``cudaHostRegister``;
+    appended to ``registered``) when it is a contiguous tensor of its own memory, else (a view,
+    or memory CUDA refuses, such as a read-only file mapping) a pinned copy."""
+    if t.is_pinned():
+        return t
+    storage = t.untyped_storage()
+    whole = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.nbytes
+    if whole and t.nbytes > 0:
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 0)) == 0:
+            registered.append(t)
+            return t
+        torch.cuda.synchronize()  # clears the error the refused registration left
+    return t.pin_memory()
+
+
+def _unregister(tensors: list[torch.Tensor]) -> None:
+    cudart = torch.cuda.cudart()
+    for t in tensors:
+        cudart.cudaHostUnregister(t.data_ptr())

@@ -66,3 +66,16 @@ def test_cuda_graph_replay_equals_the_same_regions_run_eagerly(policy, k):
     assert torch.equal(outs[True], outs[False])
     off = speq.compile(model, dataclasses.replace(opts, cuda_graphs=False))
     assert off.engine.replayer is None
+
+
+def test_the_expert_store_pins_a_models_weights_in_place():
+    """Host memory is not doubled: the store's pinned tensors are the model's own."""
+    from speq.frontend.reference import from_reference
+    from speq.runtime.store import ExpertStore
+
+    model = tiny_model(torch.float32, num_layers=2)
+    spec, params = from_reference(model)
+    store = ExpertStore(spec, params, pin=True)
+    for i in store.layers:
+        mine = params[spec.expert_param(i, "w13")]
+        assert store.w13[i].is_pinned() and store.w13[i].data_ptr() == mine.data_ptr()

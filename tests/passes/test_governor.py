@@ -191,6 +191,31 @@ def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
     assert needs2 <= cache.slots and 0 < cache.reuse == cache.observed_reuse(needs2, new2)
 
 
+def test_wall_clock_calibration_waits_for_the_device_around_every_timed_pass(monkeypatch):
+    """On CUDA a pass returns once its kernels are queued (the draft has no host sync): each
+    timed pass is bracketed by a device synchronisation, or the governor would see enqueueing
+    time and think the draft almost free."""
+    from speq.runtime.backends import Backend
+    from speq.runtime.calibrate import PASS_TOKENS, Calibrator
+
+    syncs, timed = [], []
+    monkeypatch.setattr(Backend, "synchronize", lambda self: syncs.append(self.name))
+    time_passes = Calibrator.time_passes
+
+    def spy(self, prompt, tokens=PASS_TOKENS, repeats=3):
+        before = len(syncs)
+        out = time_passes(self, prompt, tokens, repeats)
+        timed.append((len(syncs) - before, (len(tokens) + 1) * repeats))
+        return out
+
+    monkeypatch.setattr(Calibrator, "time_passes", spy)
+    model = tiny_model(torch.float64, num_layers=2)
+    opts = speq.CompileOptions(policy="speq", device_memory=speq_budget(model, 4))
+    speq.compile(model, opts)
+    assert timed and all(n == 2 * passes for n, passes in timed), timed
+    assert set(syncs) == {"cpu"}
+
+
 @pytest.mark.parametrize("backend", ["sim", "cpu"])
 def test_a_run_that_copies_more_than_calibrated_switches_to_the_draft(monkeypatch, backend):
     """The split is chosen on one calibration prompt. Here the calibration is made to believe

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import speq
-from helpers import tiny_model
+from helpers import speq_budget, tiny_model
 from speq.runtime.budget import parse_budget
 
 
@@ -125,3 +125,30 @@ def test_every_byte_on_the_link_counts_in_the_deployment_dtype(monkeypatch):
     m = sp.metrics
     assert m["switched_to_draft_after"] is not None
     assert m.bytes_moved == m.experts_moved * expert + sp.draft_bytes
+
+
+def test_a_workspace_is_set_aside_from_the_budget():
+    model = tiny_model(torch.float64)
+    budget = speq_budget(model, 6)
+    plain = speq.compile(model, speq.CompileOptions(policy="ondemand", device_memory=budget))
+    expert = plain.memory.expert_bytes
+    opts = speq.CompileOptions(policy="ondemand", device_memory=budget, workspace_memory=2 * expert)
+    reserved = speq.compile(model, opts)
+    assert plain.memory.workspace_bytes == 0  # cpu: the budget counts weights and the KV cache
+    assert reserved.memory.workspace_bytes == 2 * expert
+    assert reserved.memory.slots == plain.memory.slots - 2
+    assert reserved.memory.used_bytes <= budget
+    with pytest.raises(ValueError, match="workspace_memory"):
+        speq.CompileOptions(workspace_memory="lots")
+
+
+def test_the_gpu_workspace_estimate_grows_with_the_window_and_the_context():
+    from speq.runtime.budget import LIBRARY_WORKSPACE_BYTES, workspace_estimate
+    from speq.sim.presets import get_preset
+
+    cfg = get_preset("mixtral-8x7b")
+    base = workspace_estimate(cfg, 2)
+    assert LIBRARY_WORKSPACE_BYTES < base < 2 * 2**30 and base % 2**20 == 0
+    assert workspace_estimate(cfg, 2, tokens=33) > base
+    longer = dataclasses.replace(cfg, max_seq_len=2 * cfg.max_seq_len)
+    assert workspace_estimate(longer, 2) > base

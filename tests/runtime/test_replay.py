@@ -99,3 +99,21 @@ def test_capture_needs_cuda():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Replayer(capture=True)
+
+
+def test_dropping_the_draft_leaves_no_capture_holding_its_weights():
+    """Captures hold the weights they read (and on CUDA their graphs' memory): a drop must let
+    the draft's device memory go, so the larger pool is not allocated beside the old draft."""
+    model = tiny_model(torch.float64, num_layers=3)
+    opts = speq.CompileOptions(policy="speq", k=2, device_memory=speq_budget(model, 4))
+    cm = speq.compile(model, opts)
+    engine = cm.engine
+    engine.replayer = Replayer(capture=False)
+    cm.generate(PROMPT, 8)
+    draft = [t for q in engine.draft.params.values() for t in (q.data, q.scales)]
+    assert draft and any(engine.replayer.holds(t) for t in draft)  # the test can fail
+    slots = engine.memory.slots
+    engine.drop_draft()
+    assert not engine.draft.on_device and engine.memory.slots > slots
+    assert not any(engine.replayer.holds(t) for t in draft)
+    assert engine.pool is not None and engine.pool.w13.shape[0] == engine.memory.slots
