@@ -7,7 +7,9 @@ Kernel B (``_down_kernel``): multiply ``h`` rows by the expert's w2, scale by th
 in fp32, and either atomically add into ``out[token]`` (fp32) or store per pair for a
 fixed-order sum (``_combine_kernel``).
 Weights are found through the slot table: expert e lives in slot ``slot_of_expert[e]`` of the
-pool. Padding rows (pair id == num_pairs) are masked out of every load and store.
+pool. Padding rows (pair id == num_pairs) are masked out of every load and store. Slot and row
+offsets (slot * stride, token * stride, pair * stride) are computed in int64: in int32 the row
+offset ``pair * I`` of ``h`` overflows past 75k tokens of Mixtral (k=2, I=14336).
 
 DOT_IN_FP32 (the Triton interpreter only): the interpreter stores bfloat16 as its uint16 bit
 pattern, and its ``tl.dot`` multiplies those bit patterns (triton#11584; its bf16 ``+``, ``*``
@@ -180,7 +182,9 @@ def _gate_up_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(pair_ids_ptr + offs_m)
     row_ok = pair < num_pairs
-    token = pair // TOP_K
+    # row offsets in int64: pair * stride and token * stride pass 2**31 in long prefills
+    token = (pair // TOP_K).to(tl.int64)
+    pair = pair.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     dtype = x_ptr.dtype.element_ty
@@ -302,7 +306,9 @@ def _down_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(pair_ids_ptr + offs_m)
     row_ok = pair < num_pairs
-    token = pair // TOP_K
+    # row offsets in int64: pair * stride and token * stride pass 2**31 in long prefills
+    token = (pair // TOP_K).to(tl.int64)
+    pair = pair.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     dtype = h_ptr.dtype.element_ty
@@ -368,7 +374,7 @@ def _combine_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """out[t, n] = sum_{j = 0 .. TOP_K-1} y[t * TOP_K + j, n], summed in that fixed order."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # int64 row offsets, as in the GEMM kernels
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)

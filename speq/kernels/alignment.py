@@ -5,9 +5,12 @@ j-th choice, expert ``topk_ids[t, j]``. The kernel processes rows in blocks of `
 every row of a block must use the same expert's weights, so the pairs are grouped by expert and
 each group is padded to a multiple of ``block_m``.
 
-Everything here is sync-free torch (no ``.item()``, ``nonzero``, ``unique``, or Python branching
-on tensor values) with outputs sized from the worst case, so it can run inside a captured CUDA
-graph.
+Two implementations, selected by ``backend`` (see :func:`align_experts`): one Triton kernel
+(``_alignment_kernels.py``, one launch, for up to :data:`MAX_KERNEL_PAIRS` pairs and
+:data:`MAX_KERNEL_EXPERTS` experts) and the torch reference (about 30 small ops, any size and
+device). Both are sync-free (no ``.item()``, ``nonzero``, ``unique``, or Python branching on
+tensor values) with outputs sized from the worst case, so they can run inside a captured CUDA
+graph, and both give exactly the same plan.
 """
 
 from __future__ import annotations
@@ -17,12 +20,29 @@ from typing import Literal
 
 import torch
 
-from speq.kernels._triton import cdiv
+from speq.kernels._triton import Backend, cdiv, next_power_of_2, select_backend
 
-__all__ = ["ALIGN_METHODS", "AlignMethod", "ExpertPlan", "align_experts", "max_plan_blocks"]
+__all__ = [
+    "ALIGN_METHODS",
+    "MAX_KERNEL_EXPERTS",
+    "MAX_KERNEL_PAIRS",
+    "AlignMethod",
+    "ExpertPlan",
+    "align_experts",
+    "align_experts_torch",
+    "kernel_unsupported",
+    "max_plan_blocks",
+]
 
 AlignMethod = Literal["sorted", "direct"]
 ALIGN_METHODS: tuple[str, ...] = ("sorted", "direct")
+
+# The kernel is one program walking the pairs serially (decode and verify sizes); past these
+# the torch path, whose ops run in parallel, serves.
+MAX_KERNEL_PAIRS = 4096
+MAX_KERNEL_EXPERTS = 1024
+_CHUNK = 64  # pairs per step of the kernel: its [CHUNK, CHUNK] comparison bounds the registers
+_BLOCK_R = 1024  # rows (and blocks) filled per step
 
 
 @dataclass(frozen=True)
@@ -73,18 +93,16 @@ def max_plan_blocks(num_pairs: int, num_experts: int, block_m: int, method: str)
     return cdiv(rows, block_m)
 
 
-def align_experts(
-    topk_ids: torch.Tensor,
-    num_experts: int,
-    block_m: int,
-    method: AlignMethod = "sorted",
-) -> ExpertPlan:
-    """Build the :class:`ExpertPlan` for ``topk_ids [T, k]`` (expert ids in ``[0, num_experts)``).
+def kernel_unsupported(num_pairs: int, num_experts: int) -> str | None:
+    """Why the alignment kernel does not take these sizes, or None when it does."""
+    if num_pairs > MAX_KERNEL_PAIRS:
+        return f"the alignment kernel takes up to {MAX_KERNEL_PAIRS} pairs, got {num_pairs}"
+    if num_experts > MAX_KERNEL_EXPERTS:
+        return f"the alignment kernel takes up to {MAX_KERNEL_EXPERTS} experts, got {num_experts}"
+    return None
 
-    ``"sorted"`` orders pairs by expert and, within an expert, by pair index (a stable sort).
-    Ids outside ``[0, num_experts)`` are not checked (that would need a host sync) and give an
-    undefined plan.
-    """
+
+def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int, method: str) -> None:
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [T, k], got shape {tuple(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -95,6 +113,68 @@ def align_experts(
         raise ValueError(f"block_m must be >= 1, got {block_m}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+
+
+def align_experts(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    method: AlignMethod = "sorted",
+    *,
+    backend: Backend = "auto",
+) -> ExpertPlan:
+    """Build the :class:`ExpertPlan` for ``topk_ids [T, k]`` (expert ids in ``[0, num_experts)``).
+
+    ``"sorted"`` orders pairs by expert and, within an expert, by pair index (a stable sort).
+    Ids outside ``[0, num_experts)`` are not checked (that would need a host sync) and give an
+    undefined plan.
+
+    ``backend``: ``"auto"`` runs the Triton kernel for CUDA tensors when
+    :func:`kernel_unsupported` accepts the sizes, and the torch reference otherwise;
+    ``"triton"`` insists on the kernel (CPU tensors need ``TRITON_INTERPRET=1``) and raises a
+    ValueError saying why it cannot run; ``"torch"`` runs the reference. The plans are equal.
+    """
+    _check(topk_ids, num_experts, block_m, method)
+    reason = kernel_unsupported(topk_ids.numel(), num_experts)
+    if backend == "triton" and reason:
+        raise ValueError(f"align_experts: {reason}")
+    chosen = select_backend(backend, topk_ids.device, (), frozenset(), "align_experts")
+    if chosen == "torch" or reason:
+        return align_experts_torch(topk_ids, num_experts, block_m, method)
+    return _align_experts_triton(topk_ids, num_experts, block_m, method)
+
+
+def _align_experts_triton(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, method: AlignMethod
+) -> ExpertPlan:
+    from speq.kernels import _alignment_kernels as kern
+
+    num_tokens, top_k = topk_ids.shape
+    num_pairs = num_tokens * top_k
+    device = topk_ids.device
+    max_blocks = max_plan_blocks(num_pairs, num_experts, block_m, method)
+    pair_ids = torch.empty((max_blocks * block_m,), dtype=torch.int32, device=device)
+    block_expert = torch.empty((max_blocks,), dtype=torch.int32, device=device)
+    num_valid = torch.empty((1,), dtype=torch.int32, device=device)
+    kern._align_kernel[(1,)](
+        topk_ids, pair_ids, block_expert, num_valid,
+        num_pairs, pair_ids.shape[0], max_blocks,
+        *topk_ids.stride(),
+        TOP_K=max(top_k, 1), DIRECT=method == "direct", BLOCK_M=block_m,
+        BLOCK_E=next_power_of_2(num_experts), CHUNK=_CHUNK, BLOCK_R=_BLOCK_R, num_warps=4,
+    )  # fmt: skip
+    return ExpertPlan(pair_ids, block_expert, num_valid, num_tokens, top_k, block_m, method)
+
+
+def align_experts_torch(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    method: AlignMethod = "sorted",
+) -> ExpertPlan:
+    """The reference of :func:`align_experts`, in about 30 small torch ops (any size, any
+    device)."""
+    _check(topk_ids, num_experts, block_m, method)
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
     device = topk_ids.device

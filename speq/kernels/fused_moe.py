@@ -40,7 +40,7 @@ from speq.kernels._triton import (
     select_backend,
 )
 from speq.kernels.activation import SWIGLU, Activation
-from speq.kernels.alignment import ExpertPlan, align_experts
+from speq.kernels.alignment import ExpertPlan, align_experts, kernel_unsupported
 from speq.kernels.autotune import KernelConfig, get_config
 from speq.kernels.quant import QuantizedExperts
 
@@ -268,8 +268,12 @@ def _fused_moe_triton(
 
     device = hidden.device
     t, h, i, k = dims.num_tokens, dims.hidden, dims.intermediate, dims.top_k
-    if plan is None:
-        plan = align_experts(topk_ids, dims.num_experts, config.block_m, config.align)
+    if plan is None:  # one launch where the alignment kernel takes the sizes
+        fits = kernel_unsupported(dims.num_pairs, dims.num_experts) is None
+        plan = align_experts(
+            topk_ids, dims.num_experts, config.block_m, config.align,
+            backend="triton" if fits else "torch",
+        )  # fmt: skip
     if plan.block_m != config.block_m:
         raise ValueError(
             f"plan.block_m={plan.block_m} differs from config.block_m={config.block_m}"
@@ -280,6 +284,8 @@ def _fused_moe_triton(
         intermediate = torch.empty((dims.num_pairs, i), dtype=hidden.dtype, device=device)
     if dims.num_pairs == 0:
         return torch.zeros((t, h), dtype=hidden.dtype, device=device)
+    # fp32 models get IEEE fp32 products (no TF32: they are the exact-comparison dtype, slower on
+    # tensor cores); for bf16/fp16 inputs the setting is moot (products are exact, fp32 accumulate)
     dot_precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
     dot_in_fp32 = _dot_in_fp32(hidden.dtype)
     meta = dict(

@@ -17,6 +17,7 @@ from speq.kernels import (
     route_topk,
     route_topk_torch,
 )
+from speq.kernels.alignment import align_experts_torch
 from speq.kernels.fused_moe import _dot_in_fp32
 
 from .kernel_cases import assert_close
@@ -80,6 +81,21 @@ def test_routing_kernel(dtype: torch.dtype) -> None:
         ref_ids, ref_w = route_topk_torch(logits, 4, mode)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sorted", "direct"])
+def test_alignment_kernel_equals_the_torch_plan(method: str) -> None:
+    """The compiled one-program alignment (``"auto"`` on CUDA) against the torch reference, up
+    to the kernel's sizes."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for t, k, e, block_m in [(1, 8, 256, 16), (4, 6, 64, 16), (17, 8, 256, 64), (128, 8, 512, 64),
+                             (512, 8, 1024, 16), (33, 1, 1, 32)]:  # fmt: skip
+        ids = torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)])
+        for dtype in (torch.int32, torch.int64):
+            plan = align_experts(ids.to(dtype), e, block_m, method)
+            ref = align_experts_torch(ids.to(dtype), e, block_m, method)
+            for name in ("sorted_pair_ids", "block_expert", "num_valid_blocks"):
+                assert torch.equal(getattr(plan, name), getattr(ref, name)), (t, k, e, name)
 
 
 def test_no_host_sync() -> None:
