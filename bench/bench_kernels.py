@@ -1,4 +1,6 @@
 """Fused MoE kernel benchmark. Writes bench/results/kernels_{cpu|gpu}.json and prints a table.
+The JSON is rewritten after every row, so a run that is stopped (a timeout) keeps the rows it
+finished; ``"complete": true`` marks a run that got to the end.
 
 GPU (the default when CUDA is present): bfloat16 at the four preset models' real shapes, T in
 {1, 2, 4, 8, 16, 64}. The Triton ``fused_moe`` (dense, and INT4 g128 as the draft uses it) is
@@ -140,12 +142,28 @@ def fmt_time(s: dict[str, Any] | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- CPU
-def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+def run_cpu(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The CPU table; ``save(result)`` after each row (the rows so far)."""
     # One thread by default: on a small shared machine, OpenMP workers waiting for a busy
     # core turn microsecond matmuls into scheduler ticks, and the numbers into noise.
     torch.set_num_threads(args.threads)
     dtype = torch.float32
-    rows = []
+    rows: list[dict[str, Any]] = []
+    setting = (
+        f"CPU, float32, preset shapes with H and I divided by {args.divisor}; grouped torch path "
+        f"(fused_moe backend='torch') vs a Hugging Face-style eager loop over experts; each time "
+        f"is the median wall-clock of >= {args.min_time_s} s of calls, {torch.get_num_threads()} "
+        f"torch thread(s); {args.rounds} interleaved rounds, median (min-max) over them"
+    )
+    columns = {
+        "model": "model",
+        "T": "T (tokens)",
+        "experts_hit": "experts hit",
+        "hf_loop_us": "HF eager loop (µs)",
+        "grouped_us": "grouped torch (µs)",
+        "speedup": "speed-up of grouped (×)",
+    }
+    result = dict(setting=setting, rows=rows, columns=columns)
     shapes = [PRESETS[m].scaled(args.divisor) for m in args.models]
     work = len(shapes) * len(args.tokens)
     bar = tqdm(total=work, desc="bench_kernels[cpu]", unit="shape", file=sys.stderr)
@@ -178,23 +196,10 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
                     max_abs_diff=diff,
                 )
             )
+            save(result)
             bar.update()
     bar.close()
-    setting = (
-        f"CPU, float32, preset shapes with H and I divided by {args.divisor}; grouped torch path "
-        f"(fused_moe backend='torch') vs a Hugging Face-style eager loop over experts; each time "
-        f"is the median wall-clock of >= {args.min_time_s} s of calls, {torch.get_num_threads()} "
-        f"torch thread(s); {args.rounds} interleaved rounds, median (min-max) over them"
-    )
-    columns = {
-        "model": "model",
-        "T": "T (tokens)",
-        "experts_hit": "experts hit",
-        "hf_loop_us": "HF eager loop (µs)",
-        "grouped_us": "grouped torch (µs)",
-        "speedup": "speed-up of grouped (×)",
-    }
-    return dict(setting=setting, rows=rows, columns=columns)
+    return result
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -229,12 +234,35 @@ def _do_bench_us(fn: Callable[[], object]) -> float:
     return 1e3 * triton.testing.do_bench(fn, return_mode="median")
 
 
-def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+def run_gpu(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The GPU table; ``save(result)`` after each row (the rows so far)."""
     dtype, dev = torch.bfloat16, "cuda"
     name = torch.cuda.get_device_name()
     peak = _peak_bandwidth(name)
     deadline = time.monotonic() + args.budget_s
-    rows, skipped = [], []
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, int]] = []
+    setting = (
+        f"GPU {name}, bfloat16 activations, real preset shapes; Triton timed as the median of "
+        f"CUDA-graph replays over {NUM_ROUTINGS} rotating routings; bytes floor = touched "
+        f"experts' weights once + activations (GB/s and % from the median time); nominal HBM "
+        f"{'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}; {args.rounds} interleaved "
+        f"rounds, median (min-max) over them"
+    )
+    columns = {
+        "model": "model",
+        "T": "T (tokens)",
+        "experts_hit": "experts hit (mean)",
+        "bf16_us": "Triton bf16 (µs)",
+        "bf16_gbps": "bf16 (GB/s)",
+        "bf16_pct_hbm": "bf16 (% of HBM floor)",
+        "int4_us": "Triton int4 (µs)",
+        "int4_gbps": "int4 (GB/s)",
+        "torch_grouped_us": "torch grouped (µs)",
+        "torch_ref_us": "torch ref fp32 (µs)",
+        "speedup_vs_ref": "speedup vs ref (×)",
+    }
+    result = dict(setting=setting, rows=rows, columns=columns, skipped=skipped, peak_bw=peak)
     work = [(m, t) for m in args.models for t in args.tokens]
     bar = tqdm(total=len(work), desc="bench_kernels[gpu]", file=sys.stderr)
     for model in args.models:
@@ -287,31 +315,12 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             row["torch_ref_us"] = time_spread(per_round, "torch_ref")
             row["speedup_vs_ref"] = ratio_spread(per_round, "torch_ref", "bf16")
             rows.append(row)
+            save(result)
             bar.update()
         del w13, w2, q13, q2
         torch.cuda.empty_cache()
     bar.close()
-    setting = (
-        f"GPU {name}, bfloat16 activations, real preset shapes; Triton timed as the median of "
-        f"CUDA-graph replays over {NUM_ROUTINGS} rotating routings; bytes floor = touched "
-        f"experts' weights once + activations (GB/s and % from the median time); nominal HBM "
-        f"{'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}; {args.rounds} interleaved "
-        f"rounds, median (min-max) over them"
-    )
-    columns = {
-        "model": "model",
-        "T": "T (tokens)",
-        "experts_hit": "experts hit (mean)",
-        "bf16_us": "Triton bf16 (µs)",
-        "bf16_gbps": "bf16 (GB/s)",
-        "bf16_pct_hbm": "bf16 (% of HBM floor)",
-        "int4_us": "Triton int4 (µs)",
-        "int4_gbps": "int4 (GB/s)",
-        "torch_grouped_us": "torch grouped (µs)",
-        "torch_ref_us": "torch ref fp32 (µs)",
-        "speedup_vs_ref": "speedup vs ref (×)",
-    }
-    return dict(setting=setting, rows=rows, columns=columns, skipped=skipped, peak_bw=peak)
+    return result
 
 
 def printable(row: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +333,8 @@ def printable(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu_check.py's test parses the command it builds with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
@@ -335,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 1)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="GPU: stop starting rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.rounds < 1:
@@ -344,21 +359,30 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_kernels: --device gpu needs a CUDA device; none found.")
         return 0
     code = git_state()  # at the start: the code the numbers were measured on
+    env = environment()
+    path = args.out / f"kernels_{'gpu' if gpu else 'cpu'}.json"
     start = time.perf_counter()
-    result = run_gpu(args) if gpu else run_cpu(args)
-    payload = dict(
-        format=FORMAT,
-        benchmark="kernels",
-        device="gpu" if gpu else "cpu",
-        setting=result["setting"],
-        rounds=args.rounds,
-        code=code,
-        environment=environment(),
-        seconds=time.perf_counter() - start,
-        rows=result["rows"],
-        **{k: v for k, v in result.items() if k not in ("setting", "rows", "columns")},
-    )
-    path = write_json(args.out / f"kernels_{'gpu' if gpu else 'cpu'}.json", payload)
+
+    def save(result: dict[str, Any], complete: bool = False) -> Path:
+        """The file as it stands: rewritten after every row, so a run that is stopped keeps
+        the rows it finished (``complete`` is False until the last one is in)."""
+        payload = dict(
+            format=FORMAT,
+            benchmark="kernels",
+            device="gpu" if gpu else "cpu",
+            setting=result["setting"],
+            rounds=args.rounds,
+            code=code,
+            environment=env,
+            seconds=time.perf_counter() - start,
+            complete=complete,
+            rows=result["rows"],
+            **{k: v for k, v in result.items() if k not in ("setting", "rows", "columns")},
+        )
+        return write_json(path, payload)
+
+    result = run_gpu(args, save) if gpu else run_cpu(args, save)
+    save(result, complete=True)
     print(f"# {result['setting']}")
     print(table([printable(row) for row in result["rows"]], result["columns"]))
     print(f"# wrote {path}")

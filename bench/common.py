@@ -79,8 +79,12 @@ def time_cpu_us(
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` whole or not at all (a temporary file, then a rename), so a
+    run killed while it rewrites its results leaves the previous version, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 
