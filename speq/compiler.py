@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from speq.cost import Policy
+from speq.cost import Calibration, Policy
 from speq.frontend.capture import capture
 from speq.frontend.checkpoint import from_checkpoint
 from speq.frontend.hf import from_hf_model, is_hf_model
@@ -31,6 +31,7 @@ from speq.runtime.options import CompileOptions, context_length
 from speq.runtime.policies import get_policy
 from speq.runtime.sampling import SamplingParams
 from speq.runtime.store import ExpertStore
+from speq.sim.routing_trace import RoutingTrace
 
 __all__ = ["CompileOptions", "CompiledModel", "compile"]
 
@@ -47,12 +48,20 @@ class CompiledModel:
         params: dict[str, torch.Tensor],
         options: CompileOptions,
         graphs: PassHistory,
+        routing_trace: RoutingTrace | None = None,
+        measured: bool = False,
+        calibration: Calibration | None = None,
     ) -> None:
+        """``routing_trace``: the ``trace`` backend's routing; ``measured``: its node times from
+        the trace's measurements; ``calibration``: what the governor decides from, instead of
+        calibrating (a simulation of a recorded governed run decides as the run did)."""
         self.spec, self.options, self.graphs = spec, options, graphs
-        self.engine = Engine(spec, params, graphs.final, options)
-        self._calibrated_on_input = not self.engine.governs
+        self.engine = Engine(spec, params, graphs.final, options, routing_trace)
+        self.engine.measured_node_times = measured
+        self.calibration: Calibration | None = None  # the governor's last
+        self._calibrated_on_input = not self.engine.governs or calibration is not None
         if self.engine.governs:
-            self._govern(None, "governor")
+            self._govern(None, "governor", calibration)
 
     def calibrate(self, input_ids: torch.Tensor) -> None:
         """Calibrate the governor on ``input_ids`` (text like what will be decoded, but not the
@@ -63,15 +72,21 @@ class CompiledModel:
             self._calibrated_on_input = True
             self._govern(prompt, "governor (recalibrated on a calibration prompt)")
 
-    def _govern(self, prompt: torch.Tensor | None, name: str) -> None:
-        """Calibrate the engine on ``prompt`` (None: a fixed random one), run the governor pass
-        on what it measured, and have the engine run the policy the pass chose."""
-        t0 = time.perf_counter()
-        calibration = self.engine.calibrate(prompt)
-        self.engine.calibration_s = time.perf_counter() - t0
-        took = (
-            f"calibrated on the {self.options.backend} backend in {self.engine.calibration_s:.2f} s"
-        )
+    def _govern(
+        self, prompt: torch.Tensor | None, name: str, calibration: Calibration | None = None
+    ) -> None:
+        """Calibrate the engine on ``prompt`` (None: a fixed random one) unless a
+        ``calibration`` is given, run the governor pass on it, and have the engine run the
+        policy the pass chose."""
+        if calibration is None:
+            t0 = time.perf_counter()
+            calibration = self.engine.calibrate(prompt)
+            self.engine.calibration_s = time.perf_counter() - t0
+            took = f"calibrated on the {self.options.backend} backend in {self.engine.calibration_s:.2f} s"
+        else:
+            self.engine.restore_draft()
+            took = "a given calibration"
+        self.calibration = calibration
         self.graphs = run_pass(
             self.graphs,
             name,
@@ -172,6 +187,19 @@ def compile(
         spec, params = from_hf_model(model, options.dtype)
     else:
         spec, params = from_reference(model, options.dtype)
+    return compile_spec(spec, params, options)
+
+
+def compile_spec(
+    spec: ModelSpec,
+    params: dict[str, torch.Tensor],
+    options: CompileOptions,
+    routing_trace: RoutingTrace | None = None,
+    measured: bool = False,
+    calibration: Calibration | None = None,
+) -> CompiledModel:
+    """`compile` from a model's spec and weights (``routing_trace``, ``measured``,
+    ``calibration``: see `CompiledModel`)."""
     context = context_length(options, spec.config.max_seq_len)
     if context != spec.config.max_seq_len:
         spec = ModelSpec(dataclasses.replace(spec.config, max_seq_len=context), spec.dtype)
@@ -181,7 +209,7 @@ def compile(
     history = run_passes(program, passes, time.perf_counter() - t0)
     if os.environ.get("SPEQ_DEBUG"):
         log.warning("speq.compile pass history:\n%s", history)
-    return CompiledModel(spec, params, options, history)
+    return CompiledModel(spec, params, options, history, routing_trace, measured, calibration)
 
 
 def pipeline_options(options: CompileOptions) -> PipelineOptions:

@@ -24,6 +24,8 @@ from speq.cli.args import (
 )
 from speq.cli.demo import DEMO_PROMPT, cmd_demo
 from speq.cli.generate import cmd_generate
+from speq.cli.simulate import add_simulate_args
+from speq.cli.simulate import run as cmd_simulate
 from speq.cli.tools import cmd_explain, cmd_export, cmd_roofline, cmd_tune
 
 
@@ -97,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=demo_model_help)
     p.set_defaults(func=cmd_demo)
 
-    _add_generate(sub, tuple(POLICIES), tuple(BACKENDS))
+    # "trace" runs on a routing trace, which only speq.simulate supplies: not a user's choice
+    backends = tuple(name for name in BACKENDS if name != "trace")
+    _add_generate(sub, tuple(POLICIES), backends)
 
     p = sub.add_parser("explain", help="print the IR after every compiler pass, and the policy")
     _add_model_args(p)
     p.add_argument("--policy", default="speq", choices=tuple(POLICIES))
     p.add_argument("--k", type=POSITIVE_INT, help="drafted tokens (speq; default: governor)")
-    p.add_argument(
-        "--backend", default="sim", choices=tuple(BACKENDS), help="sim: modelled hardware"
-    )
+    p.add_argument("--backend", default="sim", choices=backends, help="sim: modelled hardware")
     p.add_argument("--profile", default="a100-40g-pcie4", choices=tuple(PROFILES))
     p.add_argument("--device-memory", type=device_memory, help='device budget, e.g. "12MB"')
     p.set_defaults(func=cmd_explain)
@@ -145,4 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-candidates", type=POSITIVE_INT, default=None)
     p.add_argument("--out", type=Path, default=CONFIG_DIR, help="output directory")
     p.set_defaults(func=cmd_tune, tune_parser=p)
+
+    what = "Replay a routing trace through a per-layer expert cache and report its hit rate."
+    p = sub.add_parser(
+        "simulate", help="expert-cache hit rates on a routing trace", description=what
+    )
+    add_simulate_args(p)
+    p.set_defaults(func=cmd_simulate, simulate_parser=p)
     return parser

@@ -8,6 +8,9 @@ compile) in `BACKENDS`; everything else reads the object, never the name.
   cost model says for a hardware profile, each copy what the link's bandwidth says. No expert is
   copied (the compute reads the host store).
 - ``cuda``: a GPU: pinned host memory, a copy stream per priority, events, graph replay.
+- ``trace``: the ``sim`` backend's clock without weights or compute: tensors live on the
+  ``meta`` device, routing and acceptance come from a routing trace (speq.runtime.ops_trace),
+  so models of any size simulate in seconds.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from speq.ir.run import ImplTable
 from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
 from speq.runtime.ops_eager import EAGER
 from speq.runtime.ops_offload import OFFLOAD
+from speq.runtime.ops_trace import TRACE, shape_only
 
-KERNELS = ImplTable((("offload", OFFLOAD), ("eager", EAGER)))  # every backend's op implementations
+KERNELS = ImplTable((("offload", OFFLOAD), ("eager", EAGER)))  # the executing backends' ops
+TRACE_KERNELS = ImplTable((("trace", TRACE), ("offload", OFFLOAD), ("eager", shape_only(EAGER))))
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ BACKENDS: Mapping[str, Backend] = MappingProxyType(
         "cpu": Backend("cpu", "cpu", lambda gbps, lat, _: EmulatedLink(gbps, lat)),
         "sim": Backend("sim", "cpu", lambda gbps, lat, _: VirtualLink(gbps, lat), True),
         "cuda": Backend("cuda", "cuda", CudaLink),
+        "trace": Backend(
+            "trace", "meta", lambda gbps, lat, _: VirtualLink(gbps, lat), True, TRACE_KERNELS
+        ),
     }
 )
 SIM = BACKENDS["sim"]  # the virtual clock that calibration probes and recording passes run on

@@ -82,6 +82,8 @@ class DraftWeights:
 def _host(q, pin: bool):
     """A quantized weight in host memory; ``pin``: page-locked, so that the mid-run upload
     (`DraftWeights.upload`) is an asynchronous copy at the link's full rate."""
+    if q.device.type == "meta":  # the trace backend's weights have no data to move
+        return q
     q = q.to("cpu")
     if pin:
         q = dataclasses.replace(q, data=q.data.pin_memory(), scales=q.scales.pin_memory())

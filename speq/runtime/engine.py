@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
 from collections.abc import Callable
 
 import torch
@@ -31,12 +32,15 @@ from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.options import CompileOptions
 from speq.runtime.policies import OnDemand, get_policy
 from speq.runtime.replay import Replayer
+from speq.runtime.requests import check_request
 from speq.runtime.sampling import SamplingParams, pick
 from speq.runtime.session import Session
 from speq.runtime.speculative import Recorder, Speq, Window, speculative_decode
 from speq.runtime.store import ExpertStore
 from speq.runtime.switch import MidRunSwitch
+from speq.runtime.trace_routing import TraceRecorder, TraceRouting
 from speq.sim.profiles import get_profile
+from speq.sim.routing_trace import RoutingTrace
 
 
 class Engine:
@@ -49,9 +53,15 @@ class Engine:
         params: dict[str, torch.Tensor],
         program: Program,
         options: CompileOptions,
+        routing_trace: RoutingTrace | None = None,
     ) -> None:
+        """``routing_trace``: where the ``trace`` backend's routing and acceptance come from."""
         self.spec, self.options, self.program = spec, options, program
         self.backend = get_backend(options.backend)
+        if (routing_trace is not None) != (self.backend.name == "trace"):
+            raise ValueError(
+                "the trace backend runs from a routing trace (speq.simulate), and only it does"
+            )
         self.policy_class = get_policy(options.policy)
         self.profile = get_profile(options.profile)
         self.device = self.backend.device
@@ -67,6 +77,9 @@ class Engine:
         self.metrics: Metrics | None = None  # of the last generate
         self.calibration_s: float | None = None  # the last calibration's seconds (wall clock)
         self.switch = MidRunSwitch(self)
+        self.routing_trace = routing_trace
+        self.measured_node_times = False  # trace backend: node times from the trace's record
+        self.recorder: TraceRecorder | None = None  # records the next generate's run
         self.calibrator = Calibrator(self)
         self.replayer: Replayer | None = None
         self._kv: KVCache | None = None  # the decodes' KV cache under replay (see kv_cache)
@@ -185,13 +198,17 @@ class Engine:
         backend's clock without copying anything; ``slots`` (virtual only) overrides the
         planned cache size."""
         slots = self.memory.slots if slots is None else slots
-        backend = SIM if virtual else self.backend
+        backend = SIM if virtual and not self.backend.modelled_time else self.backend
         cache = self.cache(policy, slots)
         timeline = Timeline() if self.options.trace_path and not virtual else None
         link = backend.link(*self.link_params, self.device)
         pool = None if virtual else self.pool
         expert = self.memory.expert_bytes
         runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline, expert)
+        if self.routing_trace is not None:  # each run replays the trace from its start
+            runtime.trace = TraceRouting(
+                self.routing_trace, self.store.layers, self.program, self.measured_node_times
+            )
         if policy.all_resident or slots >= len(self.store.keys()):
             self._preload(cache, pool)  # every expert fits: all are resident from the start
         # a dict of the session's own: a mid-run switch adds the draft's weights to it
@@ -265,6 +282,12 @@ class Engine:
         """One forward pass of ``graph`` over ``tokens`` at ``pos``: the logits."""
         ctx = session.context(cache, pos, tokens.shape[0])
         kernels = session.backend.kernels
+        trace, recorder = session.runtime.trace, session.runtime.recorder
+        if trace is not None:
+            trace.begin(graph, pos, tokens.shape[0])
+        if recorder is not None:
+            recorder.begin(graph, pos, tokens.tolist())
+        t0 = time.perf_counter()
         if self.replayer is None or cache is not self._kv:  # replay serves the decodes' cache
             inputs = {"tokens": tokens.to(self.device), "pos": pos}
             (logits,) = run_graph(self.program[graph], inputs, ctx, kernels)
@@ -278,6 +301,11 @@ class Engine:
             inputs = {"tokens": staged[:-1], "pos": staged[-1]}
             (logits,) = self.replayer.run(self.program[graph], inputs, ctx, kernels)
         cache.length = pos + tokens.shape[0]
+        if trace is not None:  # meta logits: the trace says what the loop accepts
+            session.link.advance(trace.overhead())
+            logits = trace.logits(self.config.vocab_size)
+        if recorder is not None:
+            recorder.end(logits, time.perf_counter() - t0)
         return logits
 
     def kv_cache(self) -> KVCache:
@@ -374,6 +402,7 @@ class Engine:
         else:
             policy = self.policy_class.for_run(self, prompt, n, sampling)
         session = self.session(policy)
+        session.runtime.recorder = self.recorder
         try:
             out = self.decode(prompt, n, sampling, session, callback, may_switch)
         except BaseException:  # an error or an interrupt: drop queued copies, stop the link
@@ -393,35 +422,5 @@ class Engine:
     def check_request(
         self, input_ids: torch.Tensor, max_new_tokens: int, callback: object = None
     ) -> torch.Tensor:
-        """``input_ids`` as a 1-D int64 CPU tensor, or a ValueError (a TypeError for a wrong
-        type) saying what was expected of it, of ``max_new_tokens`` or of ``callback``."""
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable or None, got {callback!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
-        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
-            input_ids = input_ids[0]
-        if input_ids.dim() != 1:
-            raise ValueError(
-                f"input_ids must have shape [1, T] or [T] (speq decodes one sequence at a time), "
-                f"got {tuple(input_ids.shape)}"
-            )
-        if input_ids.numel() == 0:
-            raise ValueError("input_ids is empty: give at least one prompt token")
-        v = self.config.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= v:
-            raise ValueError(f"input_ids must lie in [0, {v}) (the vocabulary size)")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        total = input_ids.shape[0] + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt ({input_ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) = "
-                f"{total} exceeds the model's max_seq_len ({self.config.max_seq_len}, the context "
-                "it was compiled for: CompileOptions.max_seq_len)"
-            )
-        return input_ids.to(torch.int64).cpu()
+        """``input_ids`` as a 1-D int64 CPU tensor, or an error (`check_request`)."""
+        return check_request(self.config, input_ids, max_new_tokens, callback)

@@ -13,7 +13,7 @@ raises `speq.TransferError`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,8 @@ class OffloadRuntime:
         self.copy_bytes = store.expert_bytes if copy_bytes is None else copy_bytes
         self.policy = policy
         self.timeline = timeline
+        self.trace = None  # the trace backend's routing (speq.runtime.trace_routing)
+        self.recorder = None  # a TraceRecorder while a run is recorded
         self.counters = Counters()
         self.needs_log: list[tuple[int, frozenset[int]]] = []  # every ensure, in order
         # copies in flight, in issue order (a dict: iteration order must not depend on ids)
@@ -335,11 +337,7 @@ class OffloadRuntime:
 
         layer = residency.layer
         out = None
-        for i, chunk in enumerate(residency.chunks):
-            entries = residency.entries if i == 0 else self.ensure(layer, chunk)
-            for e in entries:
-                if e.loading or (e.copy is not None and not self.link.done(e.copy)):
-                    raise RuntimeError(f"expert {e.key} read before its copy completed")
+        for chunk, entries in self.serve(residency):
             ids_c, w_c = ids, weights
             if len(residency.chunks) > 1:
                 inside = torch.isin(ids, torch.tensor(chunk, device=ids.device))
@@ -353,6 +351,18 @@ class OffloadRuntime:
             if self.pool is not None:
                 self.link.released([e.slot for e in entries])
             out = y if out is None else out + y
+        return out
+
+    def serve(self, residency: Residency) -> Iterator[tuple[list[int], list[Entry]]]:
+        """Each chunk of a layer's experts with its entries, resident and loaded, while the
+        caller computes it; released after, and the policy told the layer is done. (The
+        trace-driven backend computes nothing in between.)"""
+        layer = residency.layer
+        for i, chunk in enumerate(residency.chunks):
+            entries = residency.entries if i == 0 else self.ensure(layer, chunk)
+            for e in entries:
+                if e.loading or (e.copy is not None and not self.link.done(e.copy)):
+                    raise RuntimeError(f"expert {e.key} read before its copy completed")
+            yield chunk, entries
             self.release(entries)
         self.policy.after_layer(self, layer)
-        return out

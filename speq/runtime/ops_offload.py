@@ -52,7 +52,17 @@ def _prefetch(node, args, ctx):
     if a["source"] == "elb":  # the draft's routing, into the Expert Lookahead Buffer
         ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
         return ()
+    experts = next_layer_experts(node, args)
+    if ctx.runtime.recorder is not None:
+        ctx.runtime.recorder.prefetch(a["layer"], experts)
+    ctx.runtime.prefetch(a["layer"], experts, Priority.NORMAL)
+    return ()
+
+
+def next_layer_experts(node, args) -> list[int]:
+    """The experts a next-layer PREFETCH predicts: the next layer's router applied to this
+    layer's hidden state."""
+    a = node.attrs
     hidden, router = args[:2]  # the next layer's router bias, if any, is not read: a prediction
     ids, _ = fn.route(hidden @ router.t(), a["k"], a["mode"], a["renormalize"], limits_of(node))
-    ctx.runtime.prefetch(a["layer"], sorted(set(ids.reshape(-1).tolist())), Priority.NORMAL)
-    return ()
+    return sorted(set(ids.reshape(-1).tolist()))

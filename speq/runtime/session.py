@@ -48,13 +48,29 @@ class Session:
         self._start = self.link.now()
         self._prefill_end: float | None = None
         self._prefill_counters = Counters()
+        self._stall_mark = runtime.counters.stall_s
 
     def context(self, cache: KVCache, pos: int, tokens: int) -> RunContext:
         self._tokens, self._context = tokens, pos + tokens
         return RunContext(self.params, cache, pos, self.runtime, self._observe)
 
     def _observe(self, node: Node, args: tuple, outs: tuple, seconds: float) -> None:
-        if self.backend.modelled_time:
+        recorder, trace = self.runtime.recorder, self.runtime.trace
+        if recorder is not None:
+            if node.op is Op.ROUTER:
+                recorder.route(node.attrs["layer"], *outs)
+            stalled = 0.0
+            if not self.backend.modelled_time:  # a wall-clock node time includes its stalls
+                stalled, self._stall_mark = (
+                    self.runtime.counters.stall_s - self._stall_mark,
+                    self.runtime.counters.stall_s,
+                )
+            recorder.node(node, seconds, stalled)
+        measured = trace.node_seconds(node) if trace is not None and trace.measured else None
+        if measured is not None:
+            self.link.advance(measured)
+            seconds = measured
+        elif self.backend.modelled_time:
             touched = None
             residency = bind(node, args)["residency"] if node.op is Op.FUSED_MOE else None
             if residency is not None:  # the experts the WAIT made resident

@@ -102,7 +102,7 @@ class ExpertStore:
         seen: set[int] = set()
         total = 0
         for t in self.resident.values():
-            if t.data_ptr() not in seen:  # tied weights count once
+            if t.is_meta or t.data_ptr() not in seen:  # tied weights count once (meta: no ties)
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total

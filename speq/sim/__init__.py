@@ -22,19 +22,34 @@ from speq.sim.presets import (
     total_params,
 )
 from speq.sim.profiles import PROFILES, HardwareProfile, get_profile
+from speq.sim.trace_gen import DEFAULT_ACCEPTANCE, DEFAULT_AGREEMENT, generate_trace
+from speq.sim.trace_stats import (
+    TraceStats,
+    compare_stats,
+    fit_stats,
+    measure_stats,
+    trace_stats_table,
+)
 
 __all__ = [
+    "DEFAULT_ACCEPTANCE",
+    "DEFAULT_AGREEMENT",
     "MODEL_PRESETS",
     "PROFILES",
     "HardwareProfile",
     "NodeCost",
+    "TraceStats",
     "active_params",
+    "compare_stats",
     "expected_distinct_experts",
     "expert_bytes",
     "expert_params",
+    "fit_stats",
+    "generate_trace",
     "get_preset",
     "get_profile",
     "link_seconds",
+    "measure_stats",
     "node_cost",
     "node_seconds",
     "non_expert_bytes",
@@ -44,4 +59,5 @@ __all__ = [
     "step_cost",
     "step_seconds",
     "total_params",
+    "trace_stats_table",
 ]

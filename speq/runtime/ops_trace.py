@@ -1,0 +1,89 @@
+"""The ``trace`` backend's implementations of the ops whose values decide where experts go.
+
+Everything else runs on the ``meta`` device (shapes, no data, no memory: a 42B-parameter model
+costs nothing), so these are the ops that must give real values: ROUTER reads the routing from
+the trace (`speq.runtime.trace_routing.TraceRouting`, ``ctx.runtime.trace``); a next-layer
+PREFETCH reads the prediction the trace recorded; FUSED_MOE does the offloading runtime's
+bookkeeping (the experts resident and pinned while the layer "runs", released after) and
+computes nothing. Node times come from the cost model, as on the ``sim`` backend.
+
+`shape_only` wraps the eager ops for this backend: the first run of a node at given input
+shapes computes on ``meta`` (torch's meta kernels cost about a millisecond an op), later runs
+return empty ``meta`` tensors of the shapes it gave, and KV-cache writes do nothing (a meta cache
+holds no data). That is what lets a 32-layer model simulate in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from speq.ir.ops import Op
+from speq.ir.run import Impl, implements
+from speq.ir.schema import bind
+from speq.runtime.link import Priority
+
+TRACE: dict[Op, Impl] = {}
+
+
+def _trace(op: Op) -> Callable[[Impl], Impl]:
+    return implements(TRACE, op)
+
+
+@_trace(Op.ROUTER)
+def _router(node, args, ctx):
+    return ctx.runtime.trace.route(node.attrs["layer"])
+
+
+@_trace(Op.PREFETCH)
+def _prefetch(node, args, ctx):
+    a = node.attrs
+    if a["source"] == "elb":
+        ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
+        return ()
+    ctx.runtime.prefetch(a["layer"], ctx.runtime.trace.prefetch(a["layer"]), Priority.NORMAL)
+    return ()
+
+
+@_trace(Op.FUSED_MOE)
+def _fused_moe(node, args, ctx):
+    a = bind(node, args)
+    if a["residency"] is not None:
+        for _ in ctx.runtime.serve(a["residency"]):
+            pass
+    return (torch.empty_like(a["x"]),)
+
+
+_NO_DATA = (Op.KV_WRITE, Op.MLA_KV_WRITE)  # return the cache they write to, and write nothing
+
+
+def shape_only(table: Mapping[Op, Impl]) -> dict[Op, Impl]:
+    """``table``'s implementations on ``meta`` tensors, memoised by node and input shapes (see
+    the module docstring); an op with a non-tensor output runs every time."""
+    return {op: _memoised(op, impl) for op, impl in table.items()}
+
+
+def _memoised(op: Op, impl: Impl) -> Impl:
+    if op in _NO_DATA:
+        return lambda node, args, ctx: (ctx.cache,)
+    shapes: dict[tuple, tuple[tuple[torch.Size, torch.dtype], ...] | None] = {}
+
+    def run(node, args, ctx):
+        key = (id(node), *(_signature(a) for a in args))
+        known = shapes.get(key)
+        if known is not None:
+            return tuple(torch.empty(s, dtype=d, device="meta") for s, d in known)
+        outs = impl(node, args, ctx)
+        if all(isinstance(t, torch.Tensor) and t.is_meta for t in outs):
+            shapes[key] = tuple((t.shape, t.dtype) for t in outs)
+        return outs
+
+    return run
+
+
+def _signature(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.shape, a.dtype)
+    return type(a)

@@ -1,0 +1,104 @@
+"""``speq simulate --trace FILE --cache-policy lru|belady --slots-per-layer N [--json]``: the
+hit rates of a per-layer expert cache replayed over a routing log, and the refusals (one line,
+exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speq.cli import main
+from speq.sim.traces import parse_routing_lines, to_routing_trace
+
+# The sequence of tests/sim/test_cache_replay.py counted by hand: layer 0 has LRU 2 hits / 8 and
+# Belady 3 / 8 with 2 slots, layer 1 6 / 8 for both.
+SEQ = [[[0, 1], [5, 6]], [[2, 0], [5, 6]], [[0, 1], [6, 5]], [[2, 1], [5, 6]]]
+
+
+def jsonl(seqs: dict) -> str:
+    objs = [
+        dict(dataset=d, problem_id=p, layer=i, token_idx=t, experts=e)
+        for (d, p), tokens in seqs.items()
+        for t, layers in enumerate(tokens)
+        for i, e in enumerate(layers)
+    ]
+    return "\n".join(json.dumps(o) for o in reversed(objs)) + "\n"  # the order is irrelevant
+
+
+@pytest.fixture
+def log(tmp_path):
+    path = tmp_path / "routing.jsonl"
+    path.write_text(jsonl({("toy", 0): SEQ, ("toy", 1): SEQ}))
+    return path
+
+
+def simulate(capsys, *argv: str) -> dict:
+    assert main(["simulate", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("policy", "hits"), [("lru", 2 + 6), ("belady", 3 + 6)])
+def test_json_hit_rate(log, capsys, policy, hits):
+    out = simulate(capsys, "--trace", str(log), "--cache-policy", policy, "--slots-per-layer", "2")
+    # two sequences, each starting with empty caches: twice the one sequence's counts
+    assert (out["hits"], out["lookups"], out["hit_rate"]) == (2 * hits, 32, hits / 16)
+    assert (out["sequences"], out["layers"], out["tokens"]) == (2, 2, 8)
+    assert (out["slots_per_layer"], out["cache_policy"], out["trace"]) == (2, policy, str(log))
+    assert out["layer_hit_rates"] == [(hits - 6) / 8, 6 / 8]
+    assert (out["num_experts"], out["top_k"], out["dropped_rows"]) == (7, 2, 0)
+
+
+def test_the_table_says_the_setting(log, capsys):
+    argv = ["simulate", "--trace", str(log), "--cache-policy", "belady", "--slots-per-layer", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "hit rate 56.2% (18 hits / 32 lookups" in out
+    assert "belady, 2 expert slots per layer" in out and "2 sequence(s), 8 tokens x 2 layers" in out
+    assert "layers   0-1:  37.5  75.0" in out
+
+
+def test_a_speq_recorded_trace_is_one_sequence(tmp_path, capsys):
+    seq = parse_routing_lines(jsonl({("toy", 0): SEQ}).splitlines()).sequences[0]
+    to_routing_trace(seq, num_experts=8).save(tmp_path / "trace.json")
+    argv = ["--trace", str(tmp_path / "trace.json"), "--cache-policy", "lru"]
+    out = simulate(capsys, *argv, "--slots-per-layer", "2")
+    assert (out["sequences"], out["hits"], out["lookups"]) == (1, 8, 16)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--cache-policy", "fifo", "--slots-per-layer", "2"],
+            r"--cache-policy 'fifo': expected one of 'lru', 'belady'",
+        ),
+        (
+            ["--cache-policy", "lru", "--slots-per-layer", "0"],
+            r"--slots-per-layer 0: expected an integer >= 1",
+        ),
+        (["--cache-policy", "lru"], r"--cache-policy needs --slots-per-layer N"),
+        ([], r"give --trace FILE with --cache-policy"),
+    ],
+)
+def test_refused_flags(log, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "--trace", str(log), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("speq: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_refused_files(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(jsonl({("toy", 0): SEQ[:1]}) + "{not json\n")
+    cases = [
+        (tmp_path / "absent.jsonl", "absent.jsonl: No such file or directory"),
+        (bad, f"{bad}:3: Expecting property name"),
+        (tmp_path, "Is a directory"),
+    ]
+    for path, message in cases:
+        argv = ["simulate", "--trace", str(path), "--cache-policy", "lru", "--slots-per-layer", "2"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("speq: error: ") and message in err and len(err.splitlines()) == 1
