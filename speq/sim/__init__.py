@@ -22,7 +22,7 @@ from speq.sim.presets import (
     total_params,
 )
 from speq.sim.profiles import PROFILES, HardwareProfile, get_profile
-from speq.sim.trace_gen import DEFAULT_ACCEPTANCE, DEFAULT_AGREEMENT, generate_trace
+from speq.sim.trace_gen import DEFAULT_ACCEPTANCE, DEFAULT_AGREEMENT, generate_trace, with_draft
 from speq.sim.trace_stats import (
     TraceStats,
     compare_stats,
@@ -60,4 +60,5 @@ __all__ = [
     "step_seconds",
     "total_params",
     "trace_stats_table",
+    "with_draft",
 ]

@@ -42,7 +42,7 @@ import numpy as np
 from speq.sim.routing_trace import RoutingTrace
 from speq.sim.trace_stats import TraceStats
 
-__all__ = ["DEFAULT_ACCEPTANCE", "DEFAULT_AGREEMENT", "generate_trace"]
+__all__ = ["DEFAULT_ACCEPTANCE", "DEFAULT_AGREEMENT", "generate_trace", "with_draft"]
 
 # Used when neither the statistics (a target-only trace) nor the caller give them. Assumed, on
 # the conservative side: the shipped demo model's INT4 draft routes 97-100% of the target's
@@ -101,11 +101,7 @@ def generate_trace(
     draft = [[[] for _ in range(L)] for _ in range(n)]
     for i in range(L):
         layers[i].fill_draft(rng, target, draft, i, agree[i])
-    accept, state = {}, rng.random() < p_acc
-    p_go = p_acc * (1 - p_stay) / (1 - p_acc) if p_acc < 1 else 1.0  # P(accept | rejected)
-    for p in range(prompt_len, n):
-        accept[p] = state
-        state = rng.random() < (p_stay if state else p_go)
+    accept = _accept_chain(rng, p_acc, p_stay, range(prompt_len, n))
     return RoutingTrace(
         E,
         k,
@@ -115,6 +111,56 @@ def generate_trace(
         draft=dict(enumerate(draft)),
         accept=accept,
     )
+
+
+def with_draft(
+    trace: RoutingTrace,
+    seed: int = 0,
+    *,
+    agreement: float | Sequence[float] | None = None,
+    acceptance: float | tuple[float, float] | None = None,
+) -> RoutingTrace:
+    """``trace``'s target routing (a target-only trace, such as a routing log's) with draft
+    routing and acceptance drawn as `generate_trace` draws them: the draft's disagreeing picks
+    from each layer's expert usage in ``trace``; ``agreement`` and ``acceptance`` as there
+    (default `DEFAULT_AGREEMENT`, `DEFAULT_ACCEPTANCE`). Deterministic in ``seed``."""
+    E, k, L = trace.num_experts, trace.top_k, trace.moe_layers
+    positions = sorted(trace.target)
+    if positions != list(range(len(positions))):
+        raise ValueError("with_draft: the trace's target routing must cover positions 0..n-1")
+    stats = TraceStats(E, k, len(positions), (1.0,) * L, (0.0,) * L, (0.0,) * max(L - 1, 0))
+    agree = _agreement_rates(stats, agreement, E, k, L)
+    p_acc, p_stay = _acceptance_chain(stats, acceptance)
+    rng = random.Random(seed)
+    target = [trace.target[p] for p in positions]
+    draft: list[list[list[int]]] = [[[] for _ in range(L)] for _ in positions]
+    for i in range(L):
+        counts = np.ones(E)  # add-one: an expert the trace never routes to may still be drafted
+        for rows in target:
+            counts[rows[i]] += 1
+        ids = sorted(range(E), key=lambda e: (-counts[e], e))
+        share = counts[ids] / counts.sum()
+        _Layer(ids, share, share, k).fill_draft(rng, target, draft, i, agree[i])
+    return RoutingTrace(
+        E,
+        k,
+        L,
+        trace.prompt_len,
+        target=dict(trace.target),
+        draft=dict(enumerate(draft)),
+        accept=_accept_chain(rng, p_acc, p_stay, range(trace.prompt_len, len(positions))),
+    )
+
+
+def _accept_chain(rng: random.Random, p_acc: float, p_stay: float, positions: range) -> dict:
+    """Acceptance at ``positions`` from the stationary two-state chain (P(accept) ``p_acc``,
+    P(accept | previous accepted) ``p_stay``)."""
+    accept, state = {}, rng.random() < p_acc
+    p_go = p_acc * (1 - p_stay) / (1 - p_acc) if p_acc < 1 else 1.0  # P(accept | rejected)
+    for p in positions:
+        accept[p] = state
+        state = rng.random() < (p_stay if state else p_go)
+    return accept
 
 
 class _Layer:

@@ -20,6 +20,7 @@ from speq.sim import (
     generate_trace,
     measure_stats,
     trace_stats_table,
+    with_draft,
 )
 from speq.sim.routing_trace import RoutingTrace
 from speq.simulate import record_trace
@@ -219,3 +220,18 @@ def test_fit_refuses_no_traces_and_mixed_shapes():
         fit_stats([a, RoutingTrace(8, 2, 1, 1, {0: [[0, 1]]})])
     with pytest.raises(ValueError, match="outside"):
         fit_stats([RoutingTrace(4, 2, 1, 1, {0: [[0, 4]]})])
+
+
+def test_a_target_only_trace_gets_a_draft_with_the_asked_agreement():
+    full = known_trace(positions=1200)
+    target_only = RoutingTrace(full.num_experts, full.top_k, full.moe_layers, 1, full.target)
+    drafted = with_draft(target_only, seed=3, agreement=0.8, acceptance=(0.7, 0.85))
+    assert drafted.target == full.target and with_draft(target_only, seed=3) == with_draft(
+        target_only, seed=3
+    )
+    stats = measure_stats(drafted)
+    assert all(abs(a - 0.8) < 0.02 for a in stats.agreement)
+    assert abs(stats.accept - 0.7) < 0.06 and abs(stats.accept_after_accept - 0.85) < 0.08
+    assert sorted(drafted.accept) == list(range(1, 1200))
+    with pytest.raises(ValueError, match=r"positions 0\.\.n-1"):
+        with_draft(RoutingTrace(8, 2, 1, 1, {1: [[0, 1]]}))
