@@ -11,6 +11,7 @@ from (bench/bench_sim_validate.py).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -18,13 +19,29 @@ from speq.compiler import CompiledModel, compile_spec
 from speq.cost import Calibration
 from speq.models.checkpoint import expected_shapes
 from speq.models.config import MoEConfig
+from speq.models.folder import read_config
+from speq.models.hf import family_of
 from speq.models.spec import ModelSpec
+from speq.models.weights import read_json
+from speq.runtime.budget import BudgetError
 from speq.runtime.metrics import Metrics
 from speq.runtime.options import CompileOptions
 from speq.runtime.trace_routing import TraceRecorder
+from speq.sim.layerwise import layerwise_offload
+from speq.sim.presets import MODEL_PRESETS, get_preset
+from speq.sim.profiles import HardwareProfile, get_profile
 from speq.sim.routing_trace import RoutingTrace
 
-__all__ = ["meta_weights", "record_trace", "simulate", "simulated_model"]
+__all__ = [
+    "CONTENDERS",
+    "compare",
+    "meta_weights",
+    "model_config",
+    "one_cycle",
+    "record_trace",
+    "simulate",
+    "simulated_model",
+]
 
 
 def meta_weights(cfg: MoEConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -93,3 +110,148 @@ def record_trace(cm: CompiledModel, input_ids: torch.Tensor, max_new_tokens: int
         engine.recorder = None
     trace.prompt_len = int(prompt.shape[0])
     return trace
+
+
+# ---------------------------------------------------------------------------- contenders
+# name: (policy, what it stands for); "-sc" runs in the memory speq's expert cache gets. The
+# next-layer gate prefetch (policy nextgate) is left out: it needs the next layer's router applied
+# to the current hidden state, which only a recorded trace of a nextgate run holds.
+CONTENDERS = {
+    "speq": ("speq", "speq: INT4 draft, prefetch, verification; the governor picks k and split"),
+    "mixtral-offloading-sm": ("ondemand", "Mixtral-Offloading: LRU cache, same memory as speq"),
+    "mixtral-offloading-sc": ("ondemand", "Mixtral-Offloading: LRU, the cache speq has drafting"),
+    "transformers-layerwise": (None, "Transformers device_map offloading (closed form)"),
+    "oracle": ("oracle", "Belady's fetches, each as early as its slot allows (the I/O bound)"),
+    "resident": ("resident", "every expert on the device (the compute bound; ignores the budget)"),
+}
+
+
+def compare(
+    cfg: MoEConfig,
+    trace: RoutingTrace,
+    hardware: str | HardwareProfile,
+    budget: int,
+    new_tokens: int | None = None,
+    contenders: tuple[str, ...] = tuple(CONTENDERS),
+    timeline: str | None = None,
+    progress=None,
+) -> dict[str, dict]:
+    """Every contender on ``trace`` at ``budget`` bytes of device memory on ``hardware``:
+    per contender ``tpot_ms``, ``hit_rate`` and ``bytes_per_token`` (decode), speq's with the
+    governor's ``k`` (None when it dropped the draft). A contender that does not fit the budget
+    has ``tpot_ms`` None and an ``error``. ``timeline``: write speq's run as a Chrome trace
+    there (`one_cycle` cuts one draft-verify cycle from it). ``progress(name)``: called as each
+    contender starts."""
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; known: {', '.join(CONTENDERS)}")
+    n = trace.decode_tokens if new_tokens is None else new_tokens
+    base = CompileOptions(profile=hardware, dtype=torch.bfloat16)
+    out: dict[str, dict] = {}
+    draft_bytes = None
+    order = sorted(contenders, key=lambda c: c not in ("speq", "resident"))  # theirs first
+    for name in order:
+        if progress is not None:
+            progress(name)
+        policy, _ = CONTENDERS[name]
+        if name == "transformers-layerwise":
+            out[name] = _layerwise(cfg, hardware, budget, out.get("resident"), n, trace)
+            continue
+        memory = None if policy == "resident" else budget
+        if name == "mixtral-offloading-sc":
+            if draft_bytes is None:
+                out[name] = _unfit("speq does not fit: there is no speq cache to match")
+                continue
+            memory = budget - draft_bytes
+        path = timeline if name == "speq" else None
+        opts = dataclasses.replace(base, policy=policy, device_memory=memory, trace_path=path)
+        try:
+            cm = simulated_model(cfg, trace, opts)
+        except BudgetError as e:  # the budget cannot hold what the contender needs
+            out[name] = _unfit(str(e))
+            continue
+        cm.generate(torch.zeros(trace.prompt_len, dtype=torch.int64), n)
+        m = cm.metrics
+        out[name] = dict(
+            tpot_ms=m.tpot_ms,
+            hit_rate=m.hit_rate,
+            bytes_per_token=m.bytes_moved / m.tokens,
+            cache_slots=m.cache_slots,
+        )
+        if name == "speq":
+            g = cm.engine.governed
+            drafting = g is None or g.use_draft
+            out[name]["k"] = g.spec.k if drafting and g is not None else None
+            out[name]["acceptance"] = m.extra.get("acceptance_rate")
+            draft_bytes = cm.engine.draft.nbytes  # SC: the cache speq has while it drafts
+    return {name: out[name] for name in contenders}
+
+
+def _unfit(error: str) -> dict:
+    return dict(tpot_ms=None, hit_rate=None, bytes_per_token=None, error=error)
+
+
+def _layerwise(cfg, hardware, budget, resident, n, trace) -> dict:
+    """Transformers-style offloading: the resident run's compute plus the copies of the layers
+    that do not fit (speq.sim.layerwise)."""
+    if resident is None or resident.get("tpot_ms") is None:
+        return _unfit("needs the resident run's compute time (contender 'resident')")
+    plan = CompileOptions(profile=hardware, dtype=torch.bfloat16, device_memory=budget)
+    sm = simulated_model(cfg, trace, dataclasses.replace(plan, policy="ondemand"))
+    fixed = sm.memory.non_expert_bytes + sm.memory.kv_bytes + sm.memory.workspace_bytes
+    try:
+        lw = layerwise_offload(cfg, get_profile(hardware), budget, fixed)
+    except ValueError as e:
+        return _unfit(str(e))
+    return dict(
+        tpot_ms=resident["tpot_ms"] + 1e3 * lw.copy_seconds,
+        hit_rate=lw.hit_rate,
+        bytes_per_token=lw.bytes_per_token,
+        resident_layers=lw.resident_layers,
+    )
+
+
+def one_cycle(events: list[dict]) -> list[dict]:
+    """The events of one draft-verify cycle from a run's Chrome trace: from the start of the
+    draft passes of the middle cycle to the end of the verification that follows them."""
+    passes = sorted((e for e in events if e["tid"] == "pass"), key=lambda e: e["ts"])
+    verifies = [i for i, e in enumerate(passes) if e["name"].startswith("step") and i > 0]
+    drafted = [i for i in verifies if passes[i - 1]["name"].startswith("draft")]
+    if not drafted:  # no speculation: one decode step
+        if not passes:
+            return events
+        mid = passes[len(passes) // 2]
+        start, end = mid["ts"], mid["ts"] + mid["dur"]
+    else:
+        v = drafted[len(drafted) // 2]
+        first = v - 1
+        while first > 0 and passes[first - 1]["name"].startswith("draft"):
+            first -= 1
+        start, end = passes[first]["ts"], passes[v]["ts"] + passes[v]["dur"]
+    return [e for e in events if e["ts"] < end and e["ts"] + e["dur"] > start]
+
+
+def model_config(model: str) -> MoEConfig:
+    """A model's shape: a preset name (speq.sim.MODEL_PRESETS), a ``config.json`` path or a
+    checkpoint folder (Hugging Face, by its ``model_type``, or speq's own); only the config
+    is read."""
+    if model in MODEL_PRESETS:
+        return get_preset(model)
+    path = Path(model)
+    if path.is_dir():
+        d = read_config(path)
+        source = str(path / "config.json")
+    elif path.is_file():
+        d = read_json(path, "a JSON object")
+        source = str(path)
+    else:
+        raise ValueError(
+            f"--model {model!r}: not a preset ({', '.join(sorted(MODEL_PRESETS))}), "
+            "nor a config.json or checkpoint folder"
+        )
+    if "model_type" in d:
+        return family_of(d["model_type"]).config(d, source)
+    try:
+        return MoEConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None

@@ -102,3 +102,44 @@ def test_refused_files(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("speq: error: ") and message in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- --model --hardware --budget
+def test_model_mode_compares_speq_with_every_baseline(capsys, tmp_path):
+    from speq.models.demo import DEMO_CHECKPOINT
+    from speq.simulate import CONTENDERS
+
+    args = ["simulate", "--model", str(DEMO_CHECKPOINT), "--hardware", "a100-40g-pcie4"]
+    args += ["--budget", "12MB", "--tokens", "12", "--json", "--timeline", str(tmp_path / "t.json")]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["contenders"]) == set(CONTENDERS)
+    for name, r in out["contenders"].items():
+        assert {"tpot_ms", "hit_rate", "bytes_per_token"} <= set(r), name
+    speq, sm = out["contenders"]["speq"], out["contenders"]["mixtral-offloading-sm"]
+    assert "k" in speq and sm["tpot_ms"] > out["contenders"]["resident"]["tpot_ms"] > 0
+    assert out["contenders"]["transformers-layerwise"]["hit_rate"] < 1
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert {e["tid"] for e in events} >= {"pass", "compute"}
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--model", "phi-3.5-moe", "--budget", "24GB"], "needs --hardware"),
+        (["--model", "nope", "--hardware", "h200", "--budget", "24GB"], "not a preset"),
+        (["--model", "phi-3.5-moe", "--hardware", "tpu", "--budget", "24GB"], "unknown hardware"),
+        (["--model", "phi-3.5-moe", "--hardware", "h200", "--budget", "lots"], "--budget"),
+    ],
+)
+def test_model_mode_refusals(capsys, args, match):
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", *args])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_model_mode_refuses_a_trace_of_another_shape(capsys, log):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--model", "phi-3.5-moe", "--hardware", "h200", "--budget", "90GB",
+              "--trace", str(log)])  # fmt: skip
+    assert "phi-3.5-moe has top-2 of 16" in capsys.readouterr().err

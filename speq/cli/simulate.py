@@ -1,10 +1,16 @@
-"""``speq simulate``: what a routing trace says about expert caching.
+"""``speq simulate``: what a routing trace says about expert caching, and how fast a model runs
+on a GPU with a memory budget, from a trace-driven simulation.
 
-One mode for now, the cache replay: ``--trace FILE --cache-policy lru|belady --slots-per-layer
-N`` replays the trace's target routing through a per-layer cache of N expert slots
-(speq.sim.cache_replay) and prints the hit rate, as a table or (``--json``) one JSON object.
-`run` picks the mode from the flags; a new mode adds its flags in `add_simulate_args` and a
-branch in `run`.
+Two modes, picked by the flags:
+
+* the cache replay: ``--trace FILE --cache-policy lru|belady --slots-per-layer N`` replays the
+  trace's target routing through a per-layer cache of N expert slots (speq.sim.cache_replay);
+* the comparison: ``--model NAME --hardware NAME --budget SIZE`` simulates speq (governed) and
+  every baseline (speq.simulate.compare) on a trace: ``--trace FILE`` (a routing log, whose
+  draft is drawn at ``--agreement`` and ``--acceptance``, or a speq recorded trace), else one
+  generated with the real Mixtral traces' statistics (speq.sim.trace_gen.REFERENCE_STATS).
+
+Each prints a table, or (``--json``) one JSON object.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ if TYPE_CHECKING:
     from speq.sim.cache_replay import CacheReplay
     from speq.sim.traces import RoutingLog
 
-MODES = "give --trace FILE with --cache-policy lru|belady --slots-per-layer N (a cache replay)"
+MODES = (
+    "give --trace FILE with --cache-policy lru|belady --slots-per-layer N (a cache replay), or "
+    "--model NAME --hardware NAME --budget SIZE (a simulated comparison)"
+)
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
@@ -36,12 +45,30 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     slots_help = "expert slots in each layer's cache (--cache-policy)"
     p.add_argument("--slots-per-layer", type=POSITIVE_INT, metavar="N", help=slots_help)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    model_help = "a model preset (phi-3.5-moe, mixtral-8x7b, ...), a config.json or a checkpoint "
+    model_help += "folder (only its config is read): simulate speq and every baseline"
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--hardware", help="a hardware profile name, or 'measured' (this machine)")
+    p.add_argument("--budget", help="device memory for the model, e.g. 24GB (1 GB = 1e9 bytes)")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=128, help="new tokens (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="the generated trace's seed")
+    agree_help = "draft-target expert agreement for a trace without a draft (default 0.9)"
+    p.add_argument("--agreement", type=float, help=agree_help)
+    accept_help = "P(accept) and P(accept | previous accepted) of a drafted token for a trace "
+    accept_help += "without a draft (default 0.75 0.85)"
+    p.add_argument("--acceptance", type=float, nargs=2, metavar=("P", "P_AFTER"), help=accept_help)
+    p.add_argument("--timeline", type=Path, metavar="FILE", help="speq's cycle, Chrome trace JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="speq's cycle as a PNG")
 
 
 def run(args: argparse.Namespace) -> int:
     """``speq simulate``: the mode its flags ask for."""
     if args.trace is not None and args.cache_policy is not None:
         return _cache_replay(args)
+    if args.model is not None:
+        from speq.cli.simulate_model import compare_model
+
+        return compare_model(args)
     if args.cache_policy is not None:
         args.simulate_parser.error(f"--cache-policy needs --trace FILE; {MODES}")
     if args.slots_per_layer is not None:

@@ -19,6 +19,10 @@ _UNITS = {
 }
 
 
+class BudgetError(ValueError):
+    """A device memory budget below what a configuration needs at the least."""
+
+
 @dataclass(frozen=True)
 class Budget:
     """A number of bytes and the unit the user wrote it in (for error messages)."""
@@ -135,7 +139,7 @@ def plan_memory(
         if workspace_bytes:
             parts.append(f"workspace {budget.format(workspace_bytes)}")
         parts.append(f"{min_slots} expert slots of {budget.format(expert_bytes)}")
-        raise ValueError(
+        raise BudgetError(
             f"device_memory {budget.format()} is below the minimum {budget.format(minimum)}: "
             + " + ".join(parts)
         )

@@ -74,6 +74,10 @@ class ExpertCache:
         self._free: list[list[int]] = [list(reversed(g)) for g in groups]
         self.group_slots = [len(g) for g in groups]
         self.entries: dict[ExpertKey, Entry] = {}
+        # LRU order, oldest first: entries never used in insertion order, then used ones by
+        # last use (a dict keeps the order; touch moves an entry to the end)
+        self._unused: dict[ExpertKey, Entry] = {}
+        self._used: dict[ExpertKey, Entry] = {}
         self.slot_owner: list[ExpertKey | None] = [None] * num_slots
         self._clock = 0
         # expert id -> slot per layer (-1: not resident), read by the fused MoE kernels
@@ -102,6 +106,9 @@ class ExpertCache:
         self._clock += 1
         entry.last_use = self._clock
         entry.uses += 1
+        if self._unused.pop(entry.key, None) is None:
+            self._used.pop(entry.key, None)
+        self._used[entry.key] = entry
 
     def pin(self, entry: Entry) -> None:
         entry.pins += 1
@@ -140,6 +147,7 @@ class ExpertCache:
             slot = self.evict(victim)
         entry = Entry(key, slot)
         self.entries[key] = entry
+        self._unused[key] = entry
         self.slot_owner[slot] = key
         self.slot_tables[key.layer][key.expert] = slot
         return entry
@@ -147,7 +155,7 @@ class ExpertCache:
     def evict(self, entry: Entry) -> int:
         if entry.pins or entry.loading:
             raise RuntimeError(f"cannot evict {entry.key}: pinned or loading")
-        del self.entries[entry.key]
+        self._forget(entry)
         self.slot_owner[entry.slot] = None
         self.slot_tables[entry.key.layer][entry.key.expert] = -1
         if entry.prefetched:
@@ -157,13 +165,29 @@ class ExpertCache:
     def discard(self, entry: Entry) -> None:
         """Drop an entry whose copy failed for good, pinned or not: its slot is free again and
         the expert is no longer resident (it holds no valid weights)."""
-        del self.entries[entry.key]
+        self._forget(entry)
         self.slot_owner[entry.slot] = None
         self.slot_tables[entry.key.layer][entry.key.expert] = -1
         self._free[self.group_of[entry.key.layer]].append(entry.slot)
 
+    def _forget(self, entry: Entry) -> None:
+        del self.entries[entry.key]
+        if self._unused.pop(entry.key, None) is None:
+            self._used.pop(entry.key, None)
+
     def victim(self, group: int, protect: frozenset[ExpertKey] = frozenset()) -> Entry | None:
         """The entry to evict from ``group``, or None if none may go."""
+        if self.eviction == "lru":  # the first that may go, in LRU order
+            for order in (self._unused, self._used):
+                for e in order.values():
+                    if (
+                        not e.pins
+                        and not e.loading
+                        and self.group_of[e.key.layer] == group
+                        and e.key not in protect
+                    ):
+                        return e
+            return None
         cands = [
             e
             for e in self.entries.values()
@@ -174,8 +198,6 @@ class ExpertCache:
         ]
         if not cands:
             return None
-        if self.eviction == "lru":
-            return min(cands, key=lambda e: e.last_use)
         if self.eviction == "lfu":
             return min(cands, key=lambda e: (e.uses, e.last_use))
         return max(cands, key=lambda e: (self.next_use(e.key), -e.last_use))

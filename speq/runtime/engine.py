@@ -287,7 +287,7 @@ class Engine:
             trace.begin(graph, pos, tokens.shape[0])
         if recorder is not None:
             recorder.begin(graph, pos, tokens.tolist())
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), session.link.now()
         if self.replayer is None or cache is not self._kv:  # replay serves the decodes' cache
             inputs = {"tokens": tokens.to(self.device), "pos": pos}
             (logits,) = run_graph(self.program[graph], inputs, ctx, kernels)
@@ -306,6 +306,8 @@ class Engine:
             logits = trace.logits(self.config.vocab_size)
         if recorder is not None:
             recorder.end(logits, time.perf_counter() - t0)
+        if session.timeline is not None:  # the passes, on a lane of their own
+            session.timeline.span("pass", f"{graph} x{tokens.shape[0]}", start, session.link.now())
         return logits
 
     def kv_cache(self) -> KVCache:

@@ -7,8 +7,8 @@ PREFETCH reads the prediction the trace recorded; FUSED_MOE does the offloading 
 bookkeeping (the experts resident and pinned while the layer "runs", released after) and
 computes nothing. Node times come from the cost model, as on the ``sim`` backend.
 
-`shape_only` wraps the eager ops for this backend: the first run of a node at given input
-shapes computes on ``meta`` (torch's meta kernels cost about a millisecond an op), later runs
+`shape_only` wraps the eager ops for this backend: the first run of an op with given attributes
+and input shapes computes on ``meta`` (torch's meta kernels cost about a millisecond an op), later runs
 return empty ``meta`` tensors of the shapes it gave, and KV-cache writes do nothing (a meta cache
 holds no data). That is what lets a 32-layer model simulate in seconds.
 """
@@ -60,8 +60,9 @@ _NO_DATA = (Op.KV_WRITE, Op.MLA_KV_WRITE)  # return the cache they write to, and
 
 
 def shape_only(table: Mapping[Op, Impl]) -> dict[Op, Impl]:
-    """``table``'s implementations on ``meta`` tensors, memoised by node and input shapes (see
-    the module docstring); an op with a non-tensor output runs every time."""
+    """``table``'s implementations on ``meta`` tensors, memoised by the node's attributes (but
+    its layer) and input shapes (see the module docstring); an op with a non-tensor output runs
+    every time."""
     return {op: _memoised(op, impl) for op, impl in table.items()}
 
 
@@ -70,8 +71,15 @@ def _memoised(op: Op, impl: Impl) -> Impl:
         return lambda node, args, ctx: (ctx.cache,)
     shapes: dict[tuple, tuple[tuple[torch.Size, torch.dtype], ...] | None] = {}
 
+    attrs: dict[int, str] = {}  # node -> its attributes but the layer (shapes do not use it)
+
     def run(node, args, ctx):
-        key = (id(node), *(_signature(a) for a in args))
+        a = attrs.get(id(node))
+        if a is None:
+            a = attrs[id(node)] = repr(
+                sorted((k, v) for k, v in node.attrs.items() if k != "layer")
+            )
+        key = (a, *(_signature(x) for x in args))
         known = shapes.get(key)
         if known is not None:
             return tuple(torch.empty(s, dtype=d, device="meta") for s, d in known)

@@ -14,7 +14,7 @@ from speq.runtime.backends import BACKENDS
 from speq.runtime.budget import parse_budget
 from speq.runtime.cache import ALLOCATIONS, EVICTIONS
 from speq.runtime.policies import POLICIES
-from speq.sim.profiles import PROFILES
+from speq.sim.profiles import PROFILES, HardwareProfile
 
 PREDICTORS = ("draft", "oracle")
 
@@ -36,7 +36,8 @@ class CompileOptions:
       ``cuda`` (a GPU: copy streams and events).
     - ``link_gbps`` / ``link_latency_us``: the emulated host → device link (cpu and sim backends);
       None takes the ``profile``'s.
-    - ``profile``: a hardware profile name from ``speq.sim.PROFILES``.
+    - ``profile``: a hardware profile name from ``speq.sim.PROFILES``, or a `HardwareProfile`
+      (one measured here: ``speq.sim.measure.measure_profile``).
     - ``cache_allocation``: ``global`` (any slot holds any layer's expert) or ``per_layer``.
     - ``eviction``: ``lru``, ``lfu`` or ``lookahead``; None takes the policy's own.
     - ``trace_path``: write a Chrome-trace timeline of compute and copies after each generate.
@@ -78,7 +79,7 @@ class CompileOptions:
     backend: str = "cpu"
     link_gbps: float | None = None
     link_latency_us: float | None = None
-    profile: str = "a100-40g-pcie4"
+    profile: str | HardwareProfile = "a100-40g-pcie4"
     cache_allocation: str = "global"
     eviction: str | None = None
     trace_path: str | None = None
@@ -99,12 +100,16 @@ class CompileOptions:
         for name, value, allowed in (
             ("policy", self.policy, tuple(POLICIES)),
             ("backend", self.backend, tuple(BACKENDS)),
-            ("profile", self.profile, tuple(PROFILES)),
             ("cache_allocation", self.cache_allocation, ALLOCATIONS),
             ("predictor", self.predictor, PREDICTORS),
         ):
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"CompileOptions.{name} = {value!r}: expected one of {allowed}")
+        if not isinstance(self.profile, HardwareProfile) and self.profile not in PROFILES:
+            raise ValueError(
+                f"CompileOptions.profile = {self.profile!r}: expected one of {tuple(PROFILES)} "
+                "or a HardwareProfile"
+            )
         policy = POLICIES[self.policy]
         if self.eviction is not None and self.eviction not in EVICTIONS:
             raise ValueError(

@@ -253,9 +253,16 @@ class Speq(OffloadPolicy):
         if phase == 2:
             budget = self.policy.phase2_width - self._issued_this_pass
             missing = missing[: max(budget, 0)]
+        priority = Priority.HIGH if phase == 3 else Priority.NORMAL
+        refused: dict[int, int] = {}  # slot group -> the earliest need a slot was refused for
         for lay, e in missing:
-            if rt.prefetch(lay, [e], Priority.HIGH if phase == 3 else Priority.NORMAL, before=lay):
+            group = rt.cache.group_of[lay]
+            if refused.get(group, lay + 1) <= lay:  # a later need finds no slot either
+                continue
+            if rt.prefetch(lay, [e], priority, before=lay):
                 self._issued_this_pass += 1
+            else:
+                refused[group] = min(lay, refused.get(group, lay))
 
     def after_layer(self, rt: OffloadRuntime, layer: int) -> None:
         """Verification is done with ``layer``: its experts lose their protection, and the link

@@ -110,8 +110,10 @@ _PROFILES = (
 PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({p.name: p for p in _PROFILES})
 
 
-def get_profile(name: str) -> HardwareProfile:
-    """The named hardware profile; a ValueError lists the known names."""
+def get_profile(name: str | HardwareProfile) -> HardwareProfile:
+    """The named hardware profile (a profile is its own); a ValueError lists the known names."""
+    if isinstance(name, HardwareProfile):
+        return name
     try:
         return PROFILES[name]
     except KeyError:

@@ -157,3 +157,16 @@ def test_real_mixtral_traces(name):
         assert 0 < lru.hit_rate < belady.hit_rate < 1
     full = replay_lru(seqs, 8)
     assert full.lookups - full.hits <= 2 * 32 * 8  # compulsory misses only
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason=f"the real routing traces ({TRACES}) are absent")
+def test_the_reference_statistics_are_the_real_traces():
+    from speq.sim.trace_gen import REFERENCE_STATS
+    from speq.sim.trace_stats import fit_stats
+    from speq.sim.traces import to_routing_trace
+
+    seqs = [s for f in sorted(TRACES.glob("*.jsonl")) for s in read_routing_log(f).sequences]
+    fitted = fit_stats([to_routing_trace(s, 8) for s in seqs])
+    for name in ("entropy", "reuse", "coupling"):
+        mean = sum(getattr(fitted, name)) / len(getattr(fitted, name))
+        assert getattr(REFERENCE_STATS, name)[0] == pytest.approx(mean, abs=0.002), name

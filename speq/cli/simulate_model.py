@@ -1,0 +1,135 @@
+"""``speq simulate --model NAME --hardware NAME --budget SIZE``: speq and every baseline on a
+simulated GPU (speq.simulate.compare), as a table or one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from speq.runtime.budget import parse_budget
+from speq.sim.measure import measure_profile
+from speq.sim.presets import expert_bytes
+from speq.sim.profiles import get_profile
+from speq.sim.routing_trace import FORMAT, RoutingTrace
+from speq.sim.trace_gen import REFERENCE_STATS, generate_trace, with_draft
+from speq.sim.traces import read_routing_log, to_routing_trace
+from speq.simulate import CONTENDERS, compare, model_config, one_cycle
+
+PROMPT_TOKENS = 16  # a generated trace's prompt
+SPARE = 32  # positions routed past the last new token: the last windows draft beyond it
+
+
+def compare_model(args: argparse.Namespace) -> int:
+    error = args.simulate_parser.error
+    if args.hardware is None or args.budget is None:
+        error("--model needs --hardware NAME and --budget SIZE")
+    try:
+        cfg = model_config(args.model)
+        profile = measure_profile() if args.hardware == "measured" else get_profile(args.hardware)
+        budget = parse_budget(args.budget, "--budget").nbytes
+        trace, source = _trace(args, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        error(str(e))
+    n = min(args.tokens, trace.decode_tokens - SPARE)
+    if n < 1:
+        error(f"{args.trace} routes {trace.decode_tokens} tokens: too few to simulate")
+    keep = args.timeline or args.plot
+    path = Path(tempfile.mkdtemp()) / "run.json" if keep else None
+
+    def progress(name: str) -> None:
+        print(f"simulating {name} ...", file=sys.stderr, flush=True)
+
+    results = compare(
+        cfg, trace, profile, budget, n, timeline=path and str(path), progress=progress
+    )
+    if keep:
+        cycle = one_cycle(json.loads(path.read_text())["traceEvents"])
+        if args.timeline:
+            args.timeline.write_text(json.dumps({"traceEvents": cycle, "displayTimeUnit": "ms"}))
+        if args.plot:
+            _plot(cycle, args.plot)
+    setting = dict(
+        model=args.model,
+        hardware=profile.name,
+        budget_bytes=budget,
+        expert_bytes=expert_bytes(cfg),
+        new_tokens=n,
+        trace=source,
+        dtype="bfloat16",
+    )
+    if args.json:
+        print(json.dumps(dict(setting=setting, contenders=results)))
+    else:
+        print(table(setting, results))
+    return 0
+
+
+def _trace(args: argparse.Namespace, cfg) -> tuple[RoutingTrace, str]:
+    """The routing to simulate on, and where it came from."""
+    E, k, L = cfg.num_experts, cfg.top_k, len(cfg.moe_layers)
+    draft = dict(agreement=args.agreement, acceptance=args.acceptance and tuple(args.acceptance))
+    if args.trace is None:
+        trace = generate_trace(
+            REFERENCE_STATS, E, k, L, args.tokens + SPARE, PROMPT_TOKENS, args.seed, **draft
+        )
+        return trace, f"generated (Mixtral traces' statistics, seed {args.seed})"
+    text = args.trace.read_text()[:200] if args.trace.is_file() else ""
+    if FORMAT in text:
+        trace = RoutingTrace.load(args.trace)
+    else:
+        log = read_routing_log(args.trace)
+        seq = max(log.sequences, key=lambda s: len(s.tokens))  # the longest
+        trace = with_draft(to_routing_trace(seq, E), args.seed, **draft)
+    if (trace.num_experts, trace.top_k, trace.moe_layers) != (E, k, L):
+        raise ValueError(
+            f"{args.trace} routes top-{trace.top_k} of {trace.num_experts} experts in "
+            f"{trace.moe_layers} layers; {args.model} has top-{k} of {E} in {L}"
+        )
+    return trace, str(args.trace)
+
+
+def table(setting: dict, results: dict) -> str:
+    gb = setting["budget_bytes"] / 1e9
+    lines = [
+        f"{setting['model']} on {setting['hardware']}, {gb:g} GB of device memory, bf16, "
+        f"{setting['new_tokens']} new tokens; routing: {setting['trace']} (simulated)",
+        "",
+        f"{'contender':<24} {'TPOT (ms)':>10} {'hit rate':>9} {'GB/token':>9}  note",
+    ]
+    for name, r in results.items():
+        if r["tpot_ms"] is None:
+            lines.append(f"{name:<24} {'-':>10} {'-':>9} {'-':>9}  {r['error']}")
+            continue
+        note = CONTENDERS[name][1]
+        if name == "speq":
+            note = f"k* = {r['k']}" if r["k"] is not None else "governor dropped the draft"
+        lines.append(
+            f"{name:<24} {r['tpot_ms']:>10.1f} {r['hit_rate']:>9.1%} "
+            f"{r['bytes_per_token'] / 1e9:>9.2f}  {note}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(events: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+    lanes = ["pass", "compute", "copy"]
+    t0 = min(e["ts"] for e in events)
+    fig, ax = plt.subplots(figsize=(12, 3))
+    for i, lane in enumerate(lanes):
+        spans = [e for e in events if e["tid"] == lane]
+        colors = ["tab:red" if e["name"].startswith("stall") else f"C{i}" for e in spans]
+        bars = [((e["ts"] - t0) / 1e3, e["dur"] / 1e3) for e in spans]
+        ax.broken_barh(bars, (i - 0.4, 0.8), facecolors=colors)
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.set_xlabel("ms (virtual clock) from the cycle's start; red: stalls")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
