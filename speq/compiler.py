@@ -59,7 +59,11 @@ class CompiledModel:
         self.engine = Engine(spec, params, graphs.final, options, routing_trace)
         self.engine.measured_node_times = measured
         self.calibration: Calibration | None = None  # the governor's last
-        self._calibrated_on_input = not self.engine.governs or calibration is not None
+        # a given calibration stands; on the trace backend tokens decide nothing (the trace
+        # routes every position), so recalibrating on the first prompt would measure the same
+        self._calibrated_on_input = (
+            not self.engine.governs or calibration is not None or routing_trace is not None
+        )
         if self.engine.governs:
             self._govern(None, "governor", calibration)
 

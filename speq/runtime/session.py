@@ -19,6 +19,8 @@ from speq.runtime.metrics import Counters, Metrics, Timeline
 from speq.runtime.offload import OffloadRuntime
 from speq.sim.cost import node_cost, node_seconds
 
+_READS_CONTEXT = (Op.ATTENTION, Op.MLA_ATTENTION)  # ops whose cost grows with the context
+
 
 class Session:
     """The state of one generate call under offloading: runtime, clocks, timeline, metrics."""
@@ -75,7 +77,10 @@ class Session:
             residency = bind(node, args)["residency"] if node.op is Op.FUSED_MOE else None
             if residency is not None:  # the experts the WAIT made resident
                 touched = sum(len(c) for c in residency.chunks)
-            key = (id(node), self._tokens, self._context, touched)
+            # only attention's cost reads the context (speq.sim.cost): other nodes' times are
+            # reused across positions
+            context = self._context if node.op in _READS_CONTEXT else None
+            key = (id(node), self._tokens, context, touched)
             seconds = self._seconds.get(key)
             if seconds is None:
                 cost = node_cost(
