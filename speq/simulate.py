@@ -11,6 +11,8 @@ from (bench/bench_sim_validate.py).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "model_config",
     "one_cycle",
     "record_trace",
+    "recording",
     "simulate",
     "simulated_model",
 ]
@@ -99,17 +102,24 @@ def record_trace(cm: CompiledModel, input_ids: torch.Tensor, max_new_tokens: int
     """Generate with ``cm`` as usual and return the routing trace of that run (every pass's
     routing, the routing of the true tokens by position, the acceptance of verified drafts).
     Greedy decoding: acceptance is recorded for the greedy rule."""
-    engine = cm.engine
-    cfg = cm.config
-    engine.recorder = TraceRecorder(cfg.num_experts, cfg.top_k, cfg.moe_layers, engine.program)
-    try:
-        prompt = engine.check_request(input_ids, max_new_tokens)
+    prompt = cm.engine.check_request(input_ids, max_new_tokens)
+    with recording(cm) as recorder:
         cm.generate(prompt, max_new_tokens)
-        trace = engine.recorder.trace
+    recorder.trace.prompt_len = int(prompt.shape[0])
+    return recorder.trace
+
+
+@contextmanager
+def recording(cm: CompiledModel) -> Iterator[TraceRecorder]:
+    """Record the routing trace of the `generate` call inside (one, greedy): the recorder's
+    ``trace`` afterwards; set its ``prompt_len`` to the prompt's length."""
+    engine, cfg = cm.engine, cm.config
+    recorder = TraceRecorder(cfg.num_experts, cfg.top_k, cfg.moe_layers, engine.program)
+    engine.recorder = recorder
+    try:
+        yield recorder
     finally:
         engine.recorder = None
-    trace.prompt_len = int(prompt.shape[0])
-    return trace
 
 
 # ---------------------------------------------------------------------------- contenders

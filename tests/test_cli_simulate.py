@@ -143,3 +143,22 @@ def test_model_mode_refuses_a_trace_of_another_shape(capsys, log):
         main(["simulate", "--model", "phi-3.5-moe", "--hardware", "h200", "--budget", "90GB",
               "--trace", str(log)])  # fmt: skip
     assert "phi-3.5-moe has top-2 of 16" in capsys.readouterr().err
+
+
+def test_generate_records_a_trace_that_simulate_reads(capsys, tmp_path):
+    from speq.sim.routing_trace import RoutingTrace
+
+    path = tmp_path / "run.json"
+    args = ["generate", "--prompt-ids", "5 6 7 8", "--max-new-tokens", "10", "--policy", "speq"]
+    args += ["--k", "2", "--budget", "0.375", "--backend", "sim", "--record-trace", str(path)]
+    assert main(args) == 0
+    capsys.readouterr()
+    trace = RoutingTrace.load(path)
+    assert trace.prompt_len == 4 and trace.draft and trace.accept and trace.passes
+    out = simulate(capsys, "--trace", str(path), "--cache-policy", "lru", "--slots-per-layer", "2")
+    assert out["sequences"] == 1 and out["tokens"] == trace.positions
+
+
+def test_generate_refuses_to_record_a_sampled_run(capsys, tmp_path):
+    args = ["generate", "--prompt-ids", "5 6", "--sample", "--record-trace", str(tmp_path / "t")]
+    assert main(args) == 2 and "greedy" in capsys.readouterr().err

@@ -4,6 +4,7 @@ then print the text and the run's metrics, each with its unit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import speq
@@ -15,6 +16,7 @@ from speq.cli.common import (
     model_config,
     prompt_ids,
 )
+from speq.simulate import recording
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -104,6 +106,8 @@ def _metrics(cm: speq.CompiledModel) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_flags(args)
+    if args.record_trace is not None and args.sample:
+        raise ValueError("--record-trace records greedy runs (acceptance by the greedy rule)")
     model, tokenizer, what = load_model(args)
     ids = prompt_ids(args, tokenizer, model_config(model))
     print(f"model: {what}")
@@ -119,7 +123,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with bars() as new_bar:
         bar = new_bar(total=args.max_new_tokens, desc="decoding", unit="tok")
         t0, tick = time.perf_counter(), lambda _: bar.update(1)
-        out = cm.generate(ids, args.max_new_tokens, do_sample=args.sample, callback=tick, **kw)
+        with recording(cm) if args.record_trace else contextlib.nullcontext() as recorder:
+            out = cm.generate(ids, args.max_new_tokens, do_sample=args.sample, callback=tick, **kw)
+    if recorder is not None:
+        recorder.trace.prompt_len = int(ids.shape[-1])
+        recorder.trace.save(args.record_trace)
+        print(f"routing trace written to {args.record_trace} (speq simulate --trace reads it)")
     seconds = time.perf_counter() - t0
     print(
         f"{args.max_new_tokens} tokens in {seconds:.2f} s "

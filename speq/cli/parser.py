@@ -68,6 +68,9 @@ def _add_generate(sub, policies: tuple[str, ...], backends: tuple[str, ...]) -> 
     link_help = "bandwidth of the emulated host -> device link (cpu and sim backends; default: "
     link_help += "the hardware profile's, a100-40g-pcie4)"
     p.add_argument("--link-gbps", type=GBPS, help=link_help)
+    trace_help = "also record the run's routing trace (JSON) there: its target and draft routing, "
+    trace_help += "acceptance and node times, for speq simulate --trace (greedy runs)"
+    p.add_argument("--record-trace", type=Path, metavar="FILE", help=trace_help)
     backend_help = "cpu: real compute, emulated link, wall clock; sim: virtual clock from the "
     backend_help += "hardware profile; cuda: a GPU"
     p.add_argument("--backend", default="cpu", choices=backends, help=backend_help)

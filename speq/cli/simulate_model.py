@@ -35,7 +35,10 @@ def compare_model(args: argparse.Namespace) -> int:
         error(str(e))
     n = min(args.tokens, trace.decode_tokens - SPARE)
     if n < 1:
-        error(f"{args.trace} routes {trace.decode_tokens} tokens: too few to simulate")
+        error(
+            f"{args.trace} routes {trace.decode_tokens} tokens: a simulation needs {SPARE} more "
+            "than it decodes (speculation drafts past the last token)"
+        )
     keep = args.timeline or args.plot
     path = Path(tempfile.mkdtemp()) / "run.json" if keep else None
 
