@@ -372,6 +372,15 @@ def overhead_block(report: dict) -> str:
     from bench_overhead import results_table
 
     lines.append(results_table(report["rows"]))
+    q = report.get("quantize")
+    if q is not None:
+        lines += [
+            "",
+            f"Quantizing the draft (bf16, 8 layers x 8 experts, hidden and intermediate "
+            f"{q.get('width', 1024)}): "
+            f"peak extra host memory {q['peak_extra_bytes'] / 1e6:.1f} MB, "
+            f"{q['ratio']:.2f}x the draft's {q['draft_bytes'] / 1e6:.1f} MB (RssAnon).",
+        ]
     return "\n".join(lines)
 
 

@@ -117,7 +117,23 @@ class QuantizedExperts:
 
 
 def quantize_experts(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> QuantizedExperts:
-    """Quantize ``w [..., N, K]`` along its last dimension (see the module docstring)."""
+    """Quantize ``w [..., N, K]`` along its last dimension (see the module docstring). A 3-d
+    ``w [E, N, K]`` (or anything with ``shape``, ``dtype`` and ``w[e]``, such as an expert
+    stack that is never materialised) is quantized one expert at a time into the result, so the
+    host memory this takes beyond the result is one expert's temporaries."""
+    if len(w.shape) == 3 and w.shape[0] > 1:
+        first = _quantize(w[0], bits, group_size)
+        data = first.data.new_empty((w.shape[0], *first.data.shape))
+        scales = first.scales.new_empty((w.shape[0], *first.scales.shape))
+        data[0], scales[0] = first.data, first.scales
+        for e in range(1, w.shape[0]):
+            q = _quantize(w[e], bits, group_size)
+            data[e], scales[e] = q.data, q.scales
+        return QuantizedExperts(data, scales, bits, group_size, tuple(w.shape), w.dtype)
+    return _quantize(w, bits, group_size)
+
+
+def _quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedExperts:
     if bits not in QUANT_BITS:
         raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
     if group_size < 1:

@@ -30,8 +30,8 @@ class DraftWeights:
         for node in program["draft"].find(Op.PARAM):
             if "bits" in node.attrs:
                 name = node.attrs["name"]
-                dense = store.dense_param(name.removeprefix(DRAFT_PREFIX))
-                q = quantize_experts(dense, node.attrs["bits"], node.attrs["group_size"])
+                weight = store.expert_param(name.removeprefix(DRAFT_PREFIX))
+                q = quantize_experts(weight, node.attrs["bits"], node.attrs["group_size"])
                 self.params[name] = q.to(device)
                 self.nbytes += q.nbytes
         self.on_device = True

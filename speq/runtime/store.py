@@ -28,8 +28,8 @@ class ExpertStore:
     cuda backend) they are page-locked, so host → device copies are asynchronous: in place where
     the memory allows it (`pin_in_place`), so the store does not double the host memory. A layer may be an
     `ExpertStack` (a per-expert checkpoint, memory-mapped): ``w13[layer][e]`` then reads one
-    expert, and only `stacked` (the sim backend's compute) and `dense_param` (the draft's
-    quantization) build a layer's whole tensor. Everything else (``resident``) always lives on
+    expert, and only `stacked` (the sim backend's compute) builds a layer's whole tensor (the
+    draft quantizes one expert at a time). Everything else (``resident``) always lives on
     the device.
     """
 
@@ -72,13 +72,13 @@ class ExpertStore:
         pairs += expert_copy_pairs(self.w2[key.layer], key.expert, w2)
         return tuple(s for s, _ in pairs), tuple(d for _, d in pairs)
 
-    def dense_param(self, name: str) -> torch.Tensor:
-        """The stacked host tensor of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``);
-        built for the call from an `ExpertStack`, not kept."""
+    def expert_param(self, name: str) -> torch.Tensor | ExpertStack:
+        """The host weight of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``) as stored:
+        a ``[E, rows, cols]`` tensor or an `ExpertStack` (indexable by expert, not stacked)."""
         if name not in self._names:
             raise KeyError(f"{name} is not a routed expert weight")
         layer, which = self._names[name]
-        return stacked((self.w13 if which == "w13" else self.w2)[layer])
+        return (self.w13 if which == "w13" else self.w2)[layer]
 
     def is_expert_param(self, name: str) -> bool:
         return name in self._names

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from speq.kernels import QuantizedExperts, quantize_experts
+from speq.kernels.quant import QUANT_BITS
 
 SHAPES_GROUPS = [
     ((3, 8, 33), 16),  # odd K: odd nibble count and a short last group
@@ -91,3 +92,18 @@ def test_bad_tensors() -> None:
         QuantizedExperts(q.data[:, :, :3], q.scales, 4, 4, q.shape, q.dtype)
     with pytest.raises(ValueError, match="scales has shape"):
         QuantizedExperts(q.data, q.scales[:, :, :1], 4, 4, q.shape, q.dtype)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_expert_by_expert_quantization_is_the_whole_tensors(bits):
+    """A stack is quantized one expert at a time (the host holds one expert's temporaries): the
+    codes and scales are those of quantizing the whole tensor at once, also from an ExpertStack."""
+    from speq.kernels.quant import _quantize
+    from speq.models.weights import ExpertStack
+
+    w = torch.randn(5, 12, 40, dtype=torch.bfloat16)
+    whole, by_expert = _quantize(w, bits, 16), quantize_experts(w, bits, 16)
+    assert torch.equal(whole.data, by_expert.data) and torch.equal(whole.scales, by_expert.scales)
+    stack = ExpertStack([[w[e, :5], w[e, 5:]] for e in range(5)])
+    from_stack = quantize_experts(stack, bits, 16)
+    assert torch.equal(from_stack.data, whole.data) and from_stack.shape == whole.shape
