@@ -417,7 +417,8 @@ def paper_block(report: dict) -> str:
 PAPER_NOTE = (
     "No GPU ran any of this: the trace backend runs speq's own policies, cache, link model, "
     "governor and speculative loop on a virtual clock, node times from the roofline cost model "
-    "(speq.sim.cost) for each profile (speq.sim.profiles), routing from traces generated with the "
+    "(speq.sim.cost) for each profile (speq.sim.profiles; the A100's link at the paper's effective "
+    "16 GB/s, not PCIe 4.0's nominal 31.5), routing from traces generated with the "
     "real Mixtral-8x7B traces' statistics (Mixtral itself on its real routing), with a draft "
     "that routes 90% of the target's experts and is accepted at P = 0.75 (0.85 after an "
     "accepted token): assumed, not measured on these models. Mixtral-Offloading SM: an LRU "

@@ -123,6 +123,23 @@ def test_model_mode_compares_speq_with_every_baseline(capsys, tmp_path):
     assert {e["tid"] for e in events} >= {"pass", "compute"}
 
 
+def test_model_mode_reads_a_hugging_face_config_and_plots(capsys, tmp_path):
+    """Only the config is read: a Mixtral config.json of the demo's shape, no weights."""
+    from speq.models.demo import DEMO_CHECKPOINT
+    from speq.models.hf.mixtral import hf_config
+    from speq.simulate import model_config
+
+    cfg = model_config(str(DEMO_CHECKPOINT))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg)))
+    assert model_config(str(tmp_path)).num_experts == cfg.num_experts
+    args = ["simulate", "--model", str(tmp_path / "config.json"), "--hardware", "h100-pcie5"]
+    args += ["--budget", "12MB", "--tokens", "8", "--plot", str(tmp_path / "cycle.png")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mixtral-offloading-sm" in out and "TPOT (ms)" in out
+    assert (tmp_path / "cycle.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

@@ -1,8 +1,9 @@
-"""The ``speq`` command line: demo, generate, explain, export, roofline, tune.
+"""The ``speq`` command line: demo, generate, explain, export, roofline, tune, simulate.
 
 The package's modules: `args` (the flags' types and the parser that reports a refused flag as
 one line), `common` (the model, prompt and progress bars the commands share), `demo`,
-`generate` and `tools` (explain, export, roofline, tune: the commands), `parser` (`build_parser`).
+`generate`, `tools` (explain, export, roofline, tune), `simulate` and `simulate_model` (the
+commands), `parser` (`build_parser`).
 """
 
 from __future__ import annotations
