@@ -79,7 +79,10 @@ class Calibrator:
         tokens, compute only (experts are read where they are, no copies), on the wall clock or
         the sim backend's virtual clock."""
         engine = self.engine
-        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True)
+        # every expert resident in a cache of its own: on a modelled clock a pass that missed
+        # would count its copies' stalls as compute
+        every = len(engine.store.keys())
+        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True, slots=every)
         cache = engine.kv_cache()
         p = int(prompt.shape[-1])
         ids = prompt.reshape(-1)
@@ -111,7 +114,7 @@ class Calibrator:
         self, prompt: torch.Tensor, k: int, n: int
     ) -> tuple[list[float], float, float, float]:
         """Speculate at a fixed ``k`` for ``n`` tokens on the virtual clock: (acceptance by draft
-        position, experts needed at verification per cycle, of which copied during the cycle,
+        position (`_shrunk`), experts needed at verification per cycle, of which copied during the cycle,
         tokens per window), the cache's steady state (past the first cycle, which starts from
         the prefill's experts)."""
         engine = self.engine
@@ -123,7 +126,7 @@ class Calibrator:
         steady = slice(1 if st.cycles > 1 else 0, None)
         ks, io = st.k_per_cycle[steady], st.io_per_cycle[steady]
         needs, new = (sum(x) / len(io) for x in zip(*io))
-        return probe.extra_metrics()["acceptance_by_position"], needs, new, 1 + sum(ks) / len(ks)
+        return _shrunk(st.position_accepts, st.position_tries), needs, new, 1 + sum(ks) / len(ks)
 
     def plain_copies_per_token(self, prompt: torch.Tensor, n: int) -> float:
         """The other split of the memory: no draft, its bytes as cache slots, one token per
@@ -144,3 +147,14 @@ class Calibrator:
         session.finish("calibrate", prompt.shape[0], n)
         half = len(moved) // 2
         return (moved[-1] - (moved[half - 1] if half else 0)) / (len(moved) - half)
+
+
+PRIOR_TRIES = 2  # pseudo-tries of the pooled acceptance each position's estimate starts from
+
+
+def _shrunk(accepts: list[int], tries: list[int]) -> list[float]:
+    """Acceptance by draft position, each shrunk towards the pooled rate over all positions by
+    `PRIOR_TRIES` pseudo-tries: a short probe reaches the later positions a few times, and a
+    rate of 1.0 from three tries would promise long windows the text does not give."""
+    pooled = sum(accepts) / sum(tries) if sum(tries) else 0.5
+    return [(a + PRIOR_TRIES * pooled) / (t + PRIOR_TRIES) for a, t in zip(accepts, tries)]

@@ -113,9 +113,11 @@ def test_every_byte_on_the_link_counts_in_the_deployment_dtype(monkeypatch):
     # a run that switches to the draft mid-run uploads it: its bytes at their own size
     govern = Calibration.govern
 
-    def misjudged(self, cfg):  # calibration says one-token decoding copies nothing
+    def misjudged(self, cfg):  # calibration says one-token decoding copies nothing and the
+        # draft is always accepted: the run drops the draft, then switches back to it
         free = Estimate(0, 1.0, 1e-6, 0.0, 0.0, 0.0, 1e-6)
-        return dataclasses.replace(govern(self, cfg), plain=free)
+        sure = dataclasses.replace(self, acceptance=tuple(1.0 for _ in self.acceptance))
+        return dataclasses.replace(govern(sure, cfg), plain=free)
 
     monkeypatch.setattr(Calibration, "govern", misjudged)
     plan = speq.compile(model, speq.CompileOptions(policy="speq", k=1, **bf16)).memory
