@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     code, prompt = git_state(), torch.arange(1, 9)[None]
+    quantize = quantize_peak(args.quantize_width)  # first: no earlier run's freed memory about
     rows = []
     bar = tqdm(total=len(args.layers) * (args.rounds + 1), desc="bench_overhead", file=sys.stderr)
     for layers in args.layers:
@@ -171,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
                 same_tokens=same,
             )
         )
-    quantize = quantize_peak(args.quantize_width)
     bar.close()
     deepest = rows[-1]
     goals = {

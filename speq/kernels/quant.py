@@ -25,6 +25,7 @@ from speq.kernels._triton import cdiv
 __all__ = ["QUANT_BITS", "QuantizedExperts", "quantize_experts"]
 
 QUANT_BITS: tuple[int, ...] = (4, 8)
+ROWS_AT_ONCE = 256  # of a 3-d weight's experts, quantized together (bounds the temporaries)
 
 
 def _qmax(bits: int) -> int:
@@ -119,18 +120,20 @@ class QuantizedExperts:
 def quantize_experts(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> QuantizedExperts:
     """Quantize ``w [..., N, K]`` along its last dimension (see the module docstring). A 3-d
     ``w [E, N, K]`` (or anything with ``shape``, ``dtype`` and ``w[e]``, such as an expert
-    stack that is never materialised) is quantized one expert at a time into the result, so the
-    host memory this takes beyond the result is one expert's temporaries."""
-    if len(w.shape) == 3 and w.shape[0] > 1:
-        first = _quantize(w[0], bits, group_size)
-        data = first.data.new_empty((w.shape[0], *first.data.shape))
-        scales = first.scales.new_empty((w.shape[0], *first.scales.shape))
-        data[0], scales[0] = first.data, first.scales
-        for e in range(1, w.shape[0]):
-            q = _quantize(w[e], bits, group_size)
-            data[e], scales[e] = q.data, q.scales
-        return QuantizedExperts(data, scales, bits, group_size, tuple(w.shape), w.dtype)
-    return _quantize(w, bits, group_size)
+    stack that is never materialised) is quantized `ROWS_AT_ONCE` rows of one expert at a time
+    into the result, so the memory this takes beyond the result is those rows' temporaries."""
+    if len(w.shape) != 3:
+        return _quantize(w, bits, group_size)
+    data = scales = None
+    for e in range(w.shape[0]):
+        expert = w[e]
+        for r in range(0, expert.shape[0], ROWS_AT_ONCE):  # rows quantize independently
+            q = _quantize(expert[r : r + ROWS_AT_ONCE], bits, group_size)
+            if data is None:
+                data = q.data.new_empty((*w.shape[:2], q.data.shape[-1]))
+                scales = q.scales.new_empty((*w.shape[:2], q.scales.shape[-1]))
+            data[e, r : r + ROWS_AT_ONCE], scales[e, r : r + ROWS_AT_ONCE] = q.data, q.scales
+    return QuantizedExperts(data, scales, bits, group_size, tuple(w.shape), w.dtype)
 
 
 def _quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedExperts:
