@@ -98,10 +98,9 @@ def test_bad_tensors() -> None:
 def test_expert_by_expert_quantization_is_the_whole_tensors(bits, monkeypatch):
     """A stack is quantized one expert at a time (the host holds one expert's temporaries): the
     codes and scales are those of quantizing the whole tensor at once, also from an ExpertStack."""
+    import speq.kernels.quant as quant
     from speq.kernels.quant import _quantize
     from speq.models.weights import ExpertStack
-
-    import speq.kernels.quant as quant
 
     monkeypatch.setattr(quant, "ROWS_AT_ONCE", 5)  # 12 rows: chunks of 5, 5 and 2
     w = torch.randn(5, 12, 40, dtype=torch.bfloat16)
