@@ -165,7 +165,7 @@ def compare(
             progress(name)
         policy, _ = CONTENDERS[name]
         if name == "transformers-layerwise":
-            out[name] = _layerwise(cfg, hardware, budget, out.get("resident"), n, trace)
+            out[name] = _layerwise(cfg, hardware, budget, out.get("resident"), trace)
             continue
         memory = None if policy == "resident" else budget
         if name == "mixtral-offloading-sc":
@@ -193,6 +193,8 @@ def compare(
             drafting = g is None or g.use_draft
             out[name]["k"] = g.spec.k if drafting and g is not None else None
             out[name]["acceptance"] = m.extra.get("acceptance_rate")
+            # a draftless run may bring the draft back mid-run (None: it did not)
+            out[name]["switched_to_draft_after"] = m.extra.get("switched_to_draft_after")
             draft_bytes = cm.engine.draft.nbytes  # SC: the cache speq has while it drafts
     return {name: out[name] for name in contenders}
 
@@ -201,17 +203,17 @@ def _unfit(error: str) -> dict:
     return dict(tpot_ms=None, hit_rate=None, bytes_per_token=None, error=error)
 
 
-def _layerwise(cfg, hardware, budget, resident, n, trace) -> dict:
+def _layerwise(cfg, hardware, budget, resident, trace) -> dict:
     """Transformers-style offloading: the resident run's compute plus the copies of the layers
-    that do not fit (speq.sim.layerwise)."""
+    that do not fit (speq.sim.layerwise), in the memory an ondemand plan leaves for experts."""
     if resident is None or resident.get("tpot_ms") is None:
         return _unfit("needs the resident run's compute time (contender 'resident')")
     plan = CompileOptions(profile=hardware, dtype=torch.bfloat16, device_memory=budget)
-    sm = simulated_model(cfg, trace, dataclasses.replace(plan, policy="ondemand"))
-    fixed = sm.memory.non_expert_bytes + sm.memory.kv_bytes + sm.memory.workspace_bytes
     try:
+        memory = simulated_model(cfg, trace, dataclasses.replace(plan, policy="ondemand")).memory
+        fixed = memory.non_expert_bytes + memory.kv_bytes + memory.workspace_bytes
         lw = layerwise_offload(cfg, get_profile(hardware), budget, fixed)
-    except ValueError as e:
+    except ValueError as e:  # BudgetError included
         return _unfit(str(e))
     return dict(
         tpot_ms=resident["tpot_ms"] + 1e3 * lw.copy_seconds,

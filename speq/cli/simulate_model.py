@@ -109,6 +109,8 @@ def table(setting: dict, results: dict) -> str:
         note = CONTENDERS[name][1]
         if name == "speq":
             note = f"k* = {r['k']}" if r["k"] is not None else "governor dropped the draft"
+            if r.get("switched_to_draft_after") is not None:
+                note += f", took it back after {r['switched_to_draft_after']} tokens"
         lines.append(
             f"{name:<24} {r['tpot_ms']:>10.1f} {r['hit_rate']:>9.1%} "
             f"{r['bytes_per_token'] / 1e9:>9.2f}  {note}"
