@@ -29,13 +29,11 @@ from common import FORMAT, RESULTS, environment, git_state, markdown_table, writ
 
 from speq.sim.cache_replay import replay
 from speq.sim.presets import get_preset
-from speq.sim.trace_gen import REFERENCE_STATS, generate_trace, with_draft
-from speq.sim.traces import read_routing_log, to_routing_trace
-from speq.simulate import compare, simulated_model
+from speq.sim.traces import read_routing_log
+from speq.simulate import compare, routing_for, simulated_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"
-SPARE = 32  # routed positions past the last new token (the last windows draft beyond it)
 GB = 10**9
 PAPER = {  # the paper's own TPOT (ms) or speedups, for its A100-40G PCIe 4.0 runs
     "phi-3.5-moe": "speq 163.1 ms; SM 351.8, SC 536.7, Transformers 960.5 ms",
@@ -52,18 +50,15 @@ SETTINGS = (
 )
 
 
-def trace_for(model: str, tokens: int, seed: int = 0):
+def trace_for(model: str, tokens: int):
+    """(config, trace, decodable new tokens, source); trace None where the real Mixtral traces
+    are absent."""
     cfg = get_preset(model)
-    if model == "mixtral-8x7b":
-        if not TRACES.is_dir():
-            return cfg, None, f"real traces absent ({TRACES})"
-        seqs = [s for f in sorted(TRACES.glob("*.jsonl")) for s in read_routing_log(f).sequences]
-        seq = max(seqs, key=lambda s: len(s.tokens))
-        trace = with_draft(to_routing_trace(seq, cfg.num_experts), seed)
-        return cfg, trace, f"real Mixtral routing ({seq.dataset} problem {seq.problem_id})"
-    L = len(cfg.moe_layers)
-    trace = generate_trace(REFERENCE_STATS, cfg.num_experts, cfg.top_k, L, tokens + SPARE, 16, seed)
-    return cfg, trace, "generated (Mixtral traces' statistics)"
+    if model != "mixtral-8x7b":
+        return (cfg, *routing_for(cfg, tokens))
+    if not TRACES.is_dir():
+        return cfg, None, 0, f"real traces absent ({TRACES})"
+    return (cfg, *routing_for(cfg, tokens, sorted(TRACES.glob("*.jsonl"))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(settings, desc="simulate", unit="setting")
     for hardware, model, budget in bar:
         bar.set_postfix_str(f"{model} {hardware} {budget} GB")
-        cfg, trace, source = trace_for(model, tokens)
+        cfg, trace, n, source = trace_for(model, tokens)
         row = dict(model=model, hardware=hardware, budget_gb=budget, trace=source)
         if trace is not None:
-            n = min(tokens, trace.decode_tokens - SPARE)
             t0 = time.perf_counter()
             row["contenders"] = compare(cfg, trace, hardware, budget * GB, n)
             row["new_tokens"], row["seconds"] = n, time.perf_counter() - t0
@@ -115,14 +109,14 @@ def forced_drafts(tokens: int) -> list[dict]:
     import speq
 
     model, hardware, budget, ks = FORCED
-    cfg, trace, _ = trace_for(model, tokens)
+    cfg, trace, n, _ = trace_for(model, tokens)
     out = []
     for k in ks:
         opts = speq.CompileOptions(
             policy="speq", k=k, device_memory=budget * GB, profile=hardware, dtype=torch.bfloat16
         )
         cm = simulated_model(cfg, trace, opts)
-        cm.generate(torch.zeros(trace.prompt_len, dtype=torch.int64), tokens)
+        cm.generate(torch.zeros(trace.prompt_len, dtype=torch.int64), n)
         m = cm.metrics
         out.append(dict(model=model, hardware=hardware, budget_gb=budget, k=k, tpot_ms=m.tpot_ms,
                         hit_rate=m.hit_rate, acceptance=m.extra["acceptance_rate"]))  # fmt: skip

@@ -11,7 +11,7 @@ from (bench/bench_sim_validate.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +33,8 @@ from speq.sim.layerwise import layerwise_offload
 from speq.sim.presets import MODEL_PRESETS, get_preset
 from speq.sim.profiles import HardwareProfile, get_profile
 from speq.sim.routing_trace import RoutingTrace
+from speq.sim.trace_gen import REFERENCE_STATS, generate_trace, with_draft
+from speq.sim.traces import read_trace, to_routing_trace
 
 __all__ = [
     "CONTENDERS",
@@ -42,6 +44,7 @@ __all__ = [
     "one_cycle",
     "record_trace",
     "recording",
+    "routing_for",
     "simulate",
     "simulated_model",
 ]
@@ -120,6 +123,59 @@ def recording(cm: CompiledModel) -> Iterator[TraceRecorder]:
         yield recorder
     finally:
         engine.recorder = None
+
+
+# ---------------------------------------------------------------------------- routing
+PROMPT_TOKENS = 16  # a generated trace's prompt
+SPARE = 32  # positions routed past the last new token: the last windows draft beyond it
+
+
+def routing_for(
+    cfg: MoEConfig,
+    tokens: int,
+    paths: Sequence[str | Path] = (),
+    seed: int = 0,
+    agreement: float | None = None,
+    acceptance: tuple[float, float] | None = None,
+    name: str = "the model",
+) -> tuple[RoutingTrace, int, str]:
+    """The routing to simulate ``tokens`` new tokens of ``cfg`` on: (the trace, the new tokens
+    it can decode, where it came from). No ``paths``: generated with the real Mixtral traces'
+    statistics (`REFERENCE_STATS`); one speq recorded trace: as recorded; routing logs: their
+    longest sequence, with a draft drawn at ``agreement`` and ``acceptance`` (`with_draft`). A
+    ValueError (naming the model ``name``) when the routing's shape is not ``cfg``'s or it
+    routes too few tokens."""
+    E, k, L = cfg.num_experts, cfg.top_k, len(cfg.moe_layers)
+    draft = dict(agreement=agreement, acceptance=acceptance)
+    if not paths:
+        trace = generate_trace(
+            REFERENCE_STATS, E, k, L, tokens + SPARE, PROMPT_TOKENS, seed, **draft
+        )
+        source = f"generated (Mixtral traces' statistics, seed {seed})"
+    else:
+        read = [read_trace(p) for p in paths]
+        recorded = [r for r in read if isinstance(r, RoutingTrace)]
+        if recorded and len(read) > 1:
+            raise ValueError("a speq recorded trace is simulated alone, not with other routing")
+        if recorded:
+            trace, source = recorded[0], str(paths[0])
+        else:
+            seq = max((s for log in read for s in log.sequences), key=lambda s: len(s.tokens))
+            trace = with_draft(to_routing_trace(seq, E), seed, **draft)
+            files = ", ".join(Path(p).name for p in paths)
+            source = f"{files}: {seq.dataset} problem {seq.problem_id}"
+    if (trace.num_experts, trace.top_k, trace.moe_layers) != (E, k, L):
+        raise ValueError(
+            f"{source} routes top-{trace.top_k} of {trace.num_experts} experts in "
+            f"{trace.moe_layers} layers; {name} has top-{k} of {E} in {L}"
+        )
+    n = min(tokens, trace.decode_tokens - SPARE)
+    if n < 1:
+        raise ValueError(
+            f"{source} routes {trace.decode_tokens} tokens: a simulation needs {SPARE} more than "
+            "it decodes (speculation drafts past the last token)"
+        )
+    return trace, n, source
 
 
 # ---------------------------------------------------------------------------- contenders

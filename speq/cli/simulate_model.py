@@ -13,13 +13,7 @@ from speq.runtime.budget import parse_budget
 from speq.sim.measure import measure_profile
 from speq.sim.presets import expert_bytes
 from speq.sim.profiles import get_profile
-from speq.sim.routing_trace import FORMAT, RoutingTrace
-from speq.sim.trace_gen import REFERENCE_STATS, generate_trace, with_draft
-from speq.sim.traces import read_routing_log, to_routing_trace
-from speq.simulate import CONTENDERS, compare, model_config, one_cycle
-
-PROMPT_TOKENS = 16  # a generated trace's prompt
-SPARE = 32  # positions routed past the last new token: the last windows draft beyond it
+from speq.simulate import CONTENDERS, compare, model_config, one_cycle, routing_for
 
 
 def compare_model(args: argparse.Namespace) -> int:
@@ -30,15 +24,13 @@ def compare_model(args: argparse.Namespace) -> int:
         cfg = model_config(args.model)
         profile = measure_profile() if args.hardware == "measured" else get_profile(args.hardware)
         budget = parse_budget(args.budget, "--budget").nbytes
-        trace, source = _trace(args, cfg)
+        acceptance = args.acceptance and tuple(args.acceptance)
+        paths = () if args.trace is None else (args.trace,)
+        trace, n, source = routing_for(
+            cfg, args.tokens, paths, args.seed, args.agreement, acceptance, args.model
+        )
     except (ValueError, FileNotFoundError) as e:
         error(str(e))
-    n = min(args.tokens, trace.decode_tokens - SPARE)
-    if n < 1:
-        error(
-            f"{args.trace} routes {trace.decode_tokens} tokens: a simulation needs {SPARE} more "
-            "than it decodes (speculation drafts past the last token)"
-        )
     keep = args.timeline or args.plot
     path = Path(tempfile.mkdtemp()) / "run.json" if keep else None
 
@@ -68,30 +60,6 @@ def compare_model(args: argparse.Namespace) -> int:
     else:
         print(table(setting, results))
     return 0
-
-
-def _trace(args: argparse.Namespace, cfg) -> tuple[RoutingTrace, str]:
-    """The routing to simulate on, and where it came from."""
-    E, k, L = cfg.num_experts, cfg.top_k, len(cfg.moe_layers)
-    draft = dict(agreement=args.agreement, acceptance=args.acceptance and tuple(args.acceptance))
-    if args.trace is None:
-        trace = generate_trace(
-            REFERENCE_STATS, E, k, L, args.tokens + SPARE, PROMPT_TOKENS, args.seed, **draft
-        )
-        return trace, f"generated (Mixtral traces' statistics, seed {args.seed})"
-    text = args.trace.read_text()[:200] if args.trace.is_file() else ""
-    if FORMAT in text:
-        trace = RoutingTrace.load(args.trace)
-    else:
-        log = read_routing_log(args.trace)
-        seq = max(log.sequences, key=lambda s: len(s.tokens))  # the longest
-        trace = with_draft(to_routing_trace(seq, E), args.seed, **draft)
-    if (trace.num_experts, trace.top_k, trace.moe_layers) != (E, k, L):
-        raise ValueError(
-            f"{args.trace} routes top-{trace.top_k} of {trace.num_experts} experts in "
-            f"{trace.moe_layers} layers; {args.model} has top-{k} of {E} in {L}"
-        )
-    return trace, str(args.trace)
 
 
 def table(setting: dict, results: dict) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "from_routing_trace",
     "parse_routing_lines",
     "read_routing_log",
+    "read_trace",
     "to_routing_trace",
 ]
 
@@ -199,10 +200,10 @@ def from_routing_trace(trace: RoutingTrace, name: str = "trace") -> RoutedSequen
     return RoutedSequence(name, 0, tuple(rows))
 
 
-def read_routing_log(path: str | Path) -> RoutingLog:
-    """The routing of ``path``: a JSONL routing log, or a speq recorded trace (JSON, format
-    ``speq-routing-trace/1``) as one sequence. OSError when it cannot be read, ValueError
-    (``FILE:LINE: why``) when it is not a valid log."""
+def read_trace(path: str | Path) -> RoutingTrace | RoutingLog:
+    """``path`` as it is: a speq recorded trace (JSON, format ``speq-routing-trace/1``) whole,
+    draft and acceptance included, or a JSONL routing log. OSError when it cannot be read,
+    ValueError (``FILE:LINE: why``) when it is neither."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("{"):
@@ -212,12 +213,19 @@ def read_routing_log(path: str | Path) -> RoutingLog:
             whole = None
         if isinstance(whole, dict) and "format" in whole:
             try:
-                trace = RoutingTrace.from_json(whole)
-                return RoutingLog(str(path), (from_routing_trace(trace, path.stem),))
+                return RoutingTrace.from_json(whole)
             except (KeyError, TypeError, ValueError) as e:
                 why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
                 raise ValueError(f"{path}: not a valid {FORMAT} file: {why}") from None
     return parse_routing_lines(text.splitlines(), str(path))
+
+
+def read_routing_log(path: str | Path) -> RoutingLog:
+    """The routing of ``path`` (`read_trace`): a speq recorded trace as one sequence."""
+    got = read_trace(path)
+    if isinstance(got, RoutingTrace):
+        return RoutingLog(str(path), (from_routing_trace(got, Path(path).stem),))
+    return got
 
 
 def to_routing_trace(seq: RoutedSequence, num_experts: int, prompt_len: int = 1) -> RoutingTrace:
