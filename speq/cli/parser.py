@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=CONFIG_DIR, help="output directory")
     p.set_defaults(func=cmd_tune, tune_parser=p)
 
-    what = "Replay a routing trace through a per-layer expert cache and report its hit rate."
-    p = sub.add_parser(
-        "simulate", help="expert-cache hit rates on a routing trace", description=what
-    )
+    what = "Replay a routing trace through a per-layer expert cache and report its hit rate "
+    what += "(--trace --cache-policy), or simulate speq and every baseline on a model, a GPU and "
+    what += "a memory budget (--model --hardware --budget)."
+    help_ = "expert-cache hit rates on a routing trace; speq vs the baselines at paper scale"
+    p = sub.add_parser("simulate", help=help_, description=what)
     add_simulate_args(p)
     p.set_defaults(func=cmd_simulate, simulate_parser=p)
     return parser

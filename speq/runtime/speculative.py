@@ -262,7 +262,7 @@ class Speq(OffloadPolicy):
             if rt.prefetch(lay, [e], priority, before=lay):
                 self._issued_this_pass += 1
             else:
-                refused[group] = min(lay, refused.get(group, lay))
+                refused[group] = lay
 
     def after_layer(self, rt: OffloadRuntime, layer: int) -> None:
         """Verification is done with ``layer``: its experts lose their protection, and the link
