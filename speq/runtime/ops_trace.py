@@ -24,6 +24,7 @@ from speq.ir.ops import Op
 from speq.ir.run import Impl, implements
 from speq.ir.schema import bind
 from speq.runtime.link import Priority
+from speq.runtime.ops_offload import OFFLOAD
 
 TRACE: dict[Op, Impl] = {}
 
@@ -40,9 +41,8 @@ def _router(node, args, ctx):
 @_trace(Op.PREFETCH)
 def _prefetch(node, args, ctx):
     a = node.attrs
-    if a["source"] == "elb":
-        ctx.runtime.policy.on_draft_route(ctx.runtime, a["layer"], *args)
-        return ()
+    if a["source"] == "elb":  # the draft's routing (from the trace's ROUTER), as anywhere
+        return OFFLOAD[Op.PREFETCH](node, args, ctx)
     ctx.runtime.prefetch(a["layer"], ctx.runtime.trace.prefetch(a["layer"]), Priority.NORMAL)
     return ()
 
@@ -69,8 +69,7 @@ def shape_only(table: Mapping[Op, Impl]) -> dict[Op, Impl]:
 def _memoised(op: Op, impl: Impl) -> Impl:
     if op in _NO_DATA:
         return lambda node, args, ctx: (ctx.cache,)
-    shapes: dict[tuple, tuple[tuple[torch.Size, torch.dtype], ...] | None] = {}
-
+    shapes: dict[tuple, tuple[tuple[torch.Size, torch.dtype], ...]] = {}
     attrs: dict[int, str] = {}  # node -> its attributes but the layer (shapes do not use it)
 
     def run(node, args, ctx):
