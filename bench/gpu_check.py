@@ -27,7 +27,7 @@ The steps, in order (results under ``--out``, default bench/results/):
                      differently from one token at a time, so its difference is reported, not
                      failed. Tokens/s from the second of two runs -> e2e_check_cuda.json (rewritten
                      after every run), e2e_check_cuda.txt
-4. kernel case table ``pytest tests/kernels -m "not gpu" -v -ra``: the CPU tier's case table,
+4. kernel case table ``pytest tests/kernel_tests -m "not gpu" -v -ra``: the CPU tier's case table,
                      which runs the compiled kernels (bf16 included) when CUDA is present
                      -> gpu_kernel_cases.txt
 
@@ -146,7 +146,7 @@ def plan(args: argparse.Namespace, triton_ok: bool = True) -> list[Step]:
         ),
         Step(
             "kernel case table",
-            lambda _s: [*pytest, "tests/kernels", "-m", "not gpu"],
+            lambda _s: [*pytest, "tests/kernel_tests", "-m", "not gpu"],
             "gpu_kernel_cases.txt",
             None,
             needs_triton=True,

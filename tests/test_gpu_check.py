@@ -43,7 +43,7 @@ def test_the_dry_run_plans_every_step_with_its_command(tmp_path):
 
     gpu = steps["gpu tests"]["cmd"]
     assert gpu[1:4] == ["-m", "pytest", "-v"] and gpu[-2:] == ["-m", "gpu"] and "-x" not in gpu
-    assert steps["kernel case table"]["cmd"][-3:] == ["tests/kernels", "-m", "not gpu"]
+    assert steps["kernel case table"]["cmd"][-3:] == ["tests/kernel_tests", "-m", "not gpu"]
 
     kernels = steps["kernel benchmark"]["cmd"]
     assert kernels[1] == "bench/bench_kernels.py"

@@ -144,7 +144,7 @@ def default_config(
     # block_n 64 for the many-row tiles, and block_k 32 with quantized weights: the gate/up
     # kernel holds two [block_m, block_n] accumulators (and two more dot results when it scales
     # after the dot) beside the dequantized tiles; with block_n 128, or block_k 64 quantized,
-    # ptxas spills on sm_80 and sm_90 (tests/kernels/aot_report.py measures it).
+    # ptxas spills on sm_80 and sm_90 (tests/kernel_tests/aot_report.py measures it).
     if group_size is not None and cfg["block_m"] >= 64:
         cfg["block_k"] = 32
     cfg["block_n"] = min(cfg["block_n"], small_n)

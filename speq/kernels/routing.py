@@ -42,7 +42,7 @@ Adding a routing function (DeepSeek-V3's sigmoid with a correction bias, say) to
 1. this module: a reference function and a `RoutingFunction` entry in `ROUTING_FUNCTIONS`;
 2. ``_routing_kernels.py``: its Triton code, if it has a kernel (without one, ``triton=None``,
    the torch reference serves every device);
-3. a test case in ``tests/kernels/test_routing.py``.
+3. a test case in ``tests/kernel_tests/test_routing.py``.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ KERNELS = (
 )
 GEMM_KERNELS = ("_gate_up_kernel", "_down_kernel")
 # Register bounds by config and kernel. Measured with Triton 3.9, sm_90 / sm_80, on
-# DeepSeek-V2-Lite's layer (tests/kernels/aot_report.py):
+# DeepSeek-V2-Lite's layer (tests/kernel_tests/aot_report.py):
 # decode default (BM16 BN64 BK128, 4 warps, 4 stages): gate_up 108 / 110 bf16, 168 / 168 INT4
 # and INT8 (255 before INT4 tiles loaded whole); down 72-90 / 80-108; combine 38 / 36;
 # route_topk 44-50 / 42-48; alignment 80 / 80 sorted (up to 1020 pairs, 512 experts), 32 / 29
@@ -143,7 +143,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills() -> None:
     for sm_90 and sm_80 as a real launch specialises it, at the decode default and the prefill
     config, for bf16, INT4 and INT8 (group 128) weights; also the store combine, expert biases
     with the clamped SwiGLU, both routing modes, both alignment methods, and fp16 / fp32
-    activations on sm_90 (tests/kernels/aot_report.py lists the cases). No GPU is needed, and
+    activations on sm_90 (tests/kernel_tests/aot_report.py lists the cases). No GPU is needed, and
     this catches what the interpreter lets through (globals that are not constexpr, dtype rules
     of tl.dot, early returns). Each kernel: no spills (a zero stack frame), registers within
     MAX_REGISTERS, and for the GEMMs no single-byte global loads and asynchronous copies (the
