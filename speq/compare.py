@@ -119,10 +119,12 @@ def budget_bytes(resident: speq.CompiledModel, fraction: float) -> int:
     return mem.non_expert_bytes + mem.kv_bytes + int(fraction * experts)
 
 
-def governed_label(cm: speq.CompiledModel) -> str:
-    """How a governed speq row is named: the k* it chose, or that it dropped the draft."""
+def governed_label(cm: speq.CompiledModel, label: str = "speq (governor)") -> str:
+    """How a governed speq row is named: ``label`` with the k* it chose, or that it dropped the
+    draft."""
     g = cm.governed
-    return f"speq (governor, k*={g.spec.k})" if g.use_draft else "speq (governor: no draft)"
+    what = f"k*={g.spec.k}" if g.use_draft else "no draft"
+    return f"{label[:-1]}, {what})" if label.endswith(")") else f"{label} ({what})"
 
 
 def link_options(cal: LinkCalibration) -> dict[str, Any]:
@@ -143,7 +145,8 @@ def contenders(
     *,
     draft_bytes: int | None = None,
 ) -> list[Contender]:
-    """speq at each k, and the baselines, all under ``budget_bytes`` of device memory; plus
+    """speq at each k (the governor's also without host compute), and the baselines (the
+    host-compute ones included), all under ``budget_bytes`` of device memory; plus
     ``ondemand`` with speq's own (smaller) expert cache, and everything resident.
     ``draft_bytes`` (speq's resident draft) is measured by a compile when not given."""
     out = [
@@ -153,7 +156,10 @@ def contenders(
         )
         for k in ks
     ]
-    for policy in ("ondemand", "nextgate", "oracle"):
+    if None in ks:
+        no_host = dict(policy="speq", device_memory=budget_bytes, host_compute=False, **link)
+        out.append(Contender("speq (governor, no host compute)", speq.CompileOptions(**no_host)))
+    for policy in ("ondemand", "nextgate", "fiddler", "hostcompute", "oracle"):
         opts = speq.CompileOptions(policy=policy, device_memory=budget_bytes, **link)
         out.append(Contender(policy, opts))
     if draft_bytes is None:
@@ -202,6 +208,8 @@ def summarize(runs: list[tuple[Metrics, bool]]) -> dict[str, Any]:
         "prefetches_issued": m.prefetches_issued,
         "prefetches_wasted": m.prefetches_wasted,
         "stall_ms": statistics.median(r.stall_ms for r, _ in runs),
+        "host_expert_runs": extra.get("host_expert_runs"),
+        "host_compute_ms": extra.get("host_compute_ms"),
         "acceptance_rate": extra.get("acceptance_rate"),
         "elb_recall": extra.get("elb_recall"),
         "elb_precision": extra.get("elb_precision"),
@@ -249,7 +257,7 @@ def compare(
         cm = speq.compile(model, c.options)
         tick = progress(c.label) if progress else None
         row = measure(cm, prompt, expected, repeats, tick)
-        label = c.label if cm.governed is None else governed_label(cm)
+        label = c.label if cm.governed is None else governed_label(cm, c.label)
         result.rows.append({"label": label, "policy": c.options.policy, "k": c.options.k, **row})
     speq_tpot = min(r["tpot_ms"] for r in result.rows if r["policy"] == "speq")
     for r in result.rows:

@@ -182,13 +182,38 @@ def routing_for(
 # name: (policy, what it stands for); "-sc" runs in the memory speq's expert cache gets. The
 # next-layer gate prefetch (policy nextgate) is left out: it needs the next layer's router applied
 # to the current hidden state, which only a recorded trace of a nextgate run holds.
-CONTENDERS = {
-    "speq": ("speq", "speq: INT4 draft, prefetch, verification; the governor picks k and split"),
-    "mixtral-offloading-sm": ("ondemand", "Mixtral-Offloading: LRU cache, same memory as speq"),
-    "mixtral-offloading-sc": ("ondemand", "Mixtral-Offloading: LRU, the cache speq has drafting"),
-    "transformers-layerwise": (None, "Transformers device_map offloading (closed form)"),
-    "oracle": ("oracle", "Belady's fetches, each as early as its slot allows (the I/O bound)"),
-    "resident": ("resident", "every expert on the device (the compute bound; ignores the budget)"),
+# name -> (policy, what it stands for, further CompileOptions fields)
+CONTENDERS: dict[str, tuple[str | None, str, dict]] = {
+    "speq": (
+        "speq",
+        "speq: INT4 draft, prefetch, verification, misses on the host where faster; the "
+        "governor picks k and split",
+        {},
+    ),
+    "speq-no-host": (
+        "speq",
+        "speq without host compute (host_compute=False)",
+        {"host_compute": False},
+    ),
+    "mixtral-offloading-sm": ("ondemand", "Mixtral-Offloading: LRU cache, same memory as speq", {}),
+    "mixtral-offloading-sc": (
+        "ondemand",
+        "Mixtral-Offloading: LRU, the cache speq has drafting",
+        {},
+    ),
+    "fiddler": ("fiddler", "Fiddler: LRU cache, misses computed on the host", {}),
+    "hostcompute": (
+        "hostcompute",
+        "llama.cpp --n-cpu-moe / KTransformers: every routed expert computed on the host",
+        {},
+    ),
+    "transformers-layerwise": (None, "Transformers device_map offloading (closed form)", {}),
+    "oracle": ("oracle", "Belady's fetches, each as early as its slot allows (the I/O bound)", {}),
+    "resident": (
+        "resident",
+        "every expert on the device (the compute bound; ignores the budget)",
+        {},
+    ),
 }
 
 
@@ -203,8 +228,9 @@ def compare(
     progress=None,
 ) -> dict[str, dict]:
     """Every contender on ``trace`` at ``budget`` bytes of device memory on ``hardware``:
-    per contender ``tpot_ms``, ``hit_rate`` and ``bytes_per_token`` (decode), speq's with the
-    governor's ``k`` (None when it dropped the draft). A contender that does not fit the budget
+    per contender ``tpot_ms``, ``hit_rate``, ``bytes_per_token`` and
+    ``host_expert_runs_per_token`` (decode), speq's with the governor's ``k`` (None when it
+    dropped the draft, or ``draft_fits`` False: the budget has no room for it). A contender that does not fit the budget
     has ``tpot_ms`` None and an ``error``. ``timeline``: write speq's run as a Chrome trace
     there (`one_cycle` cuts one draft-verify cycle from it). ``progress(name)``: called as each
     contender starts."""
@@ -219,18 +245,20 @@ def compare(
     for name in order:
         if progress is not None:
             progress(name)
-        policy, _ = CONTENDERS[name]
+        policy, _, extra = CONTENDERS[name]
         if name == "transformers-layerwise":
             out[name] = _layerwise(cfg, hardware, budget, out.get("resident"), trace)
             continue
         memory = None if policy == "resident" else budget
         if name == "mixtral-offloading-sc":
             if draft_bytes is None:
-                out[name] = _unfit("speq does not fit: there is no speq cache to match")
+                out[name] = _unfit("speq's draft does not fit: there is no speq cache to match")
                 continue
             memory = budget - draft_bytes
         path = timeline if name == "speq" else None
-        opts = dataclasses.replace(base, policy=policy, device_memory=memory, trace_path=path)
+        opts = dataclasses.replace(
+            base, policy=policy, device_memory=memory, trace_path=path, **extra
+        )
         try:
             cm = simulated_model(cfg, trace, opts)
         except BudgetError as e:  # the budget cannot hold what the contender needs
@@ -243,15 +271,18 @@ def compare(
             hit_rate=m.hit_rate,
             bytes_per_token=m.bytes_moved / m.tokens,
             cache_slots=m.cache_slots,
+            host_expert_runs_per_token=m["host_expert_runs"] / m.tokens,
         )
-        if name == "speq":
+        if policy == "speq":
             g = cm.engine.governed
             drafting = g is None or g.use_draft
             out[name]["k"] = g.spec.k if drafting and g is not None else None
             out[name]["acceptance"] = m.extra.get("acceptance_rate")
+            out[name]["draft_fits"] = cm.engine.draft_fits
             # a draftless run may bring the draft back mid-run (None: it did not)
             out[name]["switched_to_draft_after"] = m.extra.get("switched_to_draft_after")
-            draft_bytes = cm.engine.draft.nbytes  # SC: the cache speq has while it drafts
+            if name == "speq" and cm.engine.draft_fits:  # SC: the cache speq has drafting
+                draft_bytes = cm.engine.draft.nbytes
     return {name: out[name] for name in contenders}
 
 

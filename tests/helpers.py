@@ -137,12 +137,15 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
 
 
-def first_sampled_counts(model, prompt: torch.Tensor, probs_size: int, temperature: float = 0.9):
+def first_sampled_counts(
+    model, prompt: torch.Tensor, probs_size: int, temperature: float = 0.9, options=None
+):
     """How often each token comes first out of speq's speculative sampling (k = 1) after
-    ``prompt``, over 800 seeds: what the sampling tests compare with the model's own softmax."""
+    ``prompt``, over 800 seeds: what the sampling tests compare with the model's own softmax.
+    ``options``: CompileOptions (default: policy speq, k = 1, every expert resident)."""
     import speq
 
-    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=1))
+    cm = speq.compile(model, options or speq.CompileOptions(policy="speq", k=1))
     counts = torch.zeros(probs_size)
     for seed in range(800):
         out = cm.generate(prompt, 2, do_sample=True, temperature=temperature, seed=seed)

@@ -15,7 +15,15 @@ def test_demo_runs_every_policy_and_prints_the_table(capsys):
     captured = capsys.readouterr()
     out = captured.out
     assert "TPOT (ms)" in out and "emulated link" in out
-    for label in ("speq k=2", "ondemand", "nextgate", "oracle", "resident"):
+    for label in (
+        "speq k=2",
+        "ondemand",
+        "nextgate",
+        "fiddler",
+        "hostcompute",
+        "oracle",
+        "resident",
+    ):
         assert label in out
     assert "NO" not in out.split("TPOT (ms)")[1]  # every policy produced the resident tokens
     # how long it takes, first; each phase said before it runs; each contender's own figures
@@ -27,7 +35,7 @@ def test_demo_runs_every_policy_and_prints_the_table(capsys):
     assert re.search(r"  speq k=2: [\d.]+ ms/token, hit [\d.]+, tok hit [\d.]+, accept", out)
     # the table and its legend fit 100 columns; no bar, no escape code off a terminal
     rows = [line for line in out.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + 6 and all(len(line) <= 100 for line in rows)
+    assert len(rows) == 2 + 8 and all(len(line) <= 100 for line in rows)
     legend = out[out.index(rows[-1]) + len(rows[-1]) :].strip().splitlines()
     assert legend[0].startswith("policy: ") and all(len(line) <= 100 for line in legend)
     assert "\x1b[" not in out + captured.err and "\r" not in captured.err
@@ -71,7 +79,7 @@ def test_generate_text_with_the_shipped_model(capsys):
 
 def _metrics(out: str) -> dict[str, str]:
     """The ``name: value`` lines that `speq generate` prints after the text."""
-    names = ("setting", "TPOT", "hit rate", "moved", "acceptance", "expert cache slots")
+    names = ("setting", "TPOT", "hit rate", "moved", "host", "acceptance", "expert cache slots")
     lines = [line.split(": ", 1) for line in out.splitlines() if ": " in line]
     return {name: value for name, value in lines if name in names}
 
@@ -80,7 +88,7 @@ def test_generate_offloads_under_a_policy_a_device_memory_and_a_link(capsys):
     """The shipped model in 12 MB (float32: 2 expert slots beside speq's draft), a fixed k, on the
     sim backend over a slow link: the text, then every metric with its unit and the setting."""
     argv = ["generate", "--policy", "speq", "--device-memory", "12MB", "--k", "2"]
-    argv += ["--prompt", "And it came to pass", "--max-new-tokens", "3"]
+    argv += ["--prompt", "And it came to pass", "--max-new-tokens", "3", "--host-compute", "off"]
     assert main([*argv, "--backend", "sim", "--link-gbps", "0.03"]) == 0
     out = capsys.readouterr().out
     assert "And it came to pass" in out
@@ -94,6 +102,13 @@ def test_generate_offloads_under_a_policy_a_device_memory_and_a_link(capsys):
     )
     assert re.fullmatch(r"[01]\.\d\d of drafted tokens accepted", m["acceptance"])
     assert m["expert cache slots"] == "2 of 32 experts"
+    assert m["host"].startswith("0 (layer, expert) needs computed on the host")
+    # the same run with host compute: this slow link's misses are computed on the host
+    assert main([*argv[:-1], "auto", "--backend", "sim", "--link-gbps", "0.03"]) == 0
+    m = _metrics(capsys.readouterr().out)
+    host = re.fullmatch(r"(\d+) \(layer, expert\) needs computed on the host instead of the "
+                        r"device, [\d.]+ virtual ms of host time", m["host"])  # fmt: skip
+    assert host and int(host.group(1)) > 0
 
 
 def test_generate_with_the_governor_and_a_budget(capsys):

@@ -19,10 +19,16 @@ WIDTH = 100  # columns the tables and the prose fit in
 
 # (header, what the column holds, right-aligned): the table's columns and its legend
 COLUMNS = (
-    ("policy", "speq's k* (or no draft) is its governor's choice", False),
+    (
+        "policy",
+        "speq's k* (or no draft) is its governor's choice; speq computes misses on the host where "
+        "faster, speq/no host copies them; fiddler: misses on the host; hostcompute: every "
+        "routed expert on the host",
+        False,
+    ),
     ("slots", "expert cache slots", True),
     ("TPOT (ms)", "wall-clock ms per new token, the governor's calibration excluded", True),
-    ("vs speq", "its TPOT / speq's", True),
+    ("vs speq", "its TPOT / the faster speq's", True),
     ("hit", "(layer, expert) needs found resident", True),
     ("tok hit", "routings (token, layer, top-k choice) that waited for no copy", True),
     ("accept", "drafted tokens accepted", True),
@@ -75,7 +81,8 @@ def _label(c, cm: speq.CompiledModel) -> str:
     """A contender's row label: a governed speq row says what its governor chose."""
     if cm.governed is None:
         return c.label
-    return f"speq (k*={cm.governed.spec.k})" if cm.governed.use_draft else "speq (no draft)"
+    name = "speq" if cm.options.host_compute is not False else "speq/no host"
+    return f"{name} (k*={cm.governed.spec.k})" if cm.governed.use_draft else f"{name} (no draft)"
 
 
 def _run(model, c, prompt: torch.Tensor, expected: torch.Tensor, new_bar) -> dict:

@@ -26,6 +26,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     error = args.generate_parser.error
     if args.k is not None and args.policy != "speq":
         error(f"--k {args.k}: applies to --policy speq only, not --policy {args.policy}")
+    if args.host_compute == "on" and args.policy != "speq":
+        error(f"--host-compute on: applies to --policy speq only, not --policy {args.policy}")
     if args.link_gbps is not None and args.backend == "cuda":
         error(f"--link-gbps {args.link_gbps:g}: applies to the cpu and sim backends (emulated)")
     if why := BACKENDS[args.backend].unavailable():
@@ -42,7 +44,10 @@ def _budget_flag(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _options(args: argparse.Namespace, model) -> tuple[speq.CompileOptions, str]:
     """The run's options, and its device memory as the setting line says it."""
+    host = {"auto": "auto", "on": True, "off": False}[args.host_compute]
     kw = dict(policy=args.policy, backend=args.backend, k=args.k, link_gbps=args.link_gbps)
+    if args.policy == "speq":
+        kw["host_compute"] = host
     if args.device_memory is not None:
         return speq.CompileOptions(**kw, device_memory=args.device_memory), args.device_memory
     if args.budget is not None:
@@ -96,6 +101,8 @@ def _metrics(cm: speq.CompiledModel) -> list[str]:
         f"({m.hits} of {m.needs})",
         f"moved: {m.bytes_moved / 1e6:.2f} MB over the link while decoding "
         f"({m.experts_moved} expert copies)",
+        f"host: {m.host_expert_runs} (layer, expert) needs computed on the host instead of "
+        f"the device, {m.host_compute_ms:.2f} {unit} of host time",
         f"acceptance: {acceptance}",
         f"expert cache slots: {m.cache_slots} of {total} experts",
     ]

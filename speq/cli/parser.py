@@ -65,6 +65,10 @@ def _add_generate(sub, policies: tuple[str, ...], backends: tuple[str, ...]) -> 
     memory.add_argument("--budget", type=BUDGET, help=budget_help)
     p.add_argument("--k", type=POSITIVE_INT, help="tokens drafted per cycle (--policy speq; "
                    "default: the governor chooses)")  # fmt: skip
+    host_help = "--policy speq: compute the verification's missing experts on the host where "
+    host_help += "the cost model says that is faster (auto, the default), always (on) or never "
+    host_help += "(off: every miss is copied)"
+    p.add_argument("--host-compute", choices=("auto", "on", "off"), default="auto", help=host_help)
     link_help = "bandwidth of the emulated host -> device link (cpu and sim backends; default: "
     link_help += "the hardware profile's, a100-40g-pcie4)"
     p.add_argument("--link-gbps", type=GBPS, help=link_help)

@@ -68,20 +68,25 @@ def table(setting: dict, results: dict) -> str:
         f"{setting['model']} on {setting['hardware']}, {gb:g} GB of device memory, bf16, "
         f"{setting['new_tokens']} new tokens; routing: {setting['trace']} (simulated)",
         "",
-        f"{'contender':<24} {'TPOT (ms)':>10} {'hit rate':>9} {'GB/token':>9}  note",
+        f"{'contender':<24} {'TPOT (ms)':>10} {'hit rate':>9} {'GB/token':>9} "
+        f"{'host/token':>10}  note",
     ]
     for name, r in results.items():
         if r["tpot_ms"] is None:
-            lines.append(f"{name:<24} {'-':>10} {'-':>9} {'-':>9}  {r['error']}")
+            lines.append(f"{name:<24} {'-':>10} {'-':>9} {'-':>9} {'-':>10}  {r['error']}")
             continue
+        host = r.get("host_expert_runs_per_token")
+        host_cell = "-" if host is None else f"{host:.1f}"
         note = CONTENDERS[name][1]
         if name == "speq":
             note = f"k* = {r['k']}" if r["k"] is not None else "governor dropped the draft"
+            if not r["draft_fits"]:
+                note = "no room for the draft: runs without it"
             if r.get("switched_to_draft_after") is not None:
                 note += f", took it back after {r['switched_to_draft_after']} tokens"
         lines.append(
             f"{name:<24} {r['tpot_ms']:>10.1f} {r['hit_rate']:>9.1%} "
-            f"{r['bytes_per_token'] / 1e9:>9.2f}  {note}"
+            f"{r['bytes_per_token'] / 1e9:>9.2f} {host_cell:>10}  {note}"
         )
     return "\n".join(lines)
 
@@ -94,7 +99,7 @@ def _plot(events: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
-    lanes = ["pass", "compute", "copy"]
+    lanes = ["pass", "compute", "copy", "host"]
     t0 = min(e["ts"] for e in events)
     fig, ax = plt.subplots(figsize=(12, 3))
     for i, lane in enumerate(lanes):

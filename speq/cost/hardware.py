@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,6 +16,13 @@ class HardwareModel:
     verify_s: Mapping[int, float]  # target pass time by tokens T (interpolated between)
     copy_s: float  # one expert over the link
     source: str = "measured"
+    host_s: float = math.inf  # one expert computed on the host for a token (inf: no host compute)
+
+    @property
+    def miss_s(self) -> float:
+        """What one expert the device does not hold costs when it is needed now: a demand copy,
+        or its computation on the host where that is faster."""
+        return min(self.copy_s, self.host_s)
 
     def verify(self, tokens: int) -> float:
         pts = sorted(self.verify_s.items())

@@ -8,7 +8,9 @@ For a speculative cycle with k drafted tokens (PAPER.md, "The Amortization Roofl
                                                           resident when the cycle starts, one copy each
     overlap(k) = min((1 - phase2_start) * T_draft(k),     copies start with phase II, and at most
                      min(E_new(k), slots) * t_copy)       a cache's worth land before verification
-    T_cycle(k) = T_draft(k) + max(0, T_io(k) - overlap(k)) + T_verify(k + 1)
+    T_cycle(k) = T_draft(k) + T_stall(k) + T_verify(k + 1),  T_stall(k) = max(0, T_io(k) - overlap(k))
+    with host compute faster than a copy (t_host < t_copy), the experts not landed by then are
+    computed on the host instead: T_stall(k) = (E_new(k) - overlap(k) / t_copy) * t_host
     Theta(k)   = tokens(k) / T_cycle(k)                   and TPOT(k) = 1 / Theta(k)
 
 E_new(k) = W(k) - reuse * kept(W(k)) (`CacheModel`): the window needs W(k) = layers * E * (1 -
@@ -20,7 +22,8 @@ fraction ``reuse`` of that many are resident. A constant miss rate would not do.
 governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k whose cycle fits the
 time-to-first-token budget, and sizes phase II to the copies the link completes during one draft
 pass. It also splits the device memory: the draft's bytes could instead be expert cache slots for
-plain one-token decoding, whose TPOT is T_verify(1) + (copies per token) * t_copy; when that is
+plain one-token decoding, whose TPOT is T_verify(1) + (misses per token) * min(t_copy, t_host);
+when that is
 predicted faster, the policy is to drop the draft. It is a pure function of its inputs;
 `Governor` re-solves k from live acceptance and reuse estimates (exponential moving averages) at
 run time with the same model. The split is chosen on one calibration prompt, whose routing may
@@ -96,13 +99,19 @@ class Policy:
             f"draft, {self.spec.phase2_width} copies per pass in II; acceptance p_j = [{p}], "
             f"{self.cache.describe()}; {self.hardware.source} times: draft pass "
             f"{self.hardware.draft_pass_s * 1e3:.3f} ms, expert copy {self.hardware.copy_s * 1e3:.3f} ms"
+            + (
+                f", expert on the host {self.hardware.host_s * 1e3:.3f} ms"
+                if math.isfinite(self.hardware.host_s)
+                else ""
+            )
         )
 
 
 def plain_estimate(hw: HardwareModel, copies_per_token: float) -> Estimate:
     """One-token decoding without a draft (k = 0): each token pays a target pass and waits for
-    its ``copies_per_token`` missing experts."""
-    io = copies_per_token * hw.copy_s
+    its ``copies_per_token`` missing experts (each copied, or computed on the host where that is
+    faster)."""
+    io = copies_per_token * hw.miss_s
     return Estimate(0, 1.0, hw.verify(1) + io, 0.0, io, io, hw.verify(1))
 
 
@@ -152,7 +161,10 @@ def estimate(
     draft = (k + 1) * hw.draft_pass_s
     new = cache.new_experts(cfg, k)
     io = new * hw.copy_s
-    stall = max(0.0, io - min((1 - phase2_start) * draft, min(new, cache.slots) * hw.copy_s))
+    landed = min((1 - phase2_start) * draft, min(new, cache.slots) * hw.copy_s)
+    stall = max(0.0, io - landed)
+    if hw.host_s < hw.copy_s:  # what does not land by verification is computed on the host
+        stall = min(stall, (new - landed / hw.copy_s) * hw.host_s)
     verify = hw.verify(k + 1)
     return Estimate(
         k, expected_tokens(acceptance, k), draft + stall + verify, draft, io, stall, verify

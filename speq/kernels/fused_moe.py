@@ -44,7 +44,7 @@ from speq.kernels.alignment import ExpertPlan, align_experts, kernel_unsupported
 from speq.kernels.autotune import KernelConfig, get_config
 from speq.kernels.quant import QuantizedExperts
 
-__all__ = ["MoEDims", "fused_moe", "fused_moe_torch"]
+__all__ = ["MoEDims", "expert_ffn", "fused_moe", "fused_moe_torch"]
 
 Weights = torch.Tensor | QuantizedExperts
 
@@ -183,6 +183,27 @@ def fused_moe_torch(
     return out.to(hidden.dtype)
 
 
+def expert_ffn(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: Activation = SWIGLU,
+) -> torch.Tensor:
+    """One expert on its tokens, in x's dtype: ``activation(x Wg^T + bg, x Wu^T + bu) W2^T + b2``
+    with ``w13 [2I, H]`` (gate rows, then up rows), ``w2 [H, I]`` and the expert's own biases
+    (``b13 [2I]``, ``b2 [H]``) or None. The grouped CPU path computes each expert with it, and
+    so does host compute (speq.runtime.host): the same math wherever an expert runs."""
+    i = w13.shape[0] // 2
+    linear = torch.nn.functional.linear
+    # Separate gate and up products measured faster on the CPU than one [2I, H] product.
+    gate, up = linear(x, w13[:i]), linear(x, w13[i:])
+    if b13 is not None:
+        gate, up = gate + b13[:i], up + b13[i:]
+    return linear(activation(gate, up), w2, b2)
+
+
 def _fused_moe_grouped_torch(
     hidden: torch.Tensor,
     w13: Weights,
@@ -197,7 +218,6 @@ def _fused_moe_grouped_torch(
     """CPU path: sort the pairs by expert once, then per expert with tokens its gate, up and
     down matmuls in x's dtype, combined with ``index_add_`` in fp32 (float64)."""
     b13, b2 = bias
-    linear = torch.nn.functional.linear
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros((dims.num_tokens, dims.hidden), dtype=acc_dtype, device=hidden.device)
     flat = topk_ids.reshape(-1).to(torch.int64)
@@ -206,7 +226,6 @@ def _fused_moe_grouped_torch(
     tokens = order // dims.top_k
     route_w = topk_weights.reshape(-1)[order].to(acc_dtype)
     slots = slot_of_expert.tolist()
-    i = dims.intermediate
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
@@ -217,12 +236,14 @@ def _fused_moe_grouped_torch(
             w13.select(s).dequantize(hidden.dtype) if isinstance(w13, QuantizedExperts) else w13[s]
         )
         w2_s = w2.select(s).dequantize(hidden.dtype) if isinstance(w2, QuantizedExperts) else w2[s]
-        x = hidden[rows]
-        # Separate gate and up products measured faster on the CPU than one [2I, H] product.
-        gate, up = linear(x, w13_s[:i]), linear(x, w13_s[i:])
-        if b13 is not None:
-            gate, up = gate + b13[e, :i], up + b13[e, i:]
-        y = linear(activation(gate, up), w2_s, None if b2 is None else b2[e])
+        y = expert_ffn(
+            hidden[rows],
+            w13_s,
+            w2_s,
+            None if b13 is None else b13[e],
+            None if b2 is None else b2[e],
+            activation,
+        )
         out.index_add_(0, rows, y.to(acc_dtype) * route_w[start : start + count, None])
         start += count
     return out.to(hidden.dtype)

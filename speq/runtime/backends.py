@@ -3,7 +3,7 @@ compile) in `BACKENDS`; everything else reads the object, never the name.
 
 - ``cpu``: real execution on the CPU; the copy engine is a background thread whose link is
   emulated at a given bandwidth and latency, so overlap and stalls are real and measured by the
-  wall clock.
+  wall clock; experts computed on the host run on another thread, throttled likewise.
 - ``sim``: real compute for the tokens, but time is a virtual clock: each node costs what the
   cost model says for a hardware profile, each copy what the link's bandwidth says. No expert is
   copied (the compute reads the host store).
@@ -22,6 +22,7 @@ from types import MappingProxyType
 import torch
 
 from speq.ir.run import ImplTable
+from speq.runtime.host import HostLane, ThreadHost, VirtualHost
 from speq.runtime.link import CudaLink, EmulatedLink, Link, VirtualLink
 from speq.runtime.ops_eager import EAGER
 from speq.runtime.ops_offload import OFFLOAD
@@ -35,14 +36,16 @@ TRACE_KERNELS = ImplTable((("trace", TRACE), ("offload", OFFLOAD), ("eager", sha
 class Backend:
     """What a backend provides: its device, its link (``link(gbps, latency_us, device)``), its
     clock (``modelled_time``: node and copy times from the cost model on a virtual clock,
-    instead of the wall clock), and its op implementations (``kernels``, which `lower` records
-    in the plan and the run loop dispatches on)."""
+    instead of the wall clock), its op implementations (``kernels``, which `lower` records
+    in the plan and the run loop dispatches on), and how it computes experts on the host
+    (``host(link)``: speq.runtime.host)."""
 
     name: str
     device_type: str
     link: Callable[[float, float, torch.device], Link]
     modelled_time: bool = False
     kernels: ImplTable = KERNELS
+    host: Callable[[Link], HostLane] = VirtualHost
 
     @property
     def device(self) -> torch.device:
@@ -80,9 +83,14 @@ class Backend:
 
 BACKENDS: Mapping[str, Backend] = MappingProxyType(
     {
-        "cpu": Backend("cpu", "cpu", lambda gbps, lat, _: EmulatedLink(gbps, lat)),
+        "cpu": Backend(
+            "cpu",
+            "cpu",
+            lambda gbps, lat, _: EmulatedLink(gbps, lat),
+            host=lambda link: ThreadHost(link, throttle=True),
+        ),
         "sim": Backend("sim", "cpu", lambda gbps, lat, _: VirtualLink(gbps, lat), True),
-        "cuda": Backend("cuda", "cuda", CudaLink),
+        "cuda": Backend("cuda", "cuda", CudaLink, host=lambda link: ThreadHost(link, False)),
         "trace": Backend(
             "trace", "meta", lambda gbps, lat, _: VirtualLink(gbps, lat), True, TRACE_KERNELS
         ),

@@ -52,7 +52,7 @@ class Calibrator:
         draft_s, verify = self.time_passes(prompt[None])
         copy_s = VirtualLink(*engine.link_params).cost(engine.memory.expert_bytes)
         source = f"measured ({engine.backend.name})"
-        hw = HardwareModel(draft_s, verify, copy_s, source=source)
+        hw = HardwareModel(draft_s, verify, copy_s, source, self.host_seconds())
         k = self.probe_k
         n = max(1, min(self.probe_tokens, cfg.max_seq_len - prompt.shape[0] - k - 1))
         acceptance, needs, new, tokens = self.probe(prompt, k, n)
@@ -71,6 +71,19 @@ class Calibrator:
             plain_copies_per_token=self.plain_copies_per_token(prompt, n),
             ttft_budget_s=math.inf if ttft is None else ttft / 1e3,
         )
+
+    def host_seconds(self) -> float:
+        """One expert computed on the host for one token, its share of a layer's latency
+        included (inf when ``CompileOptions.host_compute`` is False)."""
+        engine = self.engine
+        if engine.options.host_compute is False:
+            return math.inf
+        link = VirtualLink(*engine.link_params)
+        rate = engine.host_rate(engine.backend, link)
+        w13 = engine.store.w13[engine.store.layers[0]]
+        flops = 3 * w13.shape[1] * w13.shape[2]
+        share = rate.latency / engine.config.top_k
+        return rate.expert_seconds(engine.memory.expert_bytes, flops) + share
 
     def time_passes(
         self, prompt: torch.Tensor, tokens: Sequence[int] = PASS_TOKENS, repeats: int = 3

@@ -22,21 +22,29 @@ from speq.ir.program import Program
 from speq.ir.run import run_graph
 from speq.models.kv_cache import KVCache
 from speq.models.spec import ModelSpec
-from speq.runtime.backends import SIM, get_backend
-from speq.runtime.budget import MemoryPlan, parse_budget, plan_memory, workspace_estimate
+from speq.runtime.backends import SIM, Backend, get_backend
+from speq.runtime.budget import (
+    BudgetError,
+    MemoryPlan,
+    parse_budget,
+    plan_memory,
+    workspace_estimate,
+)
 from speq.runtime.cache import ExpertCache
 from speq.runtime.calibrate import Calibrator
 from speq.runtime.draft import DraftWeights
+from speq.runtime.host import HostRate
+from speq.runtime.link import Link
 from speq.runtime.metrics import Metrics, Timeline
 from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
 from speq.runtime.options import CompileOptions
-from speq.runtime.policies import OnDemand, get_policy
+from speq.runtime.policies import OnDemand, draftless, get_policy
 from speq.runtime.replay import Replayer
 from speq.runtime.requests import check_request
 from speq.runtime.sampling import SamplingParams, pick
 from speq.runtime.session import Session
 from speq.runtime.speculative import Recorder, Speq, Window, speculative_decode
-from speq.runtime.store import ExpertStore
+from speq.runtime.store import ExpertStore, place_evenly, preload_all
 from speq.runtime.switch import MidRunSwitch
 from speq.runtime.trace_routing import TraceRecorder, TraceRouting
 from speq.sim.profiles import get_profile
@@ -68,7 +76,15 @@ class Engine:
         self.store = ExpertStore(spec, params, pin=self.backend.pins_memory)
         self.params = {k: v.to(self.device) for k, v in self.store.resident.items()}
         self.draft = DraftWeights(program, self.store, self.device)
-        self.memory = self._plan_memory()
+        self.draft_fits = True  # False: the governor's draft has no room beside the minimum cache
+        try:
+            self.memory = self._plan_memory()
+        except BudgetError:
+            if not self.governs:
+                raise
+            self.draft.drop()  # the governor's other split: no draft (raises if that fails too)
+            self.memory = self._plan_memory()
+            self.draft_fits = False
         self.pool: ExpertPool | None = None
         self._pool_filled = False  # a pool holding every expert is filled once
         self._allocate_pool()
@@ -105,8 +121,9 @@ class Engine:
 
     @property
     def governs(self) -> bool:
-        """Whether the governor chooses this program's policy (speculation without a fixed k)."""
-        return self.policy_class.drafts and self.options.k is None
+        """Whether the governor chooses this program's policy (speculation without a fixed k)
+        and has a choice to make (its draft fits the budget beside the smallest cache)."""
+        return self.policy_class.drafts and self.options.k is None and self.draft_fits
 
     @property
     def link_params(self) -> tuple[float, float]:
@@ -130,6 +147,8 @@ class Engine:
         total = len(store.keys())
         if self.policy_class.all_resident:
             min_slots = total
+        elif self.policy_class.host_only:
+            min_slots = total = 0  # every routed expert is computed on the host
         elif options.cache_allocation == "per_layer":
             min_slots = cfg.top_k * len(store.layers)
         else:
@@ -186,7 +205,7 @@ class Engine:
 
     def restore_draft(self) -> None:
         """The draft back on the device (between runs, not timed) if a decision dropped it."""
-        if self.draft.params and not self.draft.on_device:
+        if self.draft.params and not self.draft.on_device and self.draft_fits:
             self.draft.restore()
             self.replan()
 
@@ -204,13 +223,19 @@ class Engine:
         link = backend.link(*self.link_params, self.device)
         pool = None if virtual else self.pool
         expert = self.memory.expert_bytes
-        runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline, expert)
+        host = (backend.host(link), self.host_rate(backend, link)) if policy.host_compute else None
+        runtime = OffloadRuntime(self.store, cache, link, pool, policy, timeline, expert, host)
         if self.routing_trace is not None:  # each run replays the trace from its start
             runtime.trace = TraceRouting(
                 self.routing_trace, self.store.layers, self.program, self.measured_node_times
             )
         if policy.all_resident or slots >= len(self.store.keys()):
-            self._preload(cache, pool)  # every expert fits: all are resident from the start
+            # every expert fits: all are resident from the start (the engine's pool filled once)
+            fill = pool is not None and not self._pool_filled
+            preload_all(self.store, cache, pool if fill else None)
+            self._pool_filled = self._pool_filled or fill
+        elif policy.places_at_load:
+            place_evenly(self.store, cache, pool)
         # a dict of the session's own: a mid-run switch adds the draft's weights to it
         params = {**self.params, **(self.draft.params if self.draft.on_device else {})}
         return Session(
@@ -224,6 +249,11 @@ class Engine:
             self.deployment_dtype.itemsize,
         )
 
+    def host_rate(self, backend: Backend, link: Link) -> HostRate:
+        """The host's rate for a run on ``backend`` over ``link`` (`HostRate.over`)."""
+        emulated = not backend.modelled_time and backend.device_type == "cpu"
+        return HostRate.over(self.profile, link, self.memory.expert_bytes, emulated)
+
     def cache(self, policy: OffloadPolicy, slots: int) -> ExpertCache:
         """An empty expert cache of ``slots`` slots with ``policy``'s eviction."""
         return ExpertCache(
@@ -235,18 +265,6 @@ class Engine:
             next_use=getattr(policy, "next_use", None),
             device=self.device,
         )
-
-    def _preload(self, cache: ExpertCache, pool: ExpertPool | None) -> None:
-        """Every expert resident, in a fixed slot order; the engine's pool (``pool``, None for a
-        virtual session, which copies nothing) is filled once."""
-        fill = pool is not None and not self._pool_filled
-        for slot, key in enumerate(self.store.keys()):
-            entry = cache.insert(key)
-            assert entry.slot == slot, "resident slots are assigned in order"
-            if fill:
-                for src, dst in zip(*self.store.copy_pairs(key, pool.w13[slot], pool.w2[slot])):
-                    dst.copy_(src)
-        self._pool_filled = self._pool_filled or fill
 
     def record_needs(self, prompt: torch.Tensor, n: int, sampling: SamplingParams):
         """The run's expert needs, from a one-token-at-a-time virtual-clock pass (not measured):
@@ -400,7 +418,9 @@ class Engine:
         if may_switch:  # the governor's split: no draft, a larger cache
             self.drop_draft()  # a run that switched to the draft left it resident
             self.switch.switched_after = None
-            policy: OffloadPolicy = OnDemand()
+            policy: OffloadPolicy = draftless(self.options.host_compute)
+        elif self.policy_class.drafts and not self.draft_fits:
+            policy = draftless(self.options.host_compute)
         else:
             policy = self.policy_class.for_run(self, prompt, n, sampling)
         session = self.session(policy)

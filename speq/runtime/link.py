@@ -116,6 +116,28 @@ class Link(ABC):
         """Seconds one copy of ``nbytes`` occupies the link."""
         return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
 
+    def _left(self, copy: Copy) -> float:
+        """Seconds of ``copy`` still to go: all of it if it has not started."""
+        cost = self.cost(copy.nbytes)
+        if copy.started_at is None:
+            return cost
+        return max(0.0, copy.started_at + cost - self.now())
+
+    def backlog(self, in_flight: Sequence[Copy]) -> float:
+        """Seconds until the copies ``in_flight`` are expected to be done (one at a time)."""
+        return sum(self._left(c) for c in in_flight)
+
+    def landing(self, copy: Copy, in_flight: Sequence[Copy]) -> float:
+        """Seconds until ``copy`` (one of ``in_flight``) is expected to be done: its end if it
+        started, else after the one running and every copy served before it (priority, then
+        issue order)."""
+        if copy.started_at is not None:
+            return self._left(copy)
+        rank = (copy.priority, copy.issued_at)
+        ahead = [c for c in in_flight if c.started_at is None and (c.priority, c.issued_at) < rank]
+        running = [self._left(c) for c in in_flight if c.started_at is not None]
+        return min(running, default=0.0) + self.backlog(ahead) + self.cost(copy.nbytes)
+
     @abstractmethod
     def now(self) -> float: ...
 

@@ -22,7 +22,10 @@ FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "prefill_ms": ("ms", "processing the prompt but its last token"),
         "tpot_ms": ("ms / token", "decode time per new token: decode_ms / tokens"),
         "decode_ms": ("ms", "time to decode the new tokens"),
-        "hit_rate": ("fraction", "(layer, expert) needs resident and loaded when needed"),
+        "hit_rate": (
+            "fraction",
+            "(layer, expert) needs resident and loaded when needed (host-computed ones are not)",
+        ),
         "covered_rate": ("fraction", "needs resident or already being copied (no demand fetch)"),
         "stalls_per_token": ("copies / token", "copies the compute waited for, per new token"),
         "token_hit_rate": (
@@ -41,10 +44,18 @@ FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "prefetches_issued": ("count", "prefetch copies over the whole run"),
         "prefetches_used": ("count", "prefetched experts later needed"),
         "prefetches_wasted": ("count", "prefetched experts evicted or left unused"),
-        "stall_ms": ("ms", "time the compute waited for copies while decoding"),
+        "stall_ms": (
+            "ms",
+            "time the compute waited for copies (and for host compute) while decoding",
+        ),
         "prefill_bytes_moved": ("bytes", "bytes over the link during the prefill (as bytes_moved)"),
         "cache_slots": ("slots", "expert cache slots (full-precision experts on the device)"),
         "copy_retries": ("count", "failed copies that were tried again"),
+        "host_expert_runs": (
+            "count",
+            "(layer, expert) needs computed on the host instead of the device while decoding",
+        ),
+        "host_compute_ms": ("ms", "time the host spent computing them (its own lane)"),
         "draft_bytes": (
             "bytes",
             "the draft's quantized experts on the device at the end; None: no draft",
@@ -93,6 +104,8 @@ class Counters:
     bytes_moved: int = 0
     stall_s: float = 0.0  # time the compute waited for copies
     copy_retries: int = 0  # failed copies tried again
+    host_expert_runs: int = 0  # (layer, expert) computations done on the host
+    host_s: float = 0.0  # time the host spent on them
 
     def minus(self, other: Counters) -> Counters:
         return Counters(

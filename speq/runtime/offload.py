@@ -5,6 +5,10 @@ ones are hits; missing ones are fetched on demand over the link while the comput
 a layer that needs more experts than its slots is computed in chunks. PREFETCH nodes and the
 policy's hooks start copies early. Every need, copy, byte and stall is counted.
 
+Experts a policy sends to the host instead (`OffloadPolicy.host_experts`) are computed there
+from the host store's weights while the device computes the resident ones (speq.runtime.host);
+only activations move.
+
 A copy that fails is tried again, up to `MAX_COPY_ATTEMPTS` times in all; one that fails every
 time is dropped from the cache (its slot never counts as resident), and the layer that needs it
 raises `speq.TransferError`.
@@ -13,14 +17,16 @@ raises `speq.TransferError`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from speq.runtime.cache import Entry, ExpertCache, NoSlotError
 from speq.runtime.errors import TransferError
+from speq.runtime.host import HostLane, HostRate
+from speq.runtime.host_experts import GhostLRU, HostExperts
 from speq.runtime.link import Copy, CopyCancelled, Link, Priority
 from speq.runtime.metrics import Counters, Timeline
 from speq.runtime.store import ExpertKey, ExpertStore
@@ -47,11 +53,13 @@ class ExpertPool:
 
 @dataclass
 class Residency:
-    """What a WAIT made resident for one layer: the experts, split into chunks that fit."""
+    """What a WAIT made resident for one layer: the experts, split into chunks that fit, and
+    the experts the host computes instead (expert -> tokens routed to it)."""
 
     layer: int
     chunks: list[list[int]]
     entries: list[Entry]  # of the first chunk, pinned
+    host: dict[int, int] = field(default_factory=dict)
 
 
 class OffloadPolicy:
@@ -61,7 +69,9 @@ class OffloadPolicy:
     speq.runtime.policies is read for them, never the policy's name): ``drafts``, a draft graph
     and its quantized experts; ``next_layer_prefetch``, PREFETCH nodes fed by the next layer's
     router; ``knows_future``, the run's routing recorded first (lookahead eviction needs it);
-    ``all_resident``, a slot for every expert. `for_run` makes the instance for one run."""
+    ``all_resident``, a slot for every expert; ``host_compute``, a host lane (it sends experts
+    to the host: `host_experts`); ``host_only``, no expert slot at all; ``places_at_load``,
+    every slot filled before the run. `for_run` makes the instance for one run."""
 
     name = "ondemand"
     eviction = "lru"
@@ -69,6 +79,9 @@ class OffloadPolicy:
     next_layer_prefetch = False
     knows_future = False
     all_resident = False
+    host_compute = False
+    host_only = False
+    places_at_load = False
 
     @classmethod
     def for_run(cls, engine: Any, prompt: torch.Tensor, n: int, sampling: Any) -> OffloadPolicy:
@@ -96,6 +109,11 @@ class OffloadPolicy:
         """Called by the draft graph's PREFETCH nodes with the draft router's choice."""
         raise RuntimeError(f"policy {self.name} has no draft")
 
+    def host_experts(self, rt: OffloadRuntime, layer: int, tokens: Mapping[int, int]) -> list[int]:
+        """Which of a WAIT's experts (expert -> tokens routed to it) the host computes instead
+        of the device; the base class: none."""
+        return []
+
 
 class OffloadRuntime:
     def __init__(
@@ -107,17 +125,24 @@ class OffloadRuntime:
         policy: OffloadPolicy,
         timeline: Timeline | None = None,
         copy_bytes: int | None = None,
+        host: tuple[HostLane, HostRate] | None = None,
     ) -> None:
         """``copy_bytes``: what one expert copy moves over the link, counted in the deployment
-        dtype (default: the store's dtype)."""
+        dtype (default: the store's dtype). ``host``: the host lane and its rate, for policies
+        that compute experts on the host."""
         self.store, self.cache, self.link, self.pool = store, cache, link, pool
         self.copy_bytes = store.expert_bytes if copy_bytes is None else copy_bytes
-        self.policy = policy
+        self.counters = Counters()
         self.timeline = timeline
+        self.host: HostExperts | None = None
+        if host is not None:
+            lane, rate = host
+            self.host = HostExperts(lane, rate, store, self.copy_bytes, self.counters, timeline)
+        self.policy = policy
         self.trace = None  # the trace backend's routing (speq.runtime.trace_routing)
         self.recorder = None  # a TraceRecorder while a run is recorded
-        self.counters = Counters()
-        self.needs_log: list[tuple[int, frozenset[int]]] = []  # every ensure, in order
+        # every ensure (and every layer's experts sent to the host), in order
+        self.needs_log: list[tuple[int, frozenset[int]]] = []
         # copies in flight, in issue order (a dict: iteration order must not depend on ids)
         self._loading: dict[Entry, None] = {}
         self._prefetched: set[Entry] = set()
@@ -129,14 +154,31 @@ class OffloadRuntime:
         """The WAIT of ``layer``: make the experts in ``ids`` resident (the first chunk now)."""
         rows = ids.reshape(ids.shape[0], -1).tolist()  # host sync: a DATA_DEPENDENT op
         self.counters.routings += sum(map(len, rows))
-        experts = sorted({e for row in rows for e in row})
+        tokens: dict[int, int] = {}
+        for e in sorted(e for row in rows for e in row):
+            tokens[e] = tokens.get(e, 0) + 1
+        experts = list(tokens)
         self.policy.on_routing(self, layer, rows)
         self.policy.on_need(self, layer, experts)
+        if self.host is not None:
+            if self.host.ghost is None:  # from what the cache holds when the run starts
+                self.host.ghost = GhostLRU(
+                    self.cache.group_of, self.cache.group_slots, self.cache.entries
+                )
+            self.host.ghost.observe(layer, experts)
+        host = {e: tokens[e] for e in self.policy.host_experts(self, layer, tokens)}
+        if host:
+            self.needs_log.append((layer, frozenset(host)))
+            self.counters.needs += len(host)
+            self.counters.host_expert_runs += len(host)
+            experts = [e for e in experts if e not in host]
+            if not experts:
+                return Residency(layer, [], [], host)
         cap = self.cache.capacity(layer)
         if len(experts) > cap:  # chunks: what is loaded first, then what is loading, then the rest
             experts.sort(key=lambda e: (self._state(ExpertKey(layer, e)), e))
         chunks = [experts[i : i + cap] for i in range(0, len(experts), cap)]
-        return Residency(layer, chunks, self.ensure(layer, chunks[0]))
+        return Residency(layer, chunks, self.ensure(layer, chunks[0]), host)
 
     def ensure(self, layer: int, experts: Sequence[int]) -> list[Entry]:
         """Make ``experts`` of ``layer`` resident and loaded; pin them; count hits and stalls."""
@@ -287,6 +329,8 @@ class OffloadRuntime:
         self.quiesce()
         self.cache, self.pool, self.policy = cache, pool, policy
         self._prefetched.clear()
+        if self.host is not None:  # the reuse a cache of the new size would see
+            self.host.ghost = None
 
     def settle(self) -> None:
         """Mark entries whose copies have completed as loaded (and record them on the timeline)."""
@@ -336,10 +380,13 @@ class OffloadRuntime:
         from speq.kernels import fused_moe
 
         layer = residency.layer
+        job = None
+        if self.host is not None:
+            job = self.host.start(layer, residency.host, x, ids, weights, **extras)
         out = None
         for chunk, entries in self.serve(residency):
             ids_c, w_c = ids, weights
-            if len(residency.chunks) > 1:
+            if len(residency.chunks) > 1 or residency.host:  # this chunk's pairs only
                 inside = torch.isin(ids, torch.tensor(chunk, device=ids.device))
                 ids_c = torch.where(inside, ids, torch.full_like(ids, chunk[0]))
                 w_c = weights * inside
@@ -351,7 +398,33 @@ class OffloadRuntime:
             if self.pool is not None:
                 self.link.released([e.slot for e in entries])
             out = y if out is None else out + y
+        if job is not None:
+            y = self.host.finish(job).to(x.device)
+            out = y if out is None else out + y
         return out
+
+    # ------------------------------------------------------------------ host compute
+    def host_choice(self, layer: int, tokens: Mapping[int, int], always: bool = False) -> list[int]:
+        """The experts of ``tokens`` (expert -> tokens routed to it) not resident that the host
+        computes (`HostExperts.choose`): each where it finishes first; with ``always``, every
+        one not cached."""
+        copies: dict[int, float | None] = {}
+        for e in tokens:
+            entry = self.cache.get(ExpertKey(layer, e))
+            if entry is None:
+                copies[e] = None
+            elif entry.loading:
+                copies[e] = self.link.landing(entry.copy, [x.copy for x in self._loading])
+        return self.host.choose(tokens, copies, self.link.cost(self.copy_bytes), always)
+
+    def link_backlog(self) -> float:
+        """Seconds until the copies in flight are expected to be done."""
+        return self.link.backlog([e.copy for e in self._loading])
+
+    def join_host(self) -> None:
+        """After a layer's device work on the virtual clock: wait for its host experts."""
+        if self.host is not None:
+            self.host.join()
 
     def serve(self, residency: Residency) -> Iterator[tuple[list[int], list[Entry]]]:
         """Each chunk of a layer's experts with its entries, resident and loaded, while the

@@ -4,8 +4,8 @@ Everything else runs on the ``meta`` device (shapes, no data, no memory: a 42B-p
 costs nothing), so these are the ops that must give real values: ROUTER reads the routing from
 the trace (`speq.runtime.trace_routing.TraceRouting`, ``ctx.runtime.trace``); a next-layer
 PREFETCH reads the prediction the trace recorded; FUSED_MOE does the offloading runtime's
-bookkeeping (the experts resident and pinned while the layer "runs", released after) and
-computes nothing. Node times come from the cost model, as on the ``sim`` backend.
+bookkeeping (the experts resident and pinned while the layer "runs", released after; the host's
+experts timed on its lane) and computes nothing. Node times come from the cost model, as on the ``sim`` backend.
 
 `shape_only` wraps the eager ops for this backend: the first run of an op with given attributes
 and input shapes computes on ``meta`` (torch's meta kernels cost about a millisecond an op), later runs
@@ -50,9 +50,16 @@ def _prefetch(node, args, ctx):
 @_trace(Op.FUSED_MOE)
 def _fused_moe(node, args, ctx):
     a = bind(node, args)
-    if a["residency"] is not None:
-        for _ in ctx.runtime.serve(a["residency"]):
+    residency = a["residency"]
+    if residency is not None:
+        host = ctx.runtime.host
+        job = (
+            None if host is None else host.start(residency.layer, residency.host, None, None, None)
+        )
+        for _ in ctx.runtime.serve(residency):
             pass
+        if job is not None:  # timed on the host lane, nothing computed
+            host.finish(job)
     return (torch.empty_like(a["x"]),)
 
 

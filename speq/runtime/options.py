@@ -17,6 +17,7 @@ from speq.runtime.policies import POLICIES
 from speq.sim.profiles import PROFILES, HardwareProfile
 
 PREDICTORS = ("draft", "oracle")
+HOST_COMPUTE = ("auto", True, False)
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class CompileOptions:
     - ``policy``: how experts reach the device: ``speq`` (a quantized draft predicts them and they
       are prefetched while it drafts; verification checks k drafted tokens at once),
       ``resident`` (all on the device), ``ondemand`` (LRU cache, fetch on miss), ``nextgate``
-      (also prefetch the next layer's predicted experts), ``oracle`` (perfect knowledge of the
-      run's routing: the I/O bound).
+      (also prefetch the next layer's predicted experts), ``hostcompute`` (every routed expert
+      computed on the host, none on the device), ``fiddler`` (an LRU cache whose misses the host
+      computes), ``oracle`` (perfect knowledge of the run's routing: the I/O bound).
     - ``device_memory``: the device budget, bytes or a string like ``"6GB"`` / ``"512MB"``; None
       means room for every expert. Non-expert weights and the KV cache are always resident; the
       rest becomes expert cache slots.
@@ -69,6 +71,12 @@ class CompileOptions:
       from the model's shapes (`speq.runtime.budget.workspace_estimate`, which does not count a
       long prompt's prefill), on ``cpu`` and ``sim`` 0 (their budgets count weights and the KV
       cache, as the paper's do).
+    - ``host_compute``: under ``policy="speq"``, which experts missing from the device cache at
+      verification the host computes from host memory (only activations move) instead of
+      copying them: ``"auto"``, each where the cost model (the profile's host and link rates)
+      says that finishes first; ``True``, every one; ``False``, none (every miss is copied, as
+      before host compute existed). Predicted experts are prefetched either way. Other policies
+      ignore ``"auto"``; ``hostcompute`` and ``fiddler`` are the host-compute baselines.
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
       own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
       contexts of 32k-160k tokens, whose KV cache would take the device budget).
@@ -93,6 +101,7 @@ class CompileOptions:
     cuda_graphs: bool = True
     max_seq_len: int | None = None
     workspace_memory: int | str | None = None
+    host_compute: bool | str = "auto"
 
     def __post_init__(self) -> None:
         """Every option checked before any work: a TypeError for a wrong type, a ValueError for
@@ -142,6 +151,15 @@ class CompileOptions:
             raise ValueError("CompileOptions.k applies to policy='speq' only")
         if self.predictor != "draft" and not policy.drafts:
             raise ValueError("CompileOptions.predictor applies to policy='speq' only")
+        if self.host_compute not in HOST_COMPUTE or not isinstance(self.host_compute, (bool, str)):
+            raise ValueError(
+                f"CompileOptions.host_compute = {self.host_compute!r}: expected one of {HOST_COMPUTE}"
+            )
+        if self.host_compute is True and not policy.drafts:
+            raise ValueError(
+                "CompileOptions.host_compute applies to policy='speq' only (the host-compute "
+                "baselines are the policies 'hostcompute' and 'fiddler')"
+            )
         for name, value in (("dtype", self.dtype), ("memory_dtype", self.memory_dtype)):
             if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
                 continue

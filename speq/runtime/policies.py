@@ -8,6 +8,12 @@ validated against and runs look policies up in. Each says how experts get onto t
   without speculation).
 - ``nextgate``: ``ondemand`` plus, at each MoE layer, a prefetch of the experts that the *next*
   layer's router picks for the current hidden state (Mixtral-Offloading's speculative loading).
+- ``hostcompute``: no expert on the device: the host computes every routed expert from host
+  memory and only activations move (the layout of llama.cpp's ``--n-cpu-moe`` and KTransformers).
+- ``fiddler``: experts placed on the device when the model loads (every slot filled, an equal
+  share of each layer's), the misses computed on the host instead of copied whenever that
+  finishes first by the cost model, else copied into an LRU cache (Fiddler, arXiv 2402.07033: at
+  one token the host nearly always wins, so the placement stays as loaded).
 - ``oracle``: knows the run's routing from a first recording pass. It plans Belady's fetches
   offline (each miss evicts the resident expert whose next use is farthest) and issues each one
   as early as its slot allows: right after the last use of the expert it replaces. It moves the
@@ -47,6 +53,36 @@ class NextGate(OffloadPolicy):
 
     name = "nextgate"
     next_layer_prefetch = True
+
+
+class HostCompute(OffloadPolicy):
+    name = "hostcompute"
+    host_compute = True
+    host_only = True
+
+    def host_experts(self, rt: OffloadRuntime, layer: int, tokens: Mapping[int, int]) -> list[int]:
+        return list(tokens)
+
+
+class Fiddler(OffloadPolicy):
+    """``always``: every miss on the host, whatever the cost model says (speq's draftless runs
+    under ``CompileOptions.host_compute=True``)."""
+
+    name = "fiddler"
+    host_compute = True
+    places_at_load = True
+
+    def __init__(self, always: bool = False) -> None:
+        self.always = always
+
+    def host_experts(self, rt: OffloadRuntime, layer: int, tokens: Mapping[int, int]) -> list[int]:
+        return rt.host_choice(layer, tokens, self.always)
+
+
+def draftless(host_compute: bool | str) -> OffloadPolicy:
+    """What speq runs without its draft: an LRU cache whose misses are copied, or computed on
+    the host as ``host_compute`` (`CompileOptions.host_compute`) says."""
+    return OnDemand() if host_compute is False else Fiddler(host_compute is True)
 
 
 @dataclass(frozen=True)
@@ -127,7 +163,7 @@ class Oracle(OffloadPolicy):
 
 
 POLICIES: Mapping[str, type[OffloadPolicy]] = MappingProxyType(
-    {p.name: p for p in (Speq, Resident, OnDemand, NextGate, Oracle)}
+    {p.name: p for p in (Speq, Resident, OnDemand, NextGate, HostCompute, Fiddler, Oracle)}
 )
 
 

@@ -1,8 +1,10 @@
-"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling."""
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling; and
+the rules that accept or reject drafted tokens (greedy and speculative sampling)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +84,45 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     if not params.do_sample:
         return greedy(logits)
     return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[int, int]:
+    """(accepted drafts, the target's next token): the longest prefix of ``draft`` equal to the
+    target's argmax at each position, then the target's argmax after it."""
+    choice = torch.argmax(target_logits, dim=-1).tolist()
+    n = 0
+    while n < len(draft) and draft[n] == choice[n]:
+        n += 1
+    return n, choice[n]
+
+
+def speculative_accept(
+    draft: Sequence[int],
+    q: Sequence[torch.Tensor],
+    p: torch.Tensor,
+    gen: torch.Generator,
+) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al., Chen et al.): draft token ``draft[i]`` was drawn
+    from ``q[i]``; ``p[i]`` is the target's distribution at that position (``p`` has one more
+    row). Accept it with probability min(1, p/q); at the first rejection draw from
+    norm(max(0, p - q)); if all are accepted draw the next token from ``p[len(draft)]``. The
+    output tokens are distributed exactly as the target's."""
+    for i, d in enumerate(draft):
+        pi, qi = p[i], q[i]
+        if torch.rand((), generator=gen, dtype=torch.float64) * qi[d] < pi[d]:
+            continue
+        residual = torch.clamp(pi - qi, min=0.0)
+        total = residual.sum()
+        dist = residual / total if total > 0 else pi
+        return i, int(torch.multinomial(dist, 1, generator=gen))
+    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=gen))
+
+
+def draft_token(
+    logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None
+) -> tuple[int, torch.Tensor | None]:
+    """A drafted token and, when sampling, the distribution it was drawn from."""
+    if not sampling.do_sample:
+        return int(torch.argmax(logits)), None
+    q = probabilities(logits, sampling)
+    return int(torch.multinomial(q, 1, generator=gen)), q

@@ -82,7 +82,9 @@ class Session:
             context = self._context if node.op in _READS_CONTEXT else None
             key = (id(node), self._tokens, context, touched)
             seconds = self._seconds.get(key)
-            if seconds is None:
+            if residency is not None and not residency.chunks:
+                seconds = 0.0  # every routed expert on the host: no device kernel
+            elif seconds is None:
                 cost = node_cost(
                     node,
                     self.spec.config,
@@ -99,6 +101,8 @@ class Session:
                 f" L{node.attrs['layer']}" if "layer" in node.attrs else ""
             )
             self.timeline.span("compute", label, end - seconds, end)
+        if node.op is Op.FUSED_MOE and self.backend.modelled_time:
+            self.runtime.join_host()  # the layer's host experts, after its device work
 
     def prefill_done(self) -> None:
         self._prefill_end = self.link.now()
@@ -108,12 +112,15 @@ class Session:
     def finish(self, policy: str, prompt_tokens: int, new_tokens: int) -> Metrics:
         end = self.link.now()
         self.link.close()
+        if self.runtime.host is not None:
+            self.runtime.host.close()
         self.runtime.settle()
         prefill_end = self._prefill_end if self._prefill_end is not None else end
         d = self.runtime.counters.minus(self._prefill_counters)
         decode_s = end - prefill_end
         wasted = self.runtime.cache.evicted_prefetches + self.runtime.unused_prefetches()
-        stalls = d.needs - d.hits  # demand fetches and late prefetches: the compute waited
+        # demand fetches and late prefetches: the compute waited for a copy
+        stalls = d.needs - d.hits - d.host_expert_runs
         return Metrics(
             policy=policy,
             backend=self.backend.name,
@@ -139,5 +146,9 @@ class Session:
             prefill_bytes_moved=self._prefill_counters.bytes_moved,
             cache_slots=self.runtime.cache.num_slots,
             copy_retries=d.copy_retries,
-            extra=self.runtime.policy.extra_metrics(),
+            extra={
+                **self.runtime.policy.extra_metrics(),
+                "host_expert_runs": d.host_expert_runs,
+                "host_compute_ms": d.host_s * 1e3,
+            },
         )

@@ -35,7 +35,13 @@ from speq.cost import Governor, SpecPolicy
 from speq.runtime.elb import ExpertLookaheadBuffer
 from speq.runtime.link import Priority
 from speq.runtime.offload import OffloadPolicy, OffloadRuntime
-from speq.runtime.sampling import SamplingParams, probabilities
+from speq.runtime.sampling import (
+    SamplingParams,
+    draft_token,
+    greedy_accept,
+    probabilities,
+    speculative_accept,
+)
 from speq.runtime.store import ExpertKey
 
 
@@ -113,12 +119,12 @@ class Speq(OffloadPolicy):
         """Under the governor's policy (and its online k) when the program has one, else at the
         options' fixed k; with perfect prediction, a first speculative pass records the
         verification windows (not timed)."""
-        governed = engine.governed
+        governed, host = engine.governed, engine.options.host_compute
 
         def make(windows=None) -> Speq:
             if governed is not None:
-                return cls(governed.spec, Governor(governed, engine.config), windows)
-            return cls(SpecPolicy(k=engine.options.k), windows=windows)
+                return cls(governed.spec, Governor(governed, engine.config), windows, host)
+            return cls(SpecPolicy(k=engine.options.k), windows=windows, host=host)
 
         if engine.options.predictor != "oracle":
             return make()
@@ -129,14 +135,19 @@ class Speq(OffloadPolicy):
         policy: SpecPolicy,
         governor=None,
         windows: Sequence[Window] | None = None,
+        host: bool | str = False,
     ) -> None:
         """``governor``: a `speq.cost.Governor` that re-solves k after every cycle;
         None keeps ``policy.k``. ``windows``: perfect prediction, for benchmarks: the
         verification windows of a first pass of this very run (`Recorder`); each cycle then
         drafts the recorded window's k and its ELB holds exactly the experts that window's
         verification routes to, instead of the draft router's choice (the draft still runs and
-        proposes the tokens)."""
+        proposes the tokens). ``host``: which misses of a verification the host computes
+        instead of copying: none (False), each where the cost model says it finishes first
+        (``"auto"``), or all (True); predicted experts are prefetched either way."""
         self.policy = policy
+        self.host_mode = host
+        self.host_compute = host is not False
         self.governor = governor
         self.windows = windows
         self.next_k = policy.k
@@ -180,6 +191,11 @@ class Speq(OffloadPolicy):
             "draft_ms": st.draft_s * 1e3,
             "verify_ms": st.verify_s * 1e3,
         }
+
+    def host_experts(self, rt: OffloadRuntime, layer: int, tokens: Mapping[int, int]) -> list[int]:
+        if self.host_mode is False:
+            return []
+        return rt.host_choice(layer, tokens, always=self.host_mode is True)
 
     def next_use(self, key: ExpertKey) -> float:
         """Predicted for this window and its layer not yet verified: needed at that layer of the
@@ -255,10 +271,15 @@ class Speq(OffloadPolicy):
             missing = missing[: max(budget, 0)]
         priority = Priority.HIGH if phase == 3 else Priority.NORMAL
         refused: dict[int, int] = {}  # slot group -> the earliest need a slot was refused for
+        backlog = rt.link_backlog()
+        copy = rt.link.cost(rt.copy_bytes)
         for lay, e in missing:
             group = rt.cache.group_of[lay]
             if refused.get(group, lay + 1) <= lay:  # a later need finds no slot either
                 continue
+            if self.host_compute and backlog + copy > self._until_needed(rt, lay, r.draft_pass):
+                continue  # it would land after its need: the host computes it then
+            backlog += copy
             if rt.prefetch(lay, [e], priority, before=lay):
                 self._issued_this_pass += 1
             else:
@@ -272,10 +293,31 @@ class Speq(OffloadPolicy):
         if not self.verifying:
             return
         self.verify_layer = layer + 1
+        backlog, copy = rt.link_backlog(), rt.link.cost(rt.copy_bytes)
         for lay, e in self.elb.by_need():
             missing = lay > layer and ExpertKey(lay, e) not in rt.cache
-            if missing and not rt.prefetch(lay, [e], Priority.HIGH, before=lay):
+            if not missing:
+                continue
+            if self.host_compute:
+                if backlog + copy > self._verify_s(rt) * (lay - layer) / len(rt.store.layers):
+                    continue  # it would land after its need: the host computes it then
+                backlog += copy
+            if not rt.prefetch(lay, [e], Priority.HIGH, before=lay):
                 break
+
+    def _verify_s(self, rt: OffloadRuntime) -> float:
+        """A verification's time so far in this run (its mean; 0 before the first)."""
+        st = self.stats
+        return st.verify_s / st.cycles if st.cycles else 0.0
+
+    def _until_needed(self, rt: OffloadRuntime, layer: int, draft_pass: int) -> float:
+        """About how long from now until verification needs ``layer``: the draft passes left,
+        then the layers before it, at this run's mean times so far (0 before the first cycle)."""
+        st = self.stats
+        passes = sum(k + 1 for k in st.k_per_cycle if k)
+        pass_s = st.draft_s / passes if passes else 0.0
+        position = rt.store.layers.index(layer) / len(rt.store.layers)
+        return (self.k - draft_pass) * pass_s + position * self._verify_s(rt)
 
     def begin_draft_pass(self, s: int) -> None:
         self.read_routes(wait=True)
@@ -308,7 +350,7 @@ class Recorder(Speq):
     each cycle's position, k, tokens and the experts verification routed each token to."""
 
     def __init__(self, speq: Speq) -> None:
-        super().__init__(speq.policy, speq.governor)
+        super().__init__(speq.policy, speq.governor, host=speq.host_mode)
         self.recorded: list[Window] = []
         self._experts: dict[tuple[int, int], tuple[int, ...]] = {}
 
@@ -320,48 +362,6 @@ class Recorder(Speq):
     def verified(self, position: int, tokens: Sequence[int]) -> None:
         self.recorded.append(Window(position, len(tokens) - 1, tuple(tokens), self._experts))
         self._experts = {}
-
-
-def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[int, int]:
-    """(accepted drafts, the target's next token): the longest prefix of ``draft`` equal to the
-    target's argmax at each position, then the target's argmax after it."""
-    choice = torch.argmax(target_logits, dim=-1).tolist()
-    n = 0
-    while n < len(draft) and draft[n] == choice[n]:
-        n += 1
-    return n, choice[n]
-
-
-def speculative_accept(
-    draft: Sequence[int],
-    q: Sequence[torch.Tensor],
-    p: torch.Tensor,
-    gen: torch.Generator,
-) -> tuple[int, int]:
-    """Speculative sampling (Leviathan et al., Chen et al.): draft token ``draft[i]`` was drawn
-    from ``q[i]``; ``p[i]`` is the target's distribution at that position (``p`` has one more
-    row). Accept it with probability min(1, p/q); at the first rejection draw from
-    norm(max(0, p - q)); if all are accepted draw the next token from ``p[len(draft)]``. The
-    output tokens are distributed exactly as the target's."""
-    for i, d in enumerate(draft):
-        pi, qi = p[i], q[i]
-        if torch.rand((), generator=gen, dtype=torch.float64) * qi[d] < pi[d]:
-            continue
-        residual = torch.clamp(pi - qi, min=0.0)
-        total = residual.sum()
-        dist = residual / total if total > 0 else pi
-        return i, int(torch.multinomial(dist, 1, generator=gen))
-    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=gen))
-
-
-def draft_token(
-    logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None
-) -> tuple[int, torch.Tensor | None]:
-    """A drafted token and, when sampling, the distribution it was drawn from."""
-    if not sampling.do_sample:
-        return int(torch.argmax(logits)), None
-    q = probabilities(logits, sampling)
-    return int(torch.multinomial(q, 1, generator=gen)), q
 
 
 StepFn = Callable[[str, torch.Tensor, int], torch.Tensor]

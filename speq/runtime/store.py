@@ -111,6 +111,36 @@ class ExpertStore:
         return [ExpertKey(i, e) for i in self.layers for e in range(self.num_experts)]
 
 
+def preload_all(store: ExpertStore, cache, pool) -> None:
+    """Every expert resident in ``cache``, in a fixed slot order, copied into ``pool``'s slots
+    (None: nothing to copy, as for a virtual session or a pool already filled)."""
+    for slot, key in enumerate(store.keys()):
+        entry = cache.insert(key)
+        assert entry.slot == slot, "resident slots are assigned in order"
+        if pool is not None:
+            for src, dst in zip(*store.copy_pairs(key, pool.w13[slot], pool.w2[slot])):
+                dst.copy_(src)
+
+
+def place_evenly(store: ExpertStore, cache, pool) -> None:
+    """Fill every free slot of ``cache`` (a `speq.runtime.cache.ExpertCache`) before a run (not
+    timed: part of loading the model) with an equal share of each layer's experts, lowest ids
+    first, copying them into ``pool``'s slots (None: nothing to copy). Fiddler places the most
+    popular experts, measured offline on a calibration set; no such profile exists here."""
+    held = [0] * len(cache.group_slots)
+    for k in cache.entries:
+        held[cache.group_of[k.layer]] += 1
+    for key in (ExpertKey(layer, e) for e in range(store.num_experts) for layer in store.layers):
+        g = cache.group_of[key.layer]
+        if held[g] >= cache.group_slots[g] or key in cache:
+            continue
+        held[g] += 1
+        entry = cache.insert(key)
+        if pool is not None:
+            for src, dst in zip(*store.copy_pairs(key, pool.w13[entry.slot], pool.w2[entry.slot])):
+                dst.copy_(src)
+
+
 def pin_in_place(t: torch.Tensor, registered: list[torch.Tensor]) -> torch.Tensor:
     """``t`` in page-locked host memory: registered with CUDA in place (``cudaHostRegister``;
     appended to ``registered``) when it is a contiguous tensor of its own memory, else (a view,

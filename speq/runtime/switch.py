@@ -2,8 +2,8 @@
 
 The governor splits device memory once, on a calibration prompt, whose routing may reuse experts
 far more than the text decoded later. A run that decodes one token at a time without the draft
-(the governor gave its bytes to the expert cache) watches its copies per token and the experts a
-layer its tokens were routed over; past ``SWITCH_WARMUP`` tokens (which fill the cache from the
+(the governor gave its bytes to the expert cache) watches its misses per token (copies, or
+experts computed on the host) and the experts a layer its tokens were routed over; past ``SWITCH_WARMUP`` tokens (which fill the cache from the
 prompt's experts) it re-weighs the split on the last ``SWITCH_WINDOW`` of them
 (`speq.cost.switch_to_draft`). When speculating is predicted to save more than switching costs,
 the cache is freed, the draft comes over the link while the compute waits, the smaller pool is
@@ -69,12 +69,13 @@ class MidRunSwitch:
         engine.draft.upload(rt, session.backend.copies_weights)
         session.params.update(engine.draft.params)
         engine.replan()
-        speq = Speq(policy.spec, Governor(policy, engine.config))
+        host = engine.options.host_compute
+        speq = Speq(policy.spec, Governor(policy, engine.config), host=host)
         if engine.options.predictor == "oracle":
             state = None if gen is None else torch.Generator().set_state(gen.get_state())
             prompt = torch.tensor(out)
             windows = engine.record_windows(speq, prompt, remaining, sampling, state)
-            speq = Speq(policy.spec, Governor(policy, engine.config), windows)
+            speq = Speq(policy.spec, Governor(policy, engine.config), windows, host)
         rt.rebind(engine.cache(speq, engine.memory.slots), engine.pool, speq)
         return speq
 
@@ -84,7 +85,11 @@ class Watch:
 
     def __init__(self, switch: MidRunSwitch, rt: OffloadRuntime) -> None:
         self.switch, self.rt = switch, rt
-        self.marks = [(rt.counters.experts_moved, len(rt.needs_log))]  # after each token
+        self.marks = [(self.misses(), len(rt.needs_log))]  # after each token
+
+    def misses(self) -> int:
+        """Experts the run did not hold when needed so far: copied, or computed on the host."""
+        return self.rt.counters.experts_moved + self.rt.counters.host_expert_runs
 
     def after_token(
         self,
@@ -98,7 +103,7 @@ class Watch:
         """After the ``done``-th new token (``out`` so far), ``remaining`` to go: the
         speculative policy to go on with if the run switches now, else None."""
         rt = self.rt
-        self.marks.append((rt.counters.experts_moved, len(rt.needs_log)))
+        self.marks.append((self.misses(), len(rt.needs_log)))
         if not (done >= SWITCH_WARMUP + SWITCH_WINDOW and remaining > 0):
             return None
         (moved0, log0), (moved1, log1) = self.marks[-1 - SWITCH_WINDOW], self.marks[-1]

@@ -313,6 +313,16 @@ def link_seconds(nbytes: float, profile: HardwareProfile) -> float:
     return profile.link_latency_us * 1e-6 + nbytes / (profile.link_gbps * 1e9)
 
 
+def host_seconds(nbytes: float, flops: float, profile: HardwareProfile) -> float:
+    """Time of one expert computed in host memory (speq.runtime.host): the slower of reading its
+    ``nbytes`` at ``profile.host_gbps`` and doing its ``flops`` at ``profile.host_tflops``
+    (effective rates, so no efficiency factor); the per-layer ``host_latency_us`` is the
+    caller's to add once per batch of experts."""
+    if nbytes < 0 or flops < 0:
+        raise ValueError(f"nbytes and flops must be >= 0, got {nbytes}, {flops}")
+    return max(nbytes / (profile.host_gbps * 1e9), flops / (profile.host_tflops * 1e12))
+
+
 ExpertsTouched = float | Mapping[int, float] | None
 
 

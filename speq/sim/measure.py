@@ -2,7 +2,9 @@
 
 On a CUDA device: a bf16 matmul for the compute rate, a device-to-device copy for the memory
 bandwidth, pinned host-to-device copies for the link (rate from a large copy, latency from
-small ones), and an empty-kernel launch. Without one, the host stands in for the device: an
+small ones), and an empty-kernel launch. The host side (experts computed in host memory): a
+one-row product with a 64 MB fp32 matrix for its bandwidth, an fp32 matmul for its rate. Without
+an accelerator, the host stands in for the device: an
 fp32 matmul, a memory copy, and for the link a copy between two host buffers (there is no link:
 an upper bound on what any would move). Each figure is the best of a few repeats.
 """
@@ -49,6 +51,11 @@ def measure_profile(repeats: int = 3) -> HardwareProfile:
     latency_us = 1e6 * best(lambda: small_dst.copy_(small_src, non_blocking=cuda))
     tiny = torch.empty(1, device=dev)
     launch_us = 1e6 * best(lambda: tiny.add_(1))
+    w = torch.randn(4096, 4096)  # 64 MB: beyond the caches, read once per one-row product
+    row = torch.randn(1, 4096)
+    host_gbps = w.nbytes / best(lambda: torch.nn.functional.linear(row, w)) / 1e9
+    sq = torch.randn(1024, 1024)
+    host_tflops = 2 * 1024**3 / best(lambda: sq @ sq) / 1e12
     if cuda:
         memory_gb = torch.cuda.get_device_properties(dev).total_memory / 1e9
         name = f"measured ({torch.cuda.get_device_name(dev)})"
@@ -66,4 +73,7 @@ def measure_profile(repeats: int = 3) -> HardwareProfile:
         launch_us=launch_us,
         device_memory_gb=memory_gb,
         efficiency=1.0,  # measured rates are achieved ones, not peaks
+        host_gbps=host_gbps,
+        host_tflops=host_tflops,
+        host_latency_us=2 * latency_us,  # activations to the host and results back
     )

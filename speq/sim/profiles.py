@@ -24,6 +24,11 @@ class HardwareProfile:
     launch_us: float  # fixed cost of one kernel on the device (launch and tail)
     device_memory_gb: float
     efficiency: float = 0.7  # fraction of peak compute and memory bandwidth the roofline assumes
+    # The host's side (experts computed in host memory, speq.runtime.host): effective rates, not
+    # peaks. Defaults: one socket of a server CPU beside the accelerator (see _SERVER_HOST).
+    host_gbps: float = 100.0  # host memory bandwidth one expert's batch-1 product reaches
+    host_tflops: float = 2.0  # host compute rate on those products (fp32 FMA)
+    host_latency_us: float = 30.0  # per layer sent to the host: dispatch, activations both ways
 
     def __post_init__(self) -> None:
         for field in (
@@ -31,10 +36,12 @@ class HardwareProfile:
             "hbm_gbps",
             "link_gbps",
             "device_memory_gb",
+            "host_gbps",
+            "host_tflops",
         ):
             if not getattr(self, field) > 0:
                 raise ValueError(f"HardwareProfile.{field} must be > 0, got {getattr(self, field)}")
-        for field in ("link_latency_us", "launch_us"):
+        for field in ("link_latency_us", "launch_us", "host_latency_us"):
             if not getattr(self, field) >= 0:
                 raise ValueError(
                     f"HardwareProfile.{field} must be >= 0, got {getattr(self, field)}"
@@ -47,6 +54,12 @@ class HardwareProfile:
         return int(self.device_memory_gb * 1e9)
 
 
+# The host beside a data-centre accelerator (_SERVER_HOST, the defaults above), assumed rather than
+# measured: one socket of an AMD EPYC 7763 / Xeon 8380-class CPU with 8 channels of DDR4-3200
+# (204.8 GB/s nominal; STREAM triad reaches about 140-160 GB/s per socket). A batch-1 bf16 expert
+# product converted to fp32 on every core reaches less: 100 GB/s is assumed. Compute: 64 cores x
+# 2.45 GHz x 32 fp32 flop/cycle = 5 TFLOP/s peak, 2 assumed. Latency: waking the host worker
+# plus the activations' device -> host and results' host -> device copies (each a link latency).
 # Latency and launch costs are rough, not measured here: a cudaMemcpyAsync from pinned memory costs
 # on the order of 10 us before bytes flow, and an eagerly launched kernel a few us (less under
 # CUDA-graph replay, which speq uses between host syncs).
@@ -82,6 +95,10 @@ _PROFILES = (
         link_latency_us=10.0,
         launch_us=3.0,
         device_memory_gb=24.0,
+        # A desktop host: dual-channel DDR5-5600 (89.6 GB/s nominal), 50 assumed; a 16-core
+        # Ryzen 7950X (about 2.5 TFLOP/s fp32 peak with AVX-512), 1 assumed.
+        host_gbps=50.0,
+        host_tflops=1.0,
     ),
     # H100 PCIe 80GB (H100 datasheet): 756 TFLOP/s bf16 dense, 2000 GB/s HBM2e, 80 GB.
     # Link: PCIe 5.0 x16, 64 GB/s per direction nominal (measured pinned copies reach ~50-55).

@@ -15,8 +15,10 @@ from speq.cost import (
     estimate,
     expected_tokens,
     govern,
+    plain_estimate,
     switch_to_draft,
 )
+from speq.runtime.budget import BudgetError
 
 CFG = tiny_config(num_layers=4, num_experts=8, top_k=2)
 FLAT = HardwareModel(draft_pass_s=1e-3, verify_s={1: 4e-3, 9: 4e-3}, copy_s=10e-3)
@@ -119,12 +121,15 @@ def test_routing_locality_is_a_smaller_pool():
 
 
 def test_compile_without_k_runs_the_governor_and_stays_lossless():
-    """A tight budget over a slow link: speculation amortizes the copies, so the draft stays."""
+    """A tight budget over a slow link, misses copied: speculation amortizes the copies, so the
+    draft stays."""
     model = tiny_model(torch.float64, num_layers=3)
     prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
     m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
     budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 4 * m.expert_bytes
-    opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=0.01)
+    opts = speq.CompileOptions(
+        policy="speq", backend="sim", device_memory=budget, link_gbps=0.01, host_compute=False
+    )
     cm = speq.compile(model, opts)
     assert cm.governed.use_draft and cm.draft_bytes == m.draft_bytes
     assert cm.graphs.names()[-1] == "governor"
@@ -243,6 +248,7 @@ def test_a_run_that_copies_more_than_calibrated_switches_to_the_draft(monkeypatc
         device_memory=budget,
         backend=backend,
         link_gbps=0.01 if backend == "sim" else 0.002,
+        host_compute=False,  # misses are copied (on the host, this slow link would copy none)
     )
     cm = speq.compile(model, opts)
     assert not cm.governed.use_draft and cm.draft_bytes == 0
@@ -319,6 +325,7 @@ def test_perfect_prediction_after_a_mid_run_switch_records_the_windows_from_ther
         device_memory=speq_budget(model, 4),
         backend="sim",
         link_gbps=0.01,
+        host_compute=False,  # misses copied: the slow link makes the run switch
     )
     sampling = dict(do_sample=True, temperature=0.8, seed=3) if do_sample else {}
     out = speq.compile(model, opts).generate(prompt, 24, **sampling)
@@ -329,3 +336,37 @@ def test_perfect_prediction_after_a_mid_run_switch_records_the_windows_from_ther
     assert m["elb_precision"] == m["elb_recall"] == 1.0
     if not do_sample:
         assert torch.equal(out, speq.compile(model).generate(prompt, 24))
+
+
+def test_host_compute_caps_what_a_miss_costs():
+    """With the host faster than a copy, what does not land by verification is computed there,
+    and one-token decoding pays the host's time per miss instead of a copy's."""
+    host = dataclasses.replace(FLAT, host_s=2e-3)
+    assert host.miss_s == 2e-3 and FLAT.miss_s == FLAT.copy_s
+    cache = CacheModel.from_miss_rate(0.25)
+    copied = estimate(3, CFG, FLAT, [0.5], cache, phase2_start=0.5)
+    hosted = estimate(3, CFG, host, [0.5], cache, phase2_start=0.5)
+    landed = 0.5 * 4e-3 / 10e-3  # experts the link lands during phase II and III
+    assert hosted.stall_s == pytest.approx((copied.io_s / 10e-3 - landed) * 2e-3)
+    assert hosted.stall_s < copied.stall_s
+    assert plain_estimate(host, 0.5).tpot_ms == pytest.approx(4.0 + 0.5 * 2.0)
+    slow_host = dataclasses.replace(FLAT, host_s=1.0)  # slower than a copy: never used
+    assert estimate(3, CFG, slow_host, [0.5], cache, 0.5) == copied
+
+
+def test_a_governed_speq_whose_draft_does_not_fit_runs_without_it():
+    """A budget below the draft plus the smallest cache: the governor's only split is no draft
+    (its misses computed on the host where faster), not an error; a fixed k still errs."""
+    model = tiny_model(torch.float64, num_layers=3)
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 1]])
+    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory
+    budget = m.non_expert_bytes + m.kv_bytes + 3 * m.expert_bytes
+    assert budget < m.non_expert_bytes + m.kv_bytes + m.draft_bytes + 2 * m.expert_bytes
+    cm = speq.compile(
+        model, speq.CompileOptions(policy="speq", device_memory=budget, backend="sim")
+    )
+    assert cm.governed is None and cm.draft_bytes == 0 and cm.memory.slots > 0
+    assert torch.equal(cm.generate(prompt, 12), speq.compile(model).generate(prompt, 12))
+    assert cm.metrics["cycles"] is None and cm.metrics["draft_bytes"] is None
+    with pytest.raises(BudgetError, match="quantized draft experts"):
+        speq.compile(model, speq.CompileOptions(policy="speq", k=2, device_memory=budget))

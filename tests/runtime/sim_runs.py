@@ -23,8 +23,11 @@ CONTENDERS = {
     "nextgate": dict(policy="nextgate"),
     "oracle": dict(policy="oracle"),
     "speq-governed": dict(policy="speq"),
+    "speq-governed-no-host": dict(policy="speq", host_compute=False),
     "speq-k4": dict(policy="speq", k=4),
     "speq-k2-oracle-predictor": dict(policy="speq", k=2, predictor="oracle"),
+    "fiddler": dict(policy="fiddler"),
+    "hostcompute": dict(policy="hostcompute"),
 }
 
 

@@ -122,7 +122,8 @@ def test_every_byte_on_the_link_counts_in_the_deployment_dtype(monkeypatch):
     monkeypatch.setattr(Calibration, "govern", misjudged)
     plan = speq.compile(model, speq.CompileOptions(policy="speq", k=1, **bf16)).memory
     budget = plan.non_expert_bytes + plan.kv_bytes + plan.draft_bytes + 4 * plan.expert_bytes
-    sp = speq.compile(model, speq.CompileOptions(policy="speq", device_memory=budget, **bf16))
+    opts = speq.CompileOptions(policy="speq", device_memory=budget, host_compute=False, **bf16)
+    sp = speq.compile(model, opts)  # misses copied (the host would take them off this link)
     sp.generate(prompt, 24)
     m = sp.metrics
     assert m["switched_to_draft_after"] is not None

@@ -26,6 +26,8 @@ POLICIES = {  # label -> (policy, k)
     "oracle": ("oracle", None),
     "speq-governed": ("speq", None),
     "speq-k2": ("speq", 2),
+    "fiddler": ("fiddler", None),
+    "hostcompute": ("hostcompute", None),
 }
 SHAPES = {
     "shared": dict(num_kv_heads=4, shared_expert_intermediate_size=16),
@@ -50,34 +52,39 @@ def expected(name: str) -> torch.Tensor:
 
 
 @functools.cache
-def parts(name: str, policy: str) -> tuple[int, int, int, int, int]:
+def parts(name: str, label: str) -> tuple[int, int, int, int, int, int]:
     """(bytes always resident: non-expert weights, KV cache and the draft; bytes of one expert;
-    the fewest slots the policy runs with; slots for every expert; the draft's bytes)."""
+    the fewest slots the policy runs with; slots for every expert; the draft's bytes; the bytes
+    the policy needs beside its slots at the least: a governed speq runs without its draft
+    where the draft does not fit)."""
+    policy, k = POLICIES[label]
     drafts = policy == "speq"
     opts = speq.CompileOptions(policy="speq", k=1) if drafts else speq.CompileOptions()
     mem = speq.compile(model(name), opts).memory
     total = len(speq.compile(model(name)).store.keys())
-    least = total if policy == "resident" else model(name).config.top_k
+    least = {"resident": total, "hostcompute": 0}.get(policy, model(name).config.top_k)
     fixed = mem.non_expert_bytes + mem.kv_bytes + mem.draft_bytes
-    return fixed, mem.expert_bytes, least, total, mem.draft_bytes
+    floor = fixed - mem.draft_bytes if drafts and k is None else fixed
+    return fixed, mem.expert_bytes, least, total, mem.draft_bytes, floor
 
 
-def boundaries(name: str, policy: str) -> list[int]:
-    fixed, expert, least, total, draft = parts(name, policy)
+def boundaries(name: str, label: str) -> list[int]:
+    fixed, expert, least, total, draft, floor = parts(name, label)
     # where the slot count starts and changes, where every expert fits beside the draft, and
     # where it would fit if the governor gave the draft's bytes to the cache
     spare = total - draft // expert
     slots = {least, least + 1, (least + total) // 2, total, spare, spare + 1}
     slots = sorted(s for s in slots if least <= s <= total)
     return sorted(
-        {fixed + s * expert + d for s in slots for d in (-1, 0)} | {2 * (fixed + total * expert)}
+        {base + s * expert + d for base in {fixed, floor} for s in slots for d in (-1, 0)}
+        | {2 * (fixed + total * expert)}
     )
 
 
 def check(name: str, label: str, budget: int, backend: str) -> None:
     policy, k = POLICIES[label]
-    fixed, expert, least, _, _ = parts(name, policy)
-    minimum = fixed + least * expert
+    _, expert, least, total, _, floor = parts(name, label)
+    minimum = floor + least * expert
     opts = speq.CompileOptions(
         policy=policy, k=k, device_memory=budget, backend=backend, link_gbps=1.0
     )
@@ -88,7 +95,8 @@ def check(name: str, label: str, budget: int, backend: str) -> None:
     cm = speq.compile(model(name), opts)
     out = cm.generate(PROMPT, N)
     assert torch.equal(out, expected(name)), (name, label, budget, backend)
-    assert 0 < cm.metrics.cache_slots <= parts(name, policy)[3]
+    slots = cm.metrics.cache_slots
+    assert slots == 0 if policy == "hostcompute" else 0 < slots <= total
 
 
 CASES = [(name, label) for name in ("demo", *SHAPES) for label in POLICIES]
@@ -97,7 +105,7 @@ CASES = [(name, label) for name in ("demo", *SHAPES) for label in POLICIES]
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "label"), CASES)
 def test_every_boundary_budget_runs_exactly_or_names_the_minimum(name, label):
-    for budget in boundaries(name, label.split("-")[0]):
+    for budget in boundaries(name, label):
         check(name, label, budget, "sim")
 
 
@@ -106,18 +114,19 @@ def test_every_boundary_budget_runs_exactly_or_names_the_minimum(name, label):
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(fraction=st.floats(0.0, 1.2))
 def test_any_budget_runs_exactly_or_names_the_minimum(name, label, fraction):
-    fixed, expert, least, total, _ = parts(name, label.split("-")[0])
-    lo, hi = fixed + least * expert, fixed + total * expert
+    fixed, expert, least, total, _, floor = parts(name, label)
+    lo, hi = floor + least * expert, fixed + total * expert
     check(name, label, int(lo - expert + fraction * (hi - lo + expert)), "sim")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "label"), [("demo", "ondemand"), ("shared", "speq-k2"),
                                              ("dense-first", "nextgate"), ("top1", "oracle"),
-                                             ("16-experts", "speq-governed")])  # fmt: skip
+                                             ("16-experts", "speq-governed"), ("shared", "fiddler"),
+                                             ("top1", "hostcompute")])  # fmt: skip
 def test_the_boundaries_on_the_cpu_backend(name, label):
     """The cpu backend copies weights into a real pool (the sim backend does not)."""
-    for budget in boundaries(name, label.split("-")[0]):
+    for budget in boundaries(name, label):
         check(name, label, budget, "cpu")
 
 
