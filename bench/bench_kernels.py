@@ -14,7 +14,9 @@ timed with ``triton.testing.do_bench`` for comparison.
 CPU: float32 at the preset shapes with hidden and intermediate sizes divided by ``--divisor``
 (default 8): the grouped torch path (fused_moe's CPU backend) against a Hugging Face-style eager
 loop (one iteration per expert hit, tokens found with ``torch.where``, separate gate, up and
-down projections). Median wall-clock of repeated calls.
+down projections). Median wall-clock of repeated calls. Then the demo model's draft pass over
+its target pass, with the draft's INT4 experts dequantized at every call and through torch's
+CPU INT4 matmul (`draft_pass_ratio`).
 
 Both: every shape runs its contenders interleaved in ``--rounds`` rounds (default 3; each round
 times every contender once, in the same order); a time is the median over the rounds with its
@@ -202,6 +204,51 @@ def run_cpu(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) ->
     return result
 
 
+def draft_pass_ratio(rounds: int) -> dict[str, Any]:
+    """The demo model's one-token draft pass against its target pass (float64, every expert
+    resident), the draft's INT4 experts dequantized at every call (as before the CPU INT4
+    kernel) and through torch's CPU INT4 matmul (`speq.kernels.quant.CpuInt4Experts`), in
+    interleaved rounds: ms per pass and the draft / target ratio, median (min-max)."""
+    import speq
+    from speq.ir.program import DRAFT_PREFIX
+    from speq.models.demo import demo_model
+
+    model, tokenizer = demo_model(dtype=torch.float64)
+    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=1))
+    engine = cm.engine
+    prompt = torch.tensor([tokenizer.encode("And it came to pass, when the king")])
+    int4 = dict(engine.draft.params)
+    group = cm.options.draft_group_size
+    dequantized = {
+        name: quantize_experts(engine.store.expert_param(name.removeprefix(DRAFT_PREFIX)), 4, group)
+        for name in int4
+    }
+
+    def draft_ms(params) -> float:
+        engine.draft.params = params
+        return engine.calibrator.time_passes(prompt, (1,), repeats=9)[0] * 1e3
+
+    def target_ms() -> float:
+        return engine.calibrator.time_passes(prompt, (1,), repeats=9)[1][1] * 1e3
+
+    timers = {
+        "target": target_ms,
+        "draft_dequantize": lambda: draft_ms(dequantized),
+        "draft_cpu_int4": lambda: draft_ms(int4),
+    }
+    per_round = interleaved(rounds, list(timers), lambda _r, name: timers[name]())
+    engine.draft.params = int4
+    return dict(
+        setting="demo model, float64, one token per pass, every expert resident, wall-clock ms "
+        f"(median of 9 passes), {rounds} interleaved rounds, median (min-max)",
+        ms={name: spread([r[name] for r in per_round]) for name in timers},
+        draft_over_target={
+            name: spread([r[name] / r["target"] for r in per_round])
+            for name in ("draft_dequantize", "draft_cpu_int4")
+        },
+    )
+
+
 # ----------------------------------------------------------------------------------------- GPU
 def _peak_bandwidth(name: str) -> float | None:
     for key, bw in PEAK_BANDWIDTH.items():
@@ -382,9 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         return write_json(path, payload)
 
     result = run_gpu(args, save) if gpu else run_cpu(args, save)
+    if not gpu:
+        result["draft_pass"] = draft_pass_ratio(args.rounds)
     save(result, complete=True)
     print(f"# {result['setting']}")
     print(table([printable(row) for row in result["rows"]], result["columns"]))
+    if "draft_pass" in result:
+        d = result["draft_pass"]
+        print(f"# draft / target pass time, {d['setting']}:")
+        for name, r in d["draft_over_target"].items():
+            ratio = f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+            print(f"#   {name}: {ratio} ({fmt_time(d['ms'][name])} ms per draft pass)")
     print(f"# wrote {path}")
     return 0
 

@@ -29,8 +29,12 @@ def test_a_tiny_cpu_run_records_rounds_spreads_and_the_commit(tmp_path):
             assert len(s["rounds"]) == 3 and s["min"] <= s["median"] <= s["max"]
         ratios = [a / b for a, b in zip(row["hf_loop_us"]["rounds"], row["grouped_us"]["rounds"])]
         assert row["speedup"]["rounds"] == ratios  # each round's ratio from that round's times
+    d = report["draft_pass"]  # the demo model's draft pass over its target pass, both paths
+    for name in ("draft_dequantize", "draft_cpu_int4"):
+        assert len(d["draft_over_target"][name]["rounds"]) == 3 and d["ms"][name]["median"] > 0
     block = update_readme.kernels_block(report)
     assert "3 interleaved rounds" in block and "mixtral-8x7b/32" in block
+    assert "torch's CPU INT4 matmul" in block
     assert update_readme.is_current(report)
 
 

@@ -9,7 +9,8 @@ it (or for CPU tensors) every public function runs its torch implementation.
 from speq.kernels._triton import HAS_TRITON
 from speq.kernels.alignment import ExpertPlan, align_experts
 from speq.kernels.autotune import KernelConfig, default_config, get_config
-from speq.kernels.fused_moe import expert_ffn, fused_moe, fused_moe_torch
+from speq.kernels.fused_moe import fused_moe, fused_moe_torch
+from speq.kernels.moe_cpu import expert_ffn
 from speq.kernels.quant import QuantizedExperts, quantize_experts
 from speq.kernels.routing import route_topk, route_topk_torch
 from speq.kernels.shapes import PRESETS, MoEShape

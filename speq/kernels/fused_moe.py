@@ -15,12 +15,14 @@ Three implementations, selected by ``backend`` (see :func:`fused_moe`):
   with atomics (fast; summation order varies run to run) or, with ``deterministic=True``, writes
   one fp32 row per pair and sums the k rows of each token in a fixed order;
 * a grouped torch path for the CPU (one sort, then gate, up and down matmuls per expert hit,
-  ``index_add_``), which also takes float64;
+  ``index_add_``; speq.kernels.moe_cpu), which also takes float64;
 * the reference :func:`fused_moe_torch`: a plain loop over experts in fp32 (float64 for float64
   inputs), the simple, obviously correct version the others are tested against.
 
 Either weight may be a :class:`~speq.kernels.quant.QuantizedExperts` (the draft model's INT4/INT8
-weights), dequantized inside the kernel. Optional per-expert biases (``b13``, ``b2``, by expert id)
+weights), dequantized inside the kernel, or on the CPU a :class:`~speq.kernels.quant.CpuInt4Experts`
+(the same INT4 codes in the layout of torch's CPU INT4 matmul, which the grouped torch path
+multiplies by without dequantizing a whole weight; activations in bfloat16). Optional per-expert biases (``b13``, ``b2``, by expert id)
 and another gated activation (speq.kernels.activation: GPT-OSS's clamped SwiGLU) apply to all
 three.
 """
@@ -42,11 +44,12 @@ from speq.kernels._triton import (
 from speq.kernels.activation import SWIGLU, Activation
 from speq.kernels.alignment import ExpertPlan, align_experts, kernel_unsupported
 from speq.kernels.autotune import KernelConfig, get_config
-from speq.kernels.quant import QuantizedExperts
+from speq.kernels.moe_cpu import fused_moe_grouped
+from speq.kernels.quant import CpuInt4Experts, QuantizedExperts
 
-__all__ = ["MoEDims", "expert_ffn", "fused_moe", "fused_moe_torch"]
+__all__ = ["MoEDims", "fused_moe", "fused_moe_torch"]
 
-Weights = torch.Tensor | QuantizedExperts
+Weights = torch.Tensor | QuantizedExperts | CpuInt4Experts
 
 
 @dataclass(frozen=True)
@@ -180,72 +183,6 @@ def fused_moe_torch(
         if b2 is not None:
             y = y + b2[e].to(compute)
         out.index_add_(0, token, topk_weights[token, choice].to(compute)[:, None] * y)
-    return out.to(hidden.dtype)
-
-
-def expert_ffn(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    b13: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    activation: Activation = SWIGLU,
-) -> torch.Tensor:
-    """One expert on its tokens, in x's dtype: ``activation(x Wg^T + bg, x Wu^T + bu) W2^T + b2``
-    with ``w13 [2I, H]`` (gate rows, then up rows), ``w2 [H, I]`` and the expert's own biases
-    (``b13 [2I]``, ``b2 [H]``) or None. The grouped CPU path computes each expert with it, and
-    so does host compute (speq.runtime.host): the same math wherever an expert runs."""
-    i = w13.shape[0] // 2
-    linear = torch.nn.functional.linear
-    # Separate gate and up products measured faster on the CPU than one [2I, H] product.
-    gate, up = linear(x, w13[:i]), linear(x, w13[i:])
-    if b13 is not None:
-        gate, up = gate + b13[:i], up + b13[i:]
-    return linear(activation(gate, up), w2, b2)
-
-
-def _fused_moe_grouped_torch(
-    hidden: torch.Tensor,
-    w13: Weights,
-    w2: Weights,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    slot_of_expert: torch.Tensor,
-    dims: MoEDims,
-    bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-    activation: Activation = SWIGLU,
-) -> torch.Tensor:
-    """CPU path: sort the pairs by expert once, then per expert with tokens its gate, up and
-    down matmuls in x's dtype, combined with ``index_add_`` in fp32 (float64)."""
-    b13, b2 = bias
-    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    out = torch.zeros((dims.num_tokens, dims.hidden), dtype=acc_dtype, device=hidden.device)
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=dims.num_experts).tolist()
-    tokens = order // dims.top_k
-    route_w = topk_weights.reshape(-1)[order].to(acc_dtype)
-    slots = slot_of_expert.tolist()
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = tokens[start : start + count]
-        s = slots[e]
-        w13_s = (
-            w13.select(s).dequantize(hidden.dtype) if isinstance(w13, QuantizedExperts) else w13[s]
-        )
-        w2_s = w2.select(s).dequantize(hidden.dtype) if isinstance(w2, QuantizedExperts) else w2[s]
-        y = expert_ffn(
-            hidden[rows],
-            w13_s,
-            w2_s,
-            None if b13 is None else b13[e],
-            None if b2 is None else b2[e],
-            activation,
-        )
-        out.index_add_(0, rows, y.to(acc_dtype) * route_w[start : start + count, None])
-        start += count
     return out.to(hidden.dtype)
 
 
@@ -413,8 +350,10 @@ def fused_moe(
         slot_of_expert = _identity_slots(dims, hidden.device)
     chosen = select_backend(backend, hidden.device, (hidden.dtype,), TRITON_DTYPES, "fused_moe")
     bias = (b13, b2)
+    if chosen != "torch" and any(isinstance(w, CpuInt4Experts) for w in (w13, w2)):
+        raise ValueError("CpuInt4Experts run on the torch backend only (torch's CPU INT4 matmul)")
     if chosen == "torch":
-        return _fused_moe_grouped_torch(
+        return fused_moe_grouped(
             hidden, w13, w2, topk_ids, topk_weights, slot_of_expert, dims, bias, activation
         )
     if config is None:

@@ -16,13 +16,14 @@ high nibble (an odd K pads the last high nibble with the code for 0). Scales are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from speq.kernels._triton import cdiv
 
-__all__ = ["QUANT_BITS", "QuantizedExperts", "quantize_experts"]
+__all__ = ["QUANT_BITS", "CpuInt4Experts", "QuantizedExperts", "quantize_experts", "to_cpu_int4"]
 
 QUANT_BITS: tuple[int, ...] = (4, 8)
 ROWS_AT_ONCE = 256  # of a 3-d weight's experts, quantized together (bounds the temporaries)
@@ -167,4 +168,77 @@ def _quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedExperts:
         data = u[..., 0::2] | (u[..., 1::2] << 4)
     return QuantizedExperts(
         data.contiguous(), scales.contiguous(), bits, group_size, tuple(w.shape), w.dtype
+    )
+
+
+CPU_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU INT4 matmul takes
+
+
+@dataclass(frozen=True)
+class CpuInt4Experts:
+    """INT4 weights ``[S, N, K]`` in the layout of torch's CPU INT4 matmul
+    (``aten._weight_int4pack_mm_for_cpu``), which multiplies by the codes without unpacking a
+    whole weight first: the same codes as a `QuantizedExperts` (``q + 8`` in a nibble) and
+    the same scales, in bfloat16 pairs ``(scale, 0)``, one per ``group_size`` elements (the
+    matmul computes ``(code - 8) * scale + 0``). Made by `to_cpu_int4`; its ``group_size``
+    may be a divisor of the original one, each scale then repeated.
+
+    Attributes:
+        data: uint8 ``[S, N, K / 2]``, one expert's ``[N, K / 2]`` packed by
+            ``aten._convert_weight_to_int4pack_for_cpu``.
+        scales: bfloat16 ``[S, K / group_size, N, 2]``.
+        group_size: elements per scale along K.
+        shape: the original shape ``(S, N, K)``.
+        dtype: the original dtype.
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() + self.scales.numel() * self.scales.element_size()
+
+    def to(self, device: torch.device | str) -> CpuInt4Experts:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"CpuInt4Experts live on the CPU, not {device}")
+        return self
+
+    def matmul(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """``x [T, K] @ w[slot]^T`` in x's dtype, computed with bfloat16 activations."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.data[slot], self.group_size, self.scales[slot]
+        )
+        return y.to(x.dtype)
+
+
+def to_cpu_int4(q: QuantizedExperts) -> CpuInt4Experts | None:
+    """``q`` (INT4, ``[S, N, K]``, on the CPU) in the CPU INT4 matmul's layout, or None where
+    that kernel cannot take it: INT8, N not a multiple of 16, or no group size it accepts that
+    divides both K and ``q.group_size`` (the scales are repeated for a smaller group)."""
+    if q.bits != 4 or len(q.shape) != 3 or q.device.type != "cpu":
+        return None
+    s, n, k = q.shape
+    if n % 16 or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    group = math.gcd(q.group_size, k)
+    if group not in CPU_INT4_GROUPS:
+        return None
+    repeat = q.group_size // group if k > group else 1
+    data, scales = [], []
+    for e in range(s):
+        one = q.select(e)
+        codes = one.codes().to(torch.int32) + 8
+        data.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        sc = one.scales.repeat_interleave(repeat, dim=-1)[:, : k // group]  # [N, K / group]
+        scales.append(torch.stack((sc.t(), torch.zeros_like(sc.t())), dim=-1))
+    return CpuInt4Experts(
+        torch.stack(data), torch.stack(scales).to(torch.bfloat16), group, q.shape, q.dtype
     )

@@ -20,6 +20,7 @@ class DraftWeights:
 
     def __init__(self, program: Program, store: ExpertStore, device: torch.device) -> None:
         from speq.kernels import quantize_experts  # lazily: see speq.kernels._triton
+        from speq.kernels.quant import to_cpu_int4
 
         self.device = device
         self.params: dict[str, object] = {}  # the weights where the draft graph reads them
@@ -32,8 +33,10 @@ class DraftWeights:
                 name = node.attrs["name"]
                 weight = store.expert_param(name.removeprefix(DRAFT_PREFIX))
                 q = quantize_experts(weight, node.attrs["bits"], node.attrs["group_size"])
+                self.nbytes += q.nbytes  # as a GPU holds it (the CPU layout is the same codes)
+                if device.type == "cpu":  # torch's CPU INT4 matmul where it takes the shape
+                    q = to_cpu_int4(q) or q
                 self.params[name] = q.to(device)
-                self.nbytes += q.nbytes
         self.on_device = True
 
     @property

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from speq.kernels.fused_moe import expert_ffn
+from speq.kernels.moe_cpu import expert_ffn
 from speq.runtime.host import HostJob, HostLane, HostRate
 from speq.runtime.metrics import Counters, Timeline
 from speq.runtime.store import ExpertStore

@@ -81,7 +81,7 @@ class Fiddler(OffloadPolicy):
 
 def draftless(host_compute: bool | str) -> OffloadPolicy:
     """What speq runs without its draft: an LRU cache whose misses are copied, or computed on
-    the host as ``host_compute`` (`CompileOptions.host_compute`) says."""
+    the host as ``host_compute`` (`CompileOptions.host_compute`) says: ``fiddler``'s policy."""
     return OnDemand() if host_compute is False else Fiddler(host_compute is True)
 
 
