@@ -12,8 +12,10 @@ float64 only a sixteenth. In every (budget, link) setting these run, each compil
     speq (governor)            policy="speq", k=None: the governor calibrates on a held-out
                                calibration prompt that is not measured (CompiledModel.calibrate)
                                and picks k*, or no draft at all (then one token per pass with
-                               the draft's memory as expert cache, until a run copies enough to
-                               bring the draft back mid-run)
+                               the draft's memory as expert cache, fiddler's policy, until a run
+                               misses enough to bring the draft back mid-run); a miss is
+                               computed on the host where the cost model says that is faster
+    speq (no host compute)     the same with host_compute=False: every miss is copied
     speq (perfect prediction)  the same, but the ELB (Expert Lookahead Buffer: the experts the
                                draft predicts verification will need) holds exactly the experts
                                each verification window routes to, rejected drafts included,
@@ -23,20 +25,24 @@ float64 only a sixteenth. In every (budget, link) setting these run, each compil
                                (resident decoding where the governor dropped the draft)
     ondemand                   LRU cache, fetch on miss, the same budget        (a baseline)
     nextgate                   ondemand + prefetch the next layer's gate pick    (a baseline)
+    fiddler                    slots filled at load, misses computed on the host where faster
+                               than a copy (Fiddler)                            (a baseline)
+    hostcompute                every routed expert computed on the host, no slots (llama.cpp
+                               --n-cpu-moe, KTransformers)                       (a baseline)
     oracle (Belady)            Belady's fetches from a recording pass that is not timed: the I/O
                                bound, no baseline
     ondemand (speq's cache)    ondemand with the budget minus the draft's bytes
     resident (no budget)       every expert resident, one token per step
 
 Rounds: round r runs, for every prompt, every contender once greedily (in the order above) and
-then speq, ondemand and nextgate once sampled (temperature 0.7, top-p 0.9, a fixed seed per
+then speq and every baseline once sampled (temperature 0.7, top-p 0.9, a fixed seed per
 prompt, the same in every round); round r + 1 starts after. Per round a contender's TPOT (wall
 ms per new token, decode only) is the geometric mean over the prompts, and every ratio is taken
 within the round (each round's ratio from that round's runs); reported are the median over the
 rounds and the spread (min-max). A speed-up whose spread includes 1.0 is "no difference". Where
-speq's governor chose no draft and no run switched to it, speq, perfect prediction and ondemand
-run the same plain LRU policy: the speed-up, speq / perfect and the goals are then "not
-applicable (no draft)" and never counted as met. Greedy runs are compared token for token with
+speq's governor chose no draft and no run switched to it, speq and perfect prediction run a
+baseline's policy (fiddler's; ondemand's without host compute): the speed-up, speq / perfect
+and the goals are then "not applicable (no draft)" and never counted as met. Greedy runs are compared token for token with
 the all-resident greedy output; sampled runs (speculative sampling is lossless in distribution,
 not token for token) record TPOT and acceptance only. Greedy acceptance is inflated where the
 demo model's greedy text repeats itself; the sampled acceptance is the one to read.
@@ -119,33 +125,51 @@ SEED = 1000  # prompt i samples with seed SEED + i, in every round and under eve
 HEADLINE_LINK = "pcie4"
 
 SPEQ = "speq (governor)"
+SPEQ_NO_HOST = "speq (no host compute)"
 PERFECT = "speq (perfect prediction)"
 SPEQ_RESIDENT = "speq (resident, k=k*)"
 ONDEMAND, NEXTGATE, BELADY = "ondemand", "nextgate", "oracle (Belady)"
+FIDDLER, HOSTCOMPUTE = "fiddler", "hostcompute"
 ONDEMAND_SAME, RESIDENT = "ondemand (speq's cache)", "resident (no budget)"
-ORDER = (SPEQ, PERFECT, SPEQ_RESIDENT, ONDEMAND, NEXTGATE, BELADY, ONDEMAND_SAME, RESIDENT)
-SAMPLED = (SPEQ, ONDEMAND, NEXTGATE)  # also run sampled, after the greedy runs of each prompt
-BASELINES = (ONDEMAND, NEXTGATE)  # "best baseline" = the faster of these in the same memory
-GOVERNED = (SPEQ, PERFECT)  # calibrated on the calibration prompt
+ORDER = (
+    SPEQ,
+    SPEQ_NO_HOST,
+    PERFECT,
+    SPEQ_RESIDENT,
+    ONDEMAND,
+    NEXTGATE,
+    FIDDLER,
+    HOSTCOMPUTE,
+    BELADY,
+    ONDEMAND_SAME,
+    RESIDENT,
+)
+# "best baseline" = the fastest of these in the same memory
+BASELINES = (ONDEMAND, NEXTGATE, FIDDLER, HOSTCOMPUTE)
+SAMPLED = (SPEQ, *BASELINES)  # also run sampled, after the greedy runs of each prompt
+GOVERNED = (SPEQ, SPEQ_NO_HOST, PERFECT)  # calibrated on the calibration prompt
 SHORT = {  # column headers of the TPOT table
     SPEQ: "speq",
+    SPEQ_NO_HOST: "speq, no host",
     PERFECT: "speq, perfect pred.",
     SPEQ_RESIDENT: "speq, resident",
     ONDEMAND: "ondemand",
     NEXTGATE: "nextgate",
+    FIDDLER: "fiddler",
+    HOSTCOMPUTE: "hostcompute",
     BELADY: "oracle (Belady)",
     ONDEMAND_SAME: "ondemand, speq's cache",
     RESIDENT: "resident",
 }
 AGGREGATE = (
     "per (setting, round, contender): geometric mean of the TPOT over the prompts; every ratio "
-    "is taken within a round from that round's geometric means (the best baseline is the faster "
-    "of ondemand and nextgate in that round); reported: the median over the rounds and the "
-    "spread (min-max)"
+    "is taken within a round from that round's geometric means (the best baseline is the fastest "
+    "of ondemand, nextgate, fiddler and hostcompute in that round); reported: the median over "
+    "the rounds and the spread (min-max)"
 )
 RUN_ORDER = (
-    "for each round, for each prompt: every contender once greedily (in ORDER), then speq, "
-    "ondemand and nextgate once sampled; round r + 1 starts after round r"
+    "for each round, for each prompt: every contender once greedily (in ORDER), then speq and "
+    "every baseline once sampled; round r + 1 starts after round r"
 )
 RUN_METRICS = (
     "hit_rate",
@@ -227,7 +251,9 @@ def compile_setting(model, budget: int, link: dict) -> dict[str, speq.CompiledMo
     """Every contender of one (budget, link) setting but speq (resident), compiled."""
     governed = speq.CompileOptions(policy="speq", device_memory=budget, **link)
     perfect = dataclasses.replace(governed, predictor="oracle")
+    no_host = dataclasses.replace(governed, host_compute=False)
     out = {SPEQ: speq.compile(model, governed), PERFECT: speq.compile(model, perfect)}
+    out[SPEQ_NO_HOST] = speq.compile(model, no_host)
     named = {"oracle": BELADY}  # compare.contenders' labels, renamed where this table says more
     for c in contenders(model, budget, link, ks=()):  # ondemand (speq's cache): minus the draft
         out[named.get(c.label, c.label)] = speq.compile(model, c.options)
@@ -402,13 +428,13 @@ def run_setting(
                 "runs": {"greedy": greedy, "sampled": sampled},
             }
         )
+    by = {r["contender"]: r for r in rows}
     summary = summarize_setting(
         rounds,
-        speq_drafted=rows[0]["drafted_runs"]["greedy"] > 0,
-        perfect_drafted=rows[1]["drafted_runs"]["greedy"] > 0,
-        sampled_drafted=(rows[0]["drafted_runs"]["sampled"] or 0) > 0,
+        speq_drafted=by[SPEQ]["drafted_runs"]["greedy"] > 0,
+        perfect_drafted=by[PERFECT]["drafted_runs"]["greedy"] > 0,
+        sampled_drafted=(by[SPEQ]["drafted_runs"]["sampled"] or 0) > 0,
     )
-    by = {r["contender"]: r for r in rows}
     switched = {
         f"{pid}, {mode} round {r + 1}": x["switched_to_draft_after"]
         for mode in ("greedy", "sampled")
@@ -467,6 +493,7 @@ def summarize_setting(
         "speedup_over_ondemand": per_round(lambda t: t[ONDEMAND] / t[SPEQ]),
         "speedup_over_ondemand_same_cache": per_round(lambda t: t[ONDEMAND_SAME] / t[SPEQ]),
         "speedup_over_belady": per_round(lambda t: t[BELADY] / t[SPEQ]),
+        "speedup_over_no_host": per_round(lambda t: t[SPEQ_NO_HOST] / t[SPEQ]),
     }
     sampled = {
         "speedup_over_best_baseline": per_round(lambda t: best(t) / t[SPEQ], "sampled"),
@@ -693,6 +720,8 @@ def headline_table(report: dict) -> str:
         "best baseline ms/token",
         "speed-up, sampled",
         "speed-up, greedy",
+        "vs speq without host compute",
+        "vs Belady oracle",
         "acceptance, sampled / greedy",
     ]
     rows = []
@@ -708,6 +737,8 @@ def headline_table(report: dict) -> str:
                 f"{best} {s['tpot_ms_sampled'][best]['median']:.1f}",
                 speedup_cell(s, sampled=True),
                 speedup_cell(s),
+                fmt_speedup(s["ratios"]["speedup_over_no_host"]),
+                fmt_speedup(s["ratios"]["speedup_over_belady"]),
                 " / ".join(
                     "-" if a is None else f"{a['median']:.2f}"
                     for a in (s["acceptance"]["sampled"], s["acceptance"]["greedy"])
@@ -766,9 +797,7 @@ def sampled_table(report: dict) -> str:
         "budget",
         "link",
         "speq's choice",
-        "speq TPOT, sampled (ms)",
-        "ondemand, sampled (ms)",
-        "nextgate, sampled (ms)",
+        *(f"{SHORT[c]} TPOT, sampled (ms)" for c in SAMPLED),
         "speq speed-up, sampled",
         "acceptance, sampled",
         "acceptance, greedy",
@@ -910,14 +939,15 @@ def how_measured(report: dict) -> str:
         f"{s['sampling']['top_p']}, seeds {seeds}, the same in every round). A contender's TPOT "
         f"in a round is the geometric mean over the prompts; every ratio is computed within a "
         f"round, and tables give the median over the rounds with the spread (min-max) in "
-        f"brackets. A speed-up is the best same-memory baseline's TPOT (the faster of ondemand "
-        f'and nextgate in that round) over speq\'s; one whose spread includes 1.0 reads "{NO_DIFFERENCE}". '
+        f"brackets. A speed-up is the best same-memory baseline's TPOT (the fastest of ondemand, "
+        f"nextgate, fiddler and hostcompute in that round) over speq's; one whose spread "
+        f'includes 1.0 reads "{NO_DIFFERENCE}". '
         f"The governor was calibrated on the held-out prompt {c['id']} ({c['tokens']} tokens, "
         f'not measured; "calibration (s)" is its wall time, outside TPOT) and chose k* (the '
         f"tokens drafted per cycle at the start; it re-solves k every cycle) or no draft (one "
         f"token per pass, the draft's memory as expert cache; a run that copies more than the "
-        f"calibration foresaw may bring the draft back mid-run). Where no speq run drafted, speq, "
-        f"perfect prediction and ondemand ran the same plain LRU policy: their ratios and the "
+        f"calibration foresaw may bring the draft back mid-run). Where no speq run drafted, speq and "
+        f"perfect prediction ran a baseline's policy (fiddler's): their ratios and the "
         f'goals read "{NOT_APPLICABLE}" and are not counted as met. speq / perfect = TPOT with '
         f"perfect expert prediction over speq's; speq / resident = TPOT of speq at the same k "
         f"with every expert resident (without a draft: resident decoding) over speq's; resident "

@@ -62,12 +62,13 @@ COMMANDS = {
     "paper_sim.json": "python bench/bench_paper.py",
 }
 SPEEDUP_TERMS = (
-    "speed-up: the best same-memory baseline's TPOT (the faster of ondemand, an LRU expert cache "
-    "that fetches on a miss, and nextgate, which also prefetches the next layer's gate pick) over "
-    "speq's; median over the rounds, the spread (min-max) in brackets, each round's ratio from "
-    f'that round\'s runs; "no difference" when the spread includes 1.0; "{NOT_APPLICABLE}" '
-    "where the governor gave the draft's memory to the expert cache and no run drafted, so speq "
-    "ran ondemand's policy"
+    "speed-up: the best same-memory baseline's TPOT (the fastest of ondemand, an LRU expert cache "
+    "that fetches on a miss; nextgate, which also prefetches the next layer's gate pick; "
+    "fiddler, slots filled at load and misses computed on the host where faster; and "
+    "hostcompute, every routed expert computed on the host) over speq's; median over the "
+    "rounds, the spread (min-max) in brackets, each round's ratio from that round's runs; "
+    f'"no difference" when the spread includes 1.0; "{NOT_APPLICABLE}" where the governor gave '
+    "the draft's memory to the expert cache and no run drafted, so speq ran fiddler's policy"
 )
 
 
@@ -150,10 +151,13 @@ def headline(report: dict) -> str:
             f"all expert bytes (speq's INT4 draft, {s['draft_share_of_expert_bytes']:.0%} of them, "
             f"comes out of it). k*: tokens the governor drafts per cycle, chosen on the held-out "
             f"prompt {s['calibration_prompt']['id']}. ms/token: decode time per new token, median "
-            f"of the rounds. Speed-up: the faster baseline's ms/token (ondemand: LRU cache; "
-            f"nextgate: LRU and next-gate prefetch) over speq's, per round, median (min-max); "
-            f'"no difference": the spread includes 1.0; "{NOT_APPLICABLE}": speq ran ondemand\'s '
-            f"policy. Sampled runs of different contenders decode different texts (the same "
+            f"of the rounds. Speed-up: the fastest baseline's ms/token (ondemand: LRU cache; "
+            f"nextgate: LRU and next-gate prefetch; fiddler: slots filled at load, misses "
+            f"computed on the host where faster; hostcompute: every routed expert on the host) "
+            f"over speq's, per round, median (min-max); vs speq without host compute and vs "
+            f"Belady oracle (copies only, the same memory) likewise, greedy; "
+            f'"no difference": the spread includes 1.0; "{NOT_APPLICABLE}": speq ran '
+            f"fiddler's policy. Sampled runs of different contenders decode different texts (the same "
             f"distribution); greedy runs decode the same one. Acceptance: accepted / drafted "
             f"tokens (greedy's is inflated by the demo model's repetitive greedy text). More: "
             f"[docs/RESULTS.md](docs/RESULTS.md).",

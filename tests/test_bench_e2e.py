@@ -188,19 +188,25 @@ def test_interleaved_rounds_run_every_contender_once_per_round_in_order():
 
 
 def _rounds(*greedy: tuple, sampled: tuple | None = None) -> list[dict]:
-    """Rounds of (speq, speq resident, perfect, ondemand, nextgate) greedy TPOT in ms; the other
-    contenders 50 ms; sampled (speq, ondemand, nextgate) as given or the greedy ones."""
+    """Rounds of (speq, speq resident, perfect, ondemand, nextgate) greedy TPOT in ms; the host
+    compute baselines (fiddler, hostcompute) 1000 ms, the other contenders 50 ms; sampled (speq,
+    ondemand, nextgate) as given or the greedy ones, the host compute baselines 1000 ms."""
+    slow = {e2e.FIDDLER: 1000.0, e2e.HOSTCOMPUTE: 1000.0}
     out = []
     for i, (speq_, resident_speq, perfect, ondemand, nextgate) in enumerate(greedy):
-        t = dict.fromkeys(e2e.ORDER, 50.0) | {
-            e2e.SPEQ: speq_,
-            e2e.SPEQ_RESIDENT: resident_speq,
-            e2e.PERFECT: perfect,
-            e2e.ONDEMAND: ondemand,
-            e2e.NEXTGATE: nextgate,
-        }
+        t = (
+            dict.fromkeys(e2e.ORDER, 50.0)
+            | slow
+            | {
+                e2e.SPEQ: speq_,
+                e2e.SPEQ_RESIDENT: resident_speq,
+                e2e.PERFECT: perfect,
+                e2e.ONDEMAND: ondemand,
+                e2e.NEXTGATE: nextgate,
+            }
+        )
         sp = sampled[i] if sampled else (speq_, ondemand, nextgate)
-        out.append({"greedy": t, "sampled": dict(zip(e2e.SAMPLED, sp))})
+        out.append({"greedy": t, "sampled": dict(zip(e2e.SAMPLED, sp)) | slow})
     return out
 
 
