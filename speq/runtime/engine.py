@@ -418,7 +418,8 @@ class Engine:
         if may_switch:  # the governor's split: no draft, a larger cache
             self.drop_draft()  # a run that switched to the draft left it resident
             self.switch.switched_after = None
-            policy: OffloadPolicy = draftless(self.options.host_compute)
+            needs = self.config.top_k * len(self.store.layers)
+            policy: OffloadPolicy = draftless(self.options.host_compute, self.governed, needs)
         elif self.policy_class.drafts and not self.draft_fits:
             policy = draftless(self.options.host_compute)
         else:

@@ -203,3 +203,25 @@ def test_host_rate_scales_the_profiles_host_time():
         BASE.host_latency_us * 1e-6 + max(1 / BASE.host_gbps, 1e-3 / BASE.host_tflops)
     )
     assert rate.job_seconds(nbytes, [flops]) == pytest.approx(expected)
+
+
+def test_speq_without_its_draft_computes_misses_on_the_host_only_where_copies_do_not_pay():
+    """Without its draft, speq runs fiddler's policy, unless the calibration's hit rate h of
+    the draftless LRU cache makes a copy cheaper than the host reads it saves: (1 - h) t_copy
+    <= t_host; then every miss is copied (ondemand's policy)."""
+    from helpers import tiny_config
+    from speq.cost import CacheModel, HardwareModel, govern
+    from speq.runtime.policies import Fiddler, OnDemand, draftless
+
+    cfg = tiny_config(num_layers=4, num_experts=8, top_k=2)
+    hw = HardwareModel(1e-3, {1: 4e-3, 9: 4e-3}, copy_s=10e-3, host_s=2e-3)
+    needs = cfg.top_k * 4
+
+    def policy(miss_rate):
+        return govern(cfg, hw, [0.5], CacheModel(0.5), plain_copies_per_token=miss_rate * needs)
+
+    assert type(draftless("auto", policy(0.1), needs)) is OnDemand  # 1 ms of copy per miss
+    assert type(draftless("auto", policy(0.5), needs)) is Fiddler  # 5 ms > 2 ms on the host
+    assert type(draftless("auto", None, needs)) is Fiddler  # no calibration: host where faster
+    assert draftless(True, policy(0.1), needs).always
+    assert type(draftless(False, policy(0.5), needs)) is OnDemand
