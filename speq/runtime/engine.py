@@ -419,7 +419,8 @@ class Engine:
             self.drop_draft()  # a run that switched to the draft left it resident
             self.switch.switched_after = None
             needs = self.config.top_k * len(self.store.layers)
-            policy: OffloadPolicy = draftless(self.options.host_compute, self.governed, needs)
+            held = self.memory.slots / len(self.store.keys())  # fiddler's share of the experts
+            policy: OffloadPolicy = draftless(self.options.host_compute, self.governed, needs, held)
         elif self.policy_class.drafts and not self.draft_fits:
             policy = draftless(self.options.host_compute)
         else:

@@ -206,9 +206,10 @@ def test_host_rate_scales_the_profiles_host_time():
 
 
 def test_speq_without_its_draft_computes_misses_on_the_host_only_where_copies_do_not_pay():
-    """Without its draft, speq runs fiddler's policy, unless the calibration's hit rate h of
-    the draftless LRU cache makes a copy cheaper than the host reads it saves: (1 - h) t_copy
-    <= t_host; then every miss is copied (ondemand's policy)."""
+    """Without its draft, speq runs fiddler's policy, unless copying costs less a need: the
+    calibration's hit rate h of the draftless LRU cache against the share of experts fiddler's
+    placement holds, (1 - h) t_copy < (1 - held) t_host; then every miss is copied (ondemand's
+    policy)."""
     from helpers import tiny_config
     from speq.cost import CacheModel, HardwareModel, govern
     from speq.runtime.policies import Fiddler, OnDemand, draftless
@@ -220,8 +221,9 @@ def test_speq_without_its_draft_computes_misses_on_the_host_only_where_copies_do
     def policy(miss_rate):
         return govern(cfg, hw, [0.5], CacheModel(0.5), plain_copies_per_token=miss_rate * needs)
 
-    assert type(draftless("auto", policy(0.1), needs)) is OnDemand  # 1 ms of copy per miss
+    assert type(draftless("auto", policy(0.1), needs)) is OnDemand  # 1 ms of copy per need
     assert type(draftless("auto", policy(0.5), needs)) is Fiddler  # 5 ms > 2 ms on the host
+    assert type(draftless("auto", policy(0.1), needs, held=0.6)) is Fiddler  # 1 > 0.4 * 2 ms
     assert type(draftless("auto", None, needs)) is Fiddler  # no calibration: host where faster
     assert draftless(True, policy(0.1), needs).always
     assert type(draftless(False, policy(0.5), needs)) is OnDemand
