@@ -124,9 +124,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"top-{cfg.top_k}, hidden {cfg.hidden_size}), float64 on the CPU."
     )
     say(
-        f"speq and 5 baselines decode {n} tokens each over an emulated slow link, one after the "
-        f"other; with the default 32 tokens this takes about {DEMO_SECONDS} s on a 2-core CPU, "
-        f"most of it in the baselines that wait for copies."
+        f"speq (with and without host compute), the baselines and the bounds decode {n} tokens "
+        f"each over an emulated slow link, one after the other; with the default 32 tokens this "
+        f"takes about {DEMO_SECONDS} s on a 2-core CPU, most of it in the baselines that wait "
+        f"for copies."
     )
     args.prompt_ids = None
     prompt = prompt_ids(args, tokenizer, cfg)
