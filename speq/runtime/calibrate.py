@@ -80,10 +80,8 @@ class Calibrator:
             return math.inf
         link = VirtualLink(*engine.link_params)
         rate = engine.host_rate(engine.backend, link)
-        w13 = engine.store.w13[engine.store.layers[0]]
-        flops = 3 * w13.shape[1] * w13.shape[2]
         share = rate.latency / engine.config.top_k
-        return rate.expert_seconds(engine.memory.expert_bytes, flops) + share
+        return rate.expert_seconds(engine.memory.expert_bytes, engine.store.expert_flops) + share
 
     def time_passes(
         self, prompt: torch.Tensor, tokens: Sequence[int] = PASS_TOKENS, repeats: int = 3

@@ -161,12 +161,11 @@ class VirtualHost(HostLane):
 
     def __init__(self, link: Link) -> None:
         super().__init__(link)
-        self._lane_free = 0.0
         self._due = 0.0  # when the last collected job is done
 
     def _submit(self, job: HostJob) -> None:
-        job.started_at = max(self._lane_free, job.issued_at)
-        job.done_at = self._lane_free = job.started_at + job.seconds
+        job.done_at = self._free_at  # `submit` queued it behind the jobs issued before
+        job.started_at = job.done_at - job.seconds
         job.result = job.compute()
 
     def collect(self, job: HostJob) -> float:

@@ -63,12 +63,10 @@ class HostExperts:
         self.lane, self.rate, self.store = lane, rate, store
         self.ghost: GhostLRU | None = None  # set by the runtime, which knows the cache
         self.expert_bytes, self.counters, self.timeline = expert_bytes, counters, timeline
-        w13 = store.w13[store.layers[0]]
-        self.expert_flops = 3 * w13.shape[1] * w13.shape[2]  # one token: 2 * (2I*H + H*I)
 
     def seconds(self, tokens: int) -> float:
         """One expert for ``tokens`` tokens on the host (the job's latency not included)."""
-        return self.rate.expert_seconds(self.expert_bytes, self.expert_flops * tokens)
+        return self.rate.expert_seconds(self.expert_bytes, self.store.expert_flops * tokens)
 
     def choose(
         self,

@@ -70,6 +70,7 @@ class SpecStats:
     elb_predicted: dict[int, int] = field(default_factory=dict)
     elb_used: dict[int, int] = field(default_factory=dict)
     draft_s: float = 0.0
+    draft_passes: int = 0
     verify_s: float = 0.0
     verify_needs: int = 0  # (layer, expert) needs at verification
     verify_misses: int = 0  # of which not resident and loaded when needed
@@ -299,13 +300,13 @@ class Speq(OffloadPolicy):
             if not missing:
                 continue
             if self.host_compute:
-                if backlog + copy > self._verify_s(rt) * (lay - layer) / len(rt.store.layers):
+                if backlog + copy > self._verify_s() * (lay - layer) / len(rt.store.layers):
                     continue  # it would land after its need: the host computes it then
                 backlog += copy
             if not rt.prefetch(lay, [e], Priority.HIGH, before=lay):
                 break
 
-    def _verify_s(self, rt: OffloadRuntime) -> float:
+    def _verify_s(self) -> float:
         """A verification's time so far in this run (its mean; 0 before the first)."""
         st = self.stats
         return st.verify_s / st.cycles if st.cycles else 0.0
@@ -314,10 +315,9 @@ class Speq(OffloadPolicy):
         """About how long from now until verification needs ``layer``: the draft passes left,
         then the layers before it, at this run's mean times so far (0 before the first cycle)."""
         st = self.stats
-        passes = sum(k + 1 for k in st.k_per_cycle if k)
-        pass_s = st.draft_s / passes if passes else 0.0
+        pass_s = st.draft_s / st.draft_passes if st.draft_passes else 0.0
         position = rt.store.layers.index(layer) / len(rt.store.layers)
-        return (self.k - draft_pass) * pass_s + position * self._verify_s(rt)
+        return (self.k - draft_pass) * pass_s + position * self._verify_s()
 
     def begin_draft_pass(self, s: int) -> None:
         self.read_routes(wait=True)
@@ -412,6 +412,7 @@ def speculative_decode(
         speq.verifying = False
         speq.verified(p, [out[-1], *drafts])
         st.draft_s += t1 - t0
+        st.draft_passes += k + 1 if k else 0
         st.verify_s += clock() - t1
         if sampling.do_sample:
             accepted, nxt = speculative_accept(drafts, qs, probabilities(target, sampling), gen)

@@ -72,6 +72,12 @@ class ExpertStore:
         pairs += expert_copy_pairs(self.w2[key.layer], key.expert, w2)
         return tuple(s for s, _ in pairs), tuple(d for _, d in pairs)
 
+    def fill_slot(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Copy expert ``key`` into the slot tensors ``w13 [2I, H]`` and ``w2 [H, I]`` now
+        (before a run; a run's copies go over the link)."""
+        for src, dst in zip(*self.copy_pairs(key, w13, w2)):
+            dst.copy_(src)
+
     def expert_param(self, name: str) -> torch.Tensor | ExpertStack:
         """The host weight of an expert weight name (``layers.{i}.mlp.w13`` / ``w2``) as stored:
         a ``[E, rows, cols]`` tensor or an `ExpertStack` (indexable by expert, not stacked)."""
@@ -92,6 +98,12 @@ class ExpertStore:
         """Bytes of one routed expert (gate, up and down projections)."""
         i = self.layers[0]
         return sum(t[0].numel() * t.element_size() for t in (self.w13[i], self.w2[i]))
+
+    @property
+    def expert_flops(self) -> int:
+        """Flops of one routed expert on one token: 2 * (2I * H + H * I)."""
+        w13 = self.w13[self.layers[0]]
+        return 3 * w13.shape[1] * w13.shape[2]
 
     @property
     def total_expert_bytes(self) -> int:
@@ -118,8 +130,7 @@ def preload_all(store: ExpertStore, cache, pool) -> None:
         entry = cache.insert(key)
         assert entry.slot == slot, "resident slots are assigned in order"
         if pool is not None:
-            for src, dst in zip(*store.copy_pairs(key, pool.w13[slot], pool.w2[slot])):
-                dst.copy_(src)
+            store.fill_slot(key, pool.w13[slot], pool.w2[slot])
 
 
 def place_evenly(store: ExpertStore, cache, pool) -> None:
@@ -137,8 +148,7 @@ def place_evenly(store: ExpertStore, cache, pool) -> None:
         held[g] += 1
         entry = cache.insert(key)
         if pool is not None:
-            for src, dst in zip(*store.copy_pairs(key, pool.w13[entry.slot], pool.w2[entry.slot])):
-                dst.copy_(src)
+            store.fill_slot(key, pool.w13[entry.slot], pool.w2[entry.slot])
 
 
 def pin_in_place(t: torch.Tensor, registered: list[torch.Tensor]) -> torch.Tensor:
