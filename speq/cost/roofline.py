@@ -22,9 +22,9 @@ fraction ``reuse`` of that many are resident. A constant miss rate would not do.
 governor picks k* = argmax Theta(k) over [1, k_SLO], k_SLO being the largest k whose cycle fits the
 time-to-first-token budget, and sizes phase II to the copies the link completes during one draft
 pass. It also splits the device memory: the draft's bytes could instead be expert cache slots for
-plain one-token decoding, whose TPOT is T_verify(1) + (misses per token) * min(t_copy, t_host);
-when that is
-predicted faster, the policy is to drop the draft. It is a pure function of its inputs;
+plain one-token decoding, whose TPOT is T_verify(1) + the seconds a token waits for its misses
+(measured: copies, and experts computed on the host where the draftless policy does that);
+when that is predicted faster, the policy is to drop the draft. It is a pure function of its inputs;
 `Governor` re-solves k from live acceptance and reuse estimates (exponential moving averages) at
 run time with the same model. The split is chosen on one calibration prompt, whose routing may
 reuse experts far more than the text decoded later: `switch_to_draft` re-weighs it mid-run
@@ -72,6 +72,7 @@ class Policy:
     cache: CacheModel
     hardware: HardwareModel = field(repr=False)
     plain: Estimate | None = None  # one-token decoding, the draft's memory given to the cache
+    plain_host: bool = False  # whether that decoding computes misses on the host (fiddler's way)
 
     @property
     def chosen(self) -> Estimate:
@@ -88,7 +89,9 @@ class Policy:
         split = ""
         if self.plain is not None:
             split = (
-                f"without a draft (its memory as expert cache, one token per pass): predicted "
+                "without a draft (its memory as expert cache, one token per pass, misses "
+                + ("computed on the host where faster" if self.plain_host else "copied")
+                + "): predicted "
                 f"TPOT {self.plain.tpot_ms:.2f} ms, so "
                 + ("speculate; " if self.use_draft else "NO DRAFT: decode one token at a time; ")
             )
@@ -107,24 +110,22 @@ class Policy:
         )
 
 
-def plain_estimate(hw: HardwareModel, copies_per_token: float) -> Estimate:
-    """One-token decoding without a draft (k = 0): each token pays a target pass and waits for
-    its ``copies_per_token`` missing experts (each copied, or computed on the host where that is
-    faster)."""
-    io = copies_per_token * hw.miss_s
-    return Estimate(0, 1.0, hw.verify(1) + io, 0.0, io, io, hw.verify(1))
+def plain_estimate(hw: HardwareModel, io_s: float) -> Estimate:
+    """One-token decoding without a draft (k = 0): each token pays a target pass and waits
+    ``io_s`` seconds for its missing experts (copied, or computed on the host)."""
+    return Estimate(0, 1.0, hw.verify(1) + io_s, 0.0, io_s, io_s, hw.verify(1))
 
 
 def switch_to_draft(
     policy: Policy,
     cfg: MoEConfig,
-    copies_per_token: float,
+    io_s: float,
     pool: float,
     remaining: int,
     switch_s: float,
 ) -> Policy | None:
-    """Mid-run, decoding without a draft: speculate from here on if, at the ``copies_per_token``
-    observed and with windows routed over the ``pool`` experts a layer the text has shown,
+    """Mid-run, decoding without a draft: speculate from here on if, at the ``io_s`` a token
+    was observed to wait for its misses and with windows routed over the ``pool`` experts a layer the text has shown,
     speculating is predicted to save more than ``switch_s`` (bringing the draft back and
     refilling the smaller cache) over the ``remaining`` tokens. Returns the policy to speculate
     with (k* re-solved, within k_SLO), or None to go on without a draft."""
@@ -134,7 +135,7 @@ def switch_to_draft(
     best = max(
         (e for e in ests if e.k <= policy.k_slo), key=lambda e: e.tokens_per_cycle / e.cycle_s
     )
-    plain = plain_estimate(hw, copies_per_token)
+    plain = plain_estimate(hw, io_s)
     if (plain.tpot_ms - best.tpot_ms) / 1e3 * remaining <= switch_s:
         return None
     spec = dataclasses.replace(policy.spec, k=best.k)
@@ -182,13 +183,15 @@ def govern(
     ttft_budget_s: float = math.inf,
     phase2_start: float = 0.0,
     phase3_start: float = 0.5,
-    plain_copies_per_token: float | None = None,
+    plain_io_s: float | None = None,
+    plain_host: bool = False,
 ) -> Policy:
     """The policy of highest modelled throughput (see the module docstring).
 
-    ``plain_copies_per_token``: experts one-token decoding copies per token when the draft's
-    memory goes to the expert cache instead; given, the policy also decides that split (no
-    draft at all when plain decoding is predicted faster)."""
+    ``plain_io_s``: seconds one-token decoding waits for its misses a token when the draft's
+    memory goes to the expert cache instead (``plain_host``: computing them on the host where
+    faster, else copying each); given, the policy also decides that split (no draft at all when
+    plain decoding is predicted faster)."""
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
     ests = tuple(
@@ -199,21 +202,23 @@ def govern(
     best = max(fitting, key=lambda e: e.tokens_per_cycle / e.cycle_s)
     width = max(1, int(hw.draft_pass_s // hw.copy_s)) if hw.copy_s > 0 else 1
     spec = SpecPolicy(best.k, phase2_start, phase3_start, width)
-    plain = None if plain_copies_per_token is None else plain_estimate(hw, plain_copies_per_token)
-    return Policy(spec, ests, k_slo, tuple(acceptance), cache, hw, plain)
+    plain = None if plain_io_s is None else plain_estimate(hw, plain_io_s)
+    return Policy(spec, ests, k_slo, tuple(acceptance), cache, hw, plain, plain_host)
 
 
 @dataclass(frozen=True)
 class Calibration:
     """What the governor decides from, measured on the backend in use: pass and copy times,
-    acceptance by draft position, the cache model (routing pool and reuse), the copies per token
-    of one-token decoding with the draft's memory as cache (None: that split is not weighed),
-    and the time-to-first-token budget of one cycle."""
+    acceptance by draft position, the cache model (routing pool and reuse), the seconds a token
+    of one-token decoding with the draft's memory as cache waits for its misses (None: that
+    split is not weighed) and whether it computes them on the host, and the time-to-first-token
+    budget of one cycle."""
 
     hardware: HardwareModel
     acceptance: tuple[float, ...]
     cache: CacheModel
-    plain_copies_per_token: float | None = None
+    plain_io_s: float | None = None
+    plain_host: bool = False
     ttft_budget_s: float = math.inf
 
     def govern(self, cfg: MoEConfig) -> Policy:
@@ -224,5 +229,6 @@ class Calibration:
             self.acceptance,
             self.cache,
             ttft_budget_s=self.ttft_budget_s,
-            plain_copies_per_token=self.plain_copies_per_token,
+            plain_io_s=self.plain_io_s,
+            plain_host=self.plain_host,
         )

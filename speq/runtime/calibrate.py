@@ -21,7 +21,8 @@ import torch
 
 from speq.cost import CacheModel, Calibration, HardwareModel, SpecPolicy
 from speq.runtime.link import VirtualLink
-from speq.runtime.policies import OnDemand
+from speq.runtime.offload import OffloadPolicy
+from speq.runtime.policies import Fiddler, OnDemand
 from speq.runtime.sampling import SamplingParams
 from speq.runtime.speculative import Speq
 
@@ -63,12 +64,14 @@ class Calibrator:
             # the one before: probe again at the largest k whose window fits
             _, needs, new, _ = self.probe(prompt, fits, n)
             cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+        plain_io_s, plain_host = self.plain(prompt, n)
         ttft = engine.options.ttft_budget_ms
         return Calibration(
             hw,
             tuple(acceptance or [0.5]),
             cache,
-            plain_copies_per_token=self.plain_copies_per_token(prompt, n),
+            plain_io_s=plain_io_s,
+            plain_host=plain_host,
             ttft_budget_s=math.inf if ttft is None else ttft / 1e3,
         )
 
@@ -139,25 +142,48 @@ class Calibrator:
         needs, new = (sum(x) / len(io) for x in zip(*io))
         return _shrunk(st.position_accepts, st.position_tries), needs, new, 1 + sum(ks) / len(ks)
 
-    def plain_copies_per_token(self, prompt: torch.Tensor, n: int) -> float:
+    def plain(self, prompt: torch.Tensor, n: int) -> tuple[float, bool]:
         """The other split of the memory: no draft, its bytes as cache slots, one token per
-        pass. A virtual-clock run (with LRU and no prefetch, which experts miss does not depend
-        on timing); its copies per token in the steady state, past the first half of the run,
-        as the speculative probe's cycles are counted past the first."""
+        pass. Seconds a token waits for its misses in the steady state, and whether that is
+        fiddler's way (misses computed on the host where faster) rather than ondemand's (every
+        miss copied): whichever of those `CompileOptions.host_compute` allows waits less over
+        the whole probe (fiddler's placement at load and ondemand's filling from the prompt
+        differ most early on; a tie goes to ondemand)."""
+        waits = {False: self.draftless_waits(OnDemand(), prompt, n)}
+        if self.engine.options.host_compute is not False:
+            waits[True] = self.draftless_waits(Fiddler(), prompt, n)
+        host = min(waits, key=lambda h: (round(waits[h][0], 12), h))
+        return waits[host][1], host
+
+    def draftless_waits(
+        self, policy: OffloadPolicy, prompt: torch.Tensor, n: int
+    ) -> tuple[float, float]:
+        """Seconds a token of ``policy``'s one-token decoding waits for its misses, with the
+        draft's bytes as cache slots (its copies times a copy's time plus its host experts
+        times one's host time): over the whole run (past the prefill), and in the steady state, past the first
+        half (as the speculative probe's cycles are counted past the first). A virtual-clock
+        run: what misses is counted, not timed, so the run does not wait for the link."""
         engine = self.engine
         mem = engine.memory
         slots = min(
             len(engine.store.keys()), mem.slots + engine.draft.device_bytes // mem.expert_bytes
         )
-        session = engine.session(OnDemand(), virtual=True, slots=slots)
-        moved: list[int] = []
-        counters = session.runtime.counters
-        engine.decode(
-            prompt, n, SamplingParams(), session, lambda _: moved.append(counters.experts_moved)
-        )
-        session.finish("calibrate", prompt.shape[0], n)
-        half = len(moved) // 2
-        return (moved[-1] - (moved[half - 1] if half else 0)) / (len(moved) - half)
+        session = engine.session(policy, virtual=True, slots=slots)
+        copy_s = VirtualLink(*engine.link_params).cost(mem.expert_bytes)
+        host_s = self.host_seconds()
+        waited: list[float] = []
+        c = session.runtime.counters
+
+        def after_token(_: int) -> None:
+            host = c.host_expert_runs * host_s if c.host_expert_runs else 0.0
+            waited.append(c.experts_moved * copy_s + host)
+
+        engine.decode(prompt, n, SamplingParams(), session, after_token)
+        m = session.finish("calibrate", prompt.shape[0], n)  # counts past the prefill
+        host = m.host_expert_runs * host_s if m.host_expert_runs else 0.0
+        half = len(waited) // 2
+        steady = (waited[-1] - (waited[half - 1] if half else 0.0)) / (len(waited) - half)
+        return (m.experts_moved * copy_s + host) / n, steady
 
 
 PRIOR_TRIES = 2  # pseudo-tries of the pooled acceptance each position's estimate starts from

@@ -418,9 +418,7 @@ class Engine:
         if may_switch:  # the governor's split: no draft, a larger cache
             self.drop_draft()  # a run that switched to the draft left it resident
             self.switch.switched_after = None
-            needs = self.config.top_k * len(self.store.layers)
-            held = self.memory.slots / len(self.store.keys())  # fiddler's share of the experts
-            policy: OffloadPolicy = draftless(self.options.host_compute, self.governed, needs, held)
+            policy: OffloadPolicy = draftless(self.options.host_compute, self.governed)
         elif self.policy_class.drafts and not self.draft_fits:
             policy = draftless(self.options.host_compute)
         else:

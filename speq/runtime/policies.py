@@ -80,27 +80,16 @@ class Fiddler(OffloadPolicy):
         return rt.host_choice(layer, tokens, self.always)
 
 
-def draftless(
-    host_compute: bool | str,
-    governed: Policy | None = None,
-    needs_per_token: float = 1.0,
-    held: float = 0.0,
-) -> OffloadPolicy:
-    """What speq runs without its draft: ``fiddler``'s policy (misses computed on the host
-    where faster), or ``ondemand``'s (every miss copied) where ``host_compute``
-    (`CompileOptions.host_compute`) is False or, under ``"auto"``, where the governor's
-    calibration (``governed``; ``needs_per_token``: the run's (layer, expert) needs a token)
-    says copying costs less a need: (1 - h) * t_copy < (1 - held) * t_host, h being the hit
-    rate the calibration measured for the draftless LRU cache and ``held`` the fraction of
-    all experts fiddler's placement keeps on the device (its hit rate under even routing)."""
-    if host_compute is False:
+def draftless(host_compute: bool | str, governed: Policy | None = None) -> OffloadPolicy:
+    """What speq runs without its draft: ``ondemand``'s policy (every miss copied) where
+    ``host_compute`` (`CompileOptions.host_compute`) is False or, under ``"auto"``, where the
+    governor's calibration (``governed``) measured it waiting less for its misses than
+    ``fiddler``'s (misses computed on the host where faster, by the cost model; with
+    ``host_compute=True``, every miss)."""
+    if host_compute is False or (
+        host_compute == "auto" and governed is not None and not governed.plain_host
+    ):
         return OnDemand()
-    if host_compute == "auto" and governed is not None and governed.plain is not None:
-        hw = governed.hardware
-        copies = governed.plain.io_s / hw.miss_s if hw.miss_s > 0 else 0.0
-        hit = max(0.0, 1.0 - copies / needs_per_token)
-        if (1.0 - hit) * hw.copy_s < (1.0 - held) * hw.host_s:
-            return OnDemand()
     return Fiddler(host_compute is True)
 
 

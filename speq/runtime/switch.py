@@ -2,8 +2,8 @@
 
 The governor splits device memory once, on a calibration prompt, whose routing may reuse experts
 far more than the text decoded later. A run that decodes one token at a time without the draft
-(the governor gave its bytes to the expert cache) watches its misses per token (copies, or
-experts computed on the host) and the experts a layer its tokens were routed over; past ``SWITCH_WARMUP`` tokens (which fill the cache from the
+(the governor gave its bytes to the expert cache) watches the seconds its misses cost a token
+(copies, and experts computed on the host) and the experts a layer its tokens were routed over; past ``SWITCH_WARMUP`` tokens (which fill the cache from the
 prompt's experts) it re-weighs the split on the last ``SWITCH_WINDOW`` of them
 (`speq.cost.switch_to_draft`). When speculating is predicted to save more than switching costs,
 the cache is freed, the draft comes over the link while the compute waits, the smaller pool is
@@ -81,15 +81,18 @@ class MidRunSwitch:
 
 
 class Watch:
-    """One run's copies per token, kept after each new token."""
+    """One run's seconds waited for misses, kept after each new token."""
 
     def __init__(self, switch: MidRunSwitch, rt: OffloadRuntime) -> None:
         self.switch, self.rt = switch, rt
-        self.marks = [(self.misses(), len(rt.needs_log))]  # after each token
+        self.marks = [(self.waited(), len(rt.needs_log))]  # after each token
 
-    def misses(self) -> int:
-        """Experts the run did not hold when needed so far: copied, or computed on the host."""
-        return self.rt.counters.experts_moved + self.rt.counters.host_expert_runs
+    def waited(self) -> float:
+        """Seconds the run's misses so far cost by the governor's hardware model: each expert
+        copied a copy's time, each computed on the host its host time."""
+        c, hw = self.rt.counters, self.switch.engine.governed.hardware
+        host = c.host_expert_runs * hw.host_s if c.host_expert_runs else 0.0
+        return c.experts_moved * hw.copy_s + host
 
     def after_token(
         self,
@@ -103,19 +106,19 @@ class Watch:
         """After the ``done``-th new token (``out`` so far), ``remaining`` to go: the
         speculative policy to go on with if the run switches now, else None."""
         rt = self.rt
-        self.marks.append((self.misses(), len(rt.needs_log)))
+        self.marks.append((self.waited(), len(rt.needs_log)))
         if not (done >= SWITCH_WARMUP + SWITCH_WINDOW and remaining > 0):
             return None
-        (moved0, log0), (moved1, log1) = self.marks[-1 - SWITCH_WINDOW], self.marks[-1]
+        (waited0, log0), (waited1, log1) = self.marks[-1 - SWITCH_WINDOW], self.marks[-1]
         experts: dict[int, set[int]] = {}
         for layer, chosen in rt.needs_log[log0:log1]:
             experts.setdefault(layer, set()).update(chosen)
         per_layer = sum(map(len, experts.values())) / max(len(experts), 1)
         engine = self.switch.engine
         pool = CacheModel.observed_pool(engine.config, per_layer, SWITCH_WINDOW)
-        copies = (moved1 - moved0) / SWITCH_WINDOW
+        io_s = (waited1 - waited0) / SWITCH_WINDOW
         policy = switch_to_draft(
-            engine.governed, engine.config, copies, pool, remaining, self.switch.cost_s()
+            engine.governed, engine.config, io_s, pool, remaining, self.switch.cost_s()
         )
         if policy is None:
             return None

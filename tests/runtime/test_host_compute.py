@@ -205,25 +205,49 @@ def test_host_rate_scales_the_profiles_host_time():
     assert rate.job_seconds(nbytes, [flops]) == pytest.approx(expected)
 
 
-def test_speq_without_its_draft_computes_misses_on_the_host_only_where_copies_do_not_pay():
-    """Without its draft, speq runs fiddler's policy, unless copying costs less a need: the
-    calibration's hit rate h of the draftless LRU cache against the share of experts fiddler's
-    placement holds, (1 - h) t_copy < (1 - held) t_host; then every miss is copied (ondemand's
-    policy)."""
+def test_speq_without_its_draft_runs_the_draftless_policy_its_calibration_measured_faster():
+    """Without its draft, speq runs fiddler's policy or ondemand's, whichever the calibration
+    measured waiting less for its misses (`Policy.plain_host`); host_compute=True forces
+    fiddler's (every miss on the host), False ondemand's."""
     from helpers import tiny_config
     from speq.cost import CacheModel, HardwareModel, govern
     from speq.runtime.policies import Fiddler, OnDemand, draftless
 
     cfg = tiny_config(num_layers=4, num_experts=8, top_k=2)
     hw = HardwareModel(1e-3, {1: 4e-3, 9: 4e-3}, copy_s=10e-3, host_s=2e-3)
-    needs = cfg.top_k * 4
 
-    def policy(miss_rate):
-        return govern(cfg, hw, [0.5], CacheModel(0.5), plain_copies_per_token=miss_rate * needs)
+    def policy(host):
+        return govern(cfg, hw, [0.5], CacheModel(0.5), plain_io_s=1e-3, plain_host=host)
 
-    assert type(draftless("auto", policy(0.1), needs)) is OnDemand  # 1 ms of copy per need
-    assert type(draftless("auto", policy(0.5), needs)) is Fiddler  # 5 ms > 2 ms on the host
-    assert type(draftless("auto", policy(0.1), needs, held=0.6)) is Fiddler  # 1 > 0.4 * 2 ms
-    assert type(draftless("auto", None, needs)) is Fiddler  # no calibration: host where faster
-    assert draftless(True, policy(0.1), needs).always
-    assert type(draftless(False, policy(0.5), needs)) is OnDemand
+    assert type(draftless("auto", policy(False))) is OnDemand
+    assert type(draftless("auto", policy(True))) is Fiddler and not draftless("auto").always
+    assert type(draftless("auto", None)) is Fiddler  # no calibration: host where faster
+    assert draftless(True, policy(False)).always
+    assert type(draftless(False, policy(True))) is OnDemand
+
+
+def test_the_calibration_weighs_both_draftless_policies_and_keeps_the_faster():
+    """On the sim backend (deterministic) the calibration runs ondemand's and fiddler's
+    one-token decoding and keeps the one whose misses cost less; the choice it records is what
+    a draftless run then does."""
+    model = tiny_model(torch.float64, num_layers=2, num_experts=8, top_k=2)
+    base = dict(backend="sim", memory_dtype=torch.bfloat16)
+    mem = speq.compile(
+        model, speq.CompileOptions(**base, policy="speq", k=1)
+    ).memory  # k: the draft
+    nbytes = mem.non_expert_bytes + mem.kv_bytes + mem.draft_bytes + 6 * mem.expert_bytes
+    cm = speq.compile(model, speq.CompileOptions(**base, policy="speq", device_memory=nbytes))
+    from speq.runtime.policies import Fiddler, OnDemand
+
+    calibrator = cm.engine.calibrator
+    prompt = torch.arange(1, 9)
+    waits = {
+        h: calibrator.draftless_waits(p, prompt, 16)
+        for h, p in ((False, OnDemand()), (True, Fiddler()))
+    }
+    io_s, host = calibrator.plain(prompt, 16)
+    assert waits[host][0] <= waits[not host][0] and io_s == waits[host][1]
+    off = speq.compile(
+        model, speq.CompileOptions(**base, policy="speq", device_memory=nbytes, host_compute=False)
+    )
+    assert off.engine.calibrator.plain(prompt, 16) == (waits[False][1], False)
