@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_kernels import draft_pass_ratio
 from common import (
     FORMAT,
     NO_DIFFERENCE,
@@ -567,6 +568,7 @@ def run(args: argparse.Namespace) -> dict:
         cals[name] = calibrate_link(resident, calib.ids, reference=REFERENCE, profile=LINKS[name])
         tqdm.write(f"{name}: {cals[name].describe()}", file=sys.stderr)
 
+    draft_pass = draft_pass_ratio(args.rounds)
     rows, summary = [], []
     settings = [(b, link) for b in args.budgets for link in args.links]
     for b, link in tqdm(settings, desc="settings", unit="setting", file=sys.stderr):
@@ -593,6 +595,7 @@ def run(args: argparse.Namespace) -> dict:
             "expert_bytes_counted": expert_bytes,
             "draft_bytes": draft_bytes,
             "draft_share_of_expert_bytes": draft_bytes / expert_bytes,
+            "draft_pass": draft_pass,
             "links": {
                 name: {**cals[name].__dict__, "description": cals[name].describe()}
                 for name in args.links
@@ -961,12 +964,31 @@ def how_measured(report: dict) -> str:
         f"{links}. Budgets are fractions of all expert bytes beyond the non-expert weights and KV "
         f"cache, every size counted {counted}; speq's INT4 draft takes "
         f"{s['draft_share_of_expert_bytes']:.0%} of the expert bytes out of the same budget. "
+        f"{draft_pass_sentence(s.get('draft_pass'))}"
         f"Greedy runs' tokens are compared with the all-resident greedy output (\"same "
         f'tokens"); sampled runs record TPOT and acceptance only. Acceptance (accepted drafted '
         f"tokens / drafted tokens) is given for both: greedy acceptance is inflated where the demo "
         f"model's greedy text repeats itself. With the same seed, speq's speculative sampling draws "
         f"a different text than the baselines' (the same distribution), so sampled ratios compare "
         f"runs over different texts."
+    )
+
+
+def draft_pass_sentence(d: dict | None) -> str:
+    """The draft's one-token pass against the target's, as bench_kernels measures it."""
+    if d is None:
+        return ""
+    r = d["draft_over_target"]
+
+    def cell(name: str) -> str:
+        x = r[name]
+        return f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+
+    return (
+        f"The demo model's one-token draft pass costs {cell('draft_cpu_int4')} of its target pass here (torch's CPU INT4 "
+        f"matmul), {cell('draft_dequantize')} when its INT4 experts are dequantized at every "
+        f"call instead (as before that kernel; every expert resident, {len(r['draft_cpu_int4']['rounds'])} "
+        f"interleaved rounds, bench_kernels' draft_pass_ratio). "
     )
 
 

@@ -76,6 +76,10 @@ def test_quick_run_records_rounds_spreads_calibration_and_sampled_acceptance(tmp
     assert calib not in measured and setting["fewer_prompts"]
     assert setting["sampling"]["temperature"] == 0.7 and setting["sampling"]["top_p"] == 0.9
     assert set(setting["sampling"]["seeds"]) == measured
+    ratio = setting["draft_pass"]["draft_over_target"]  # before and after the CPU INT4 kernel
+    assert set(ratio) == {"draft_dequantize", "draft_cpu_int4"}
+    assert all(len(r["rounds"]) == 3 and r["min"] > 0 for r in ratio.values())
+    assert "draft pass costs" in e2e.markdown(report)
 
     (s,) = report["summary"]
     assert set(s) >= SUMMARY_KEYS

@@ -34,3 +34,18 @@ def test_sim_metrics_equal_the_recorded_ones():
     got = json.loads(json.dumps(run_all()))  # the same JSON round trip as the recording
     problems = _same(got, recorded, "")
     assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.parametrize("budget", ["tight", "medium"])
+def test_speq_on_sim_is_at_least_as_fast_as_every_alternative(budget):
+    """On the deterministic sim backend, governed speq (host compute "auto") decodes the demo
+    model at least as fast as speq without host compute, fiddler, hostcompute and ondemand at
+    the recorded budgets (the recording is the live runs', by the test above)."""
+    recorded = json.loads(RECORDED.read_text())
+    tpot = {
+        name.split("/")[1]: run["metrics"]["tpot_ms"]
+        for name, run in recorded.items()
+        if name.startswith(f"{budget}/")
+    }
+    rivals = ("speq-governed-no-host", "fiddler", "hostcompute", "ondemand")
+    assert tpot["speq-governed"] <= min(tpot[r] for r in rivals)
