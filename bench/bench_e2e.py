@@ -127,6 +127,7 @@ HEADLINE_LINK = "pcie4"
 
 SPEQ = "speq (governor)"
 SPEQ_NO_HOST = "speq (no host compute)"
+SPEQ_SHARED = "speq (shared draft memory)"
 PERFECT = "speq (perfect prediction)"
 SPEQ_RESIDENT = "speq (resident, k=k*)"
 ONDEMAND, NEXTGATE, BELADY = "ondemand", "nextgate", "oracle (Belady)"
@@ -135,6 +136,7 @@ ONDEMAND_SAME, RESIDENT = "ondemand (speq's cache)", "resident (no budget)"
 ORDER = (
     SPEQ,
     SPEQ_NO_HOST,
+    SPEQ_SHARED,
     PERFECT,
     SPEQ_RESIDENT,
     ONDEMAND,
@@ -148,10 +150,11 @@ ORDER = (
 # "best baseline" = the fastest of these in the same memory
 BASELINES = (ONDEMAND, NEXTGATE, FIDDLER, HOSTCOMPUTE)
 SAMPLED = (SPEQ, *BASELINES)  # also run sampled, after the greedy runs of each prompt
-GOVERNED = (SPEQ, SPEQ_NO_HOST, PERFECT)  # calibrated on the calibration prompt
+GOVERNED = (SPEQ, SPEQ_NO_HOST, SPEQ_SHARED, PERFECT)  # calibrated on the calibration prompt
 SHORT = {  # column headers of the TPOT table
     SPEQ: "speq",
     SPEQ_NO_HOST: "speq, no host",
+    SPEQ_SHARED: "speq, shared draft memory",
     PERFECT: "speq, perfect pred.",
     SPEQ_RESIDENT: "speq, resident",
     ONDEMAND: "ondemand",
@@ -189,6 +192,8 @@ RUN_METRICS = (
     "switched_to_draft_after",
     "calibration_s",
     "cache_slots",
+    "full_precision_slots",
+    "demotions",
 )
 MEAN_METRICS = (
     "hit_rate",
@@ -203,6 +208,8 @@ MEAN_METRICS = (
     "elb_precision",
     "verify_hit_rate",
     "verify_covered_rate",
+    "full_precision_slots",
+    "demotions",
 )
 
 
@@ -255,6 +262,8 @@ def compile_setting(model, budget: int, link: dict) -> dict[str, speq.CompiledMo
     no_host = dataclasses.replace(governed, host_compute=False)
     out = {SPEQ: speq.compile(model, governed), PERFECT: speq.compile(model, perfect)}
     out[SPEQ_NO_HOST] = speq.compile(model, no_host)
+    shared = dataclasses.replace(governed, draft_memory="shared")
+    out[SPEQ_SHARED] = speq.compile(model, shared)
     named = {"oracle": BELADY}  # compare.contenders' labels, renamed where this table says more
     for c in contenders(model, budget, link, ks=()):  # ondemand (speq's cache): minus the draft
         out[named.get(c.label, c.label)] = speq.compile(model, c.options)
@@ -460,6 +469,17 @@ def run_setting(
         "calibration_prompt": calib.id,
         "calibration_s": {label: by[label]["calibration_s"] for label in GOVERNED},
         "acceptance": by[SPEQ]["acceptance"],
+        "draft_memory": {  # one copy per expert (shared) against a separate draft
+            label: {
+                "cache_slots": by[label]["cache_slots"],
+                "full_precision_slots": by[label]["mean_full_precision_slots"],
+                "uses_draft": by[label]["uses_draft"],
+                "k_star": by[label]["k_star"],
+                "acceptance": by[label]["acceptance"]["greedy"],
+                "demotions": by[label]["mean_demotions"],
+            }
+            for label in (SPEQ, SPEQ_SHARED)
+        },
         "tpot_ms": {label: by[label]["tpot_ms"] for label in ORDER},
         "tpot_ms_sampled": {label: by[label]["tpot_ms_sampled"] for label in SAMPLED},
         **summary,
@@ -495,6 +515,8 @@ def summarize_setting(
         "speedup_over_ondemand_same_cache": per_round(lambda t: t[ONDEMAND_SAME] / t[SPEQ]),
         "speedup_over_belady": per_round(lambda t: t[BELADY] / t[SPEQ]),
         "speedup_over_no_host": per_round(lambda t: t[SPEQ_NO_HOST] / t[SPEQ]),
+        "shared_speedup_over_separate": per_round(lambda t: t[SPEQ] / t[SPEQ_SHARED]),
+        "shared_speedup_over_belady": per_round(lambda t: t[BELADY] / t[SPEQ_SHARED]),
     }
     sampled = {
         "speedup_over_best_baseline": per_round(lambda t: best(t) / t[SPEQ], "sampled"),
@@ -992,6 +1014,47 @@ def draft_pass_sentence(d: dict | None) -> str:
     )
 
 
+def shared_table(report: dict) -> str:
+    """Markdown, greedy runs: speq holding each expert once (``draft_memory="shared"``) beside
+    speq with a separate draft, per setting: slots at full precision, the draft's use and
+    acceptance, TPOT, shared's speed-up and its distance to the Belady oracle."""
+    headers = [
+        "budget",
+        "link",
+        "full-precision slots, separate / shared",
+        "draft (separate / shared)",
+        "acceptance, separate / shared",
+        "TPOT separate (ms)",
+        "TPOT shared (ms)",
+        "shared speed-up",
+        "shared vs Belady",
+    ]
+    rows = []
+    for s in report["summary"]:
+        if "draft_memory" not in s:
+            continue
+        d, r = s["draft_memory"], s["ratios"]
+        sep, sh = d[SPEQ], d[SPEQ_SHARED]
+
+        def draft(x: dict) -> str:
+            return f"k*={x['k_star']}" if x["uses_draft"] else "none"
+
+        rows.append(
+            [
+                f"{s['budget']} ({s['budget_fraction']:g})",
+                s["link"],
+                f"{sep['cache_slots']} / {sh['cache_slots']}",
+                f"{draft(sep)} / {draft(sh)}",
+                f"{_acceptance_cell(sep['acceptance'])} / {_acceptance_cell(sh['acceptance'])}",
+                fmt_ratio(s["tpot_ms"][SPEQ], spec=".1f"),
+                fmt_ratio(s["tpot_ms"][SPEQ_SHARED], spec=".1f"),
+                fmt_speedup(r["shared_speedup_over_separate"]),
+                fmt_speedup(r["shared_speedup_over_belady"]),
+            ]
+        )
+    return markdown_table(rows, headers)
+
+
 def markdown(report: dict, detail: bool = True) -> str:
     parts = [
         how_measured(report),
@@ -999,6 +1062,8 @@ def markdown(report: dict, detail: bool = True) -> str:
         summary_table(report),
         "Sampled runs:",
         sampled_table(report),
+        'One copy per expert (draft_memory="shared") beside a separate draft, greedy runs:',
+        shared_table(report),
         "TPOT of every contender, greedy (ms per token):",
         tpot_table(report),
     ]

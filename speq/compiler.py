@@ -135,7 +135,7 @@ class CompiledModel:
     @property
     def draft_bytes(self) -> int:
         """Bytes of the draft's quantized experts on the device now (0: none)."""
-        return self.engine.draft.device_bytes
+        return self.engine.memory.draft_bytes
 
     @torch.no_grad()
     def generate(

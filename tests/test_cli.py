@@ -101,8 +101,17 @@ def test_generate_offloads_under_a_policy_a_device_memory_and_a_link(capsys):
         r"[\d.]+ MB over the link while decoding \([1-9]\d* expert copies\)", m["moved"]
     )
     assert re.fullmatch(r"[01]\.\d\d of drafted tokens accepted", m["acceptance"])
-    assert m["expert cache slots"] == "2 of 32 experts"
+    slots = (
+        r"2 of 32 experts \(2 held at full precision at the end, 0 demoted to INT4 while decoding\)"
+    )
+    assert re.fullmatch(slots, m["expert cache slots"])
     assert m["host"].startswith("0 (layer, expert) needs computed on the host")
+    # shared draft memory: the cache starts full, and each expert it evicts is demoted
+    assert main([*argv, "--backend", "sim", "--link-gbps", "0.03", "--draft-memory", "shared"]) == 0
+    m = _metrics(capsys.readouterr().out)
+    shared = re.fullmatch(r"(\d+) of 32 experts \(\d+ held at full precision at the end, (\d+) "
+                          r"demoted to INT4 while decoding\)", m["expert cache slots"])  # fmt: skip
+    assert shared and int(shared.group(1)) >= 2 and int(shared.group(2)) > 0
     # the same run with host compute: this slow link's misses are computed on the host
     assert main([*argv[:-1], "auto", "--backend", "sim", "--link-gbps", "0.03"]) == 0
     m = _metrics(capsys.readouterr().out)
@@ -128,7 +137,7 @@ def test_generate_with_the_governor_and_a_budget(capsys):
     assert "backend cpu (wall clock); link 0.5 GB/s (--link-gbps)" in m["setting"]
     assert re.fullmatch(r"[\d.]+ ms/token \(decoding, prompt excluded\)", m["TPOT"])
     assert m["acceptance"] == "- (not speculative: policy ondemand)"
-    assert re.fullmatch(r"\d+ of 32 experts", m["expert cache slots"])
+    assert re.match(r"\d+ of 32 experts \(\d+ held at full precision", m["expert cache slots"])
 
 
 def test_generate_from_a_checkpoint_with_token_ids(tmp_path, capsys):

@@ -28,6 +28,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         error(f"--k {args.k}: applies to --policy speq only, not --policy {args.policy}")
     if args.host_compute == "on" and args.policy != "speq":
         error(f"--host-compute on: applies to --policy speq only, not --policy {args.policy}")
+    if args.draft_memory == "shared" and args.policy != "speq":
+        error(f"--draft-memory shared: applies to --policy speq only, not --policy {args.policy}")
+    if args.draft_memory == "shared" and args.backend not in ("cpu", "sim"):
+        error(f"--draft-memory shared: runs on the cpu and sim backends, not {args.backend}")
     if args.link_gbps is not None and args.backend == "cuda":
         error(f"--link-gbps {args.link_gbps:g}: applies to the cpu and sim backends (emulated)")
     if why := BACKENDS[args.backend].unavailable():
@@ -47,7 +51,7 @@ def _options(args: argparse.Namespace, model) -> tuple[speq.CompileOptions, str]
     host = {"auto": "auto", "on": True, "off": False}[args.host_compute]
     kw = dict(policy=args.policy, backend=args.backend, k=args.k, link_gbps=args.link_gbps)
     if args.policy == "speq":
-        kw["host_compute"] = host
+        kw.update(host_compute=host, draft_memory=args.draft_memory)
     if args.device_memory is not None:
         return speq.CompileOptions(**kw, device_memory=args.device_memory), args.device_memory
     if args.budget is not None:
@@ -104,7 +108,8 @@ def _metrics(cm: speq.CompiledModel) -> list[str]:
         f"host: {m.host_expert_runs} (layer, expert) needs computed on the host instead of "
         f"the device, {m.host_compute_ms:.2f} {unit} of host time",
         f"acceptance: {acceptance}",
-        f"expert cache slots: {m.cache_slots} of {total} experts",
+        f"expert cache slots: {m.cache_slots} of {total} experts ({m.full_precision_slots} "
+        f"held at full precision at the end, {m.demotions} demoted to INT4 while decoding)",
     ]
     if m.calibration_s is not None:
         lines.append(f"governor calibration: {m.calibration_s:.2f} s (wall clock, not in TPOT)")

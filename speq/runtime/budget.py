@@ -88,10 +88,36 @@ def workspace_estimate(cfg, itemsize: int, tokens: int = 17, captures: int = 18)
     return -(-total // 2**20) * 2**20
 
 
+# INT4 slots shared draft memory keeps beyond one per expert the cache does not hold: the victim
+# of the one copy that may be in flight while the cache is full (a second waits for it to land;
+# speq.runtime.draft_slots). One, so that every full-precision slot past the first saves an INT4
+# expert's bytes.
+SPARE_INT4_SLOTS = 1
+
+
+def int4_slots_needed(experts: int, full_slots: int) -> int:
+    """INT4 slots shared draft memory needs beside a cache of ``full_slots`` among ``experts``
+    experts (none when every expert fits at full precision: nothing is ever evicted)."""
+    return 0 if full_slots >= experts else experts - full_slots + SPARE_INT4_SLOTS
+
+
+@dataclass(frozen=True)
+class SharedDraft:
+    """The draft's INT4 experts sharing the experts' memory (``draft_memory="shared"``):
+    ``int4_bytes`` of one expert's codes and scales, ``experts`` in all."""
+
+    int4_bytes: int
+    experts: int
+
+    def slots(self, full_slots: int) -> int:
+        return int4_slots_needed(self.experts, full_slots)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How a budget is spent: resident non-expert weights, the KV cache, the draft, the
-    workspace set aside for activations and libraries, expert slots."""
+    workspace set aside for activations and libraries, expert slots (and under shared draft
+    memory, ``int4_slots`` of the draft's INT4 experts, whose bytes ``draft_bytes`` counts)."""
 
     budget: Budget | None
     non_expert_bytes: int
@@ -100,6 +126,7 @@ class MemoryPlan:
     expert_bytes: int
     slots: int
     workspace_bytes: int = 0
+    int4_slots: int = 0
 
     @property
     def used_bytes(self) -> int:
@@ -122,8 +149,23 @@ def plan_memory(
     min_slots: int,
     max_slots: int,
     workspace_bytes: int = 0,
+    shared: SharedDraft | None = None,
 ) -> MemoryPlan:
-    """Slots for as many experts as fit (at most ``max_slots``); an error below ``min_slots``."""
+    """Slots for as many experts as fit (at most ``max_slots``); an error below ``min_slots``.
+    With ``shared``, the draft's bytes are not ``draft_bytes`` but one INT4 slot per expert
+    not in a slot (`int4_slots_needed`): each full-precision slot costs its expert's INT4
+    bytes less."""
+    if shared is not None:
+        return _plan_shared(
+            budget,
+            non_expert_bytes,
+            kv_bytes,
+            expert_bytes,
+            min_slots,
+            max_slots,
+            workspace_bytes,
+            shared,
+        )
     fixed = non_expert_bytes + kv_bytes + draft_bytes + workspace_bytes
     sizes = (non_expert_bytes, kv_bytes, draft_bytes, expert_bytes)
     if budget is None:
@@ -147,3 +189,46 @@ def plan_memory(
     return MemoryPlan(
         budget, non_expert_bytes, kv_bytes, draft_bytes, expert_bytes, slots, workspace_bytes
     )
+
+
+def _plan_shared(
+    budget: Budget | None,
+    non_expert_bytes: int,
+    kv_bytes: int,
+    expert_bytes: int,
+    min_slots: int,
+    max_slots: int,
+    workspace_bytes: int,
+    shared: SharedDraft,
+) -> MemoryPlan:
+    fixed = non_expert_bytes + kv_bytes + workspace_bytes
+
+    def plan(slots: int) -> MemoryPlan:
+        int4 = shared.slots(slots)
+        return MemoryPlan(
+            budget,
+            non_expert_bytes,
+            kv_bytes,
+            int4 * shared.int4_bytes,
+            expert_bytes,
+            slots,
+            workspace_bytes,
+            int4,
+        )
+
+    if budget is None or plan(max_slots).used_bytes <= budget.nbytes:
+        return plan(max_slots)
+    minimum = plan(min_slots)
+    if budget.nbytes < minimum.used_bytes:
+        raise BudgetError(
+            f"device_memory {budget.format()} is below the minimum "
+            f"{budget.format(minimum.used_bytes)}: non-expert weights "
+            f"{budget.format(non_expert_bytes)} + KV cache {budget.format(kv_bytes)}"
+            + (f" + workspace {budget.format(workspace_bytes)}" if workspace_bytes else "")
+            + f" + {min_slots} expert slots of {budget.format(expert_bytes)} + "
+            f"{minimum.int4_slots} INT4 draft experts of {budget.format(shared.int4_bytes)}"
+        )
+    # below every expert: each full-precision slot costs its expert's INT4 bytes less
+    room = budget.nbytes - fixed - (shared.experts + SPARE_INT4_SLOTS) * shared.int4_bytes
+    slots = min(max_slots - 1, room // (expert_bytes - shared.int4_bytes))
+    return plan(max(min_slots, slots))

@@ -86,6 +86,9 @@ class ExpertCache:
             for layer in layers
         }
         self.evicted_prefetches = 0
+        # called with an entry about to lose its slot (its weights still there): the shared
+        # draft memory's demotion (speq.runtime.draft_slots)
+        self.on_evict: Callable[[Entry], None] | None = None
 
     # ------------------------------------------------------------------ queries
     def capacity(self, layer: int) -> int:
@@ -152,9 +155,15 @@ class ExpertCache:
         self.slot_tables[key.layer][key.expert] = slot
         return entry
 
+    def has_free(self, layer: int) -> bool:
+        """Whether ``layer``'s group has a free slot (an insert then evicts nothing)."""
+        return bool(self._free[self.group_of[layer]])
+
     def evict(self, entry: Entry) -> int:
         if entry.pins or entry.loading:
             raise RuntimeError(f"cannot evict {entry.key}: pinned or loading")
+        if self.on_evict is not None:
+            self.on_evict(entry)
         self._forget(entry)
         self.slot_owner[entry.slot] = None
         self.slot_tables[entry.key.layer][entry.key.expert] = -1

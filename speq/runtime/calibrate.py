@@ -94,7 +94,8 @@ class Calibrator:
         the sim backend's virtual clock."""
         engine = self.engine
         # every expert resident in a cache of its own: on a modelled clock a pass that missed
-        # would count its copies' stalls as compute
+        # would count its copies' stalls as compute (a shared draft then reads every expert at
+        # full precision: `shared_draft_seconds`)
         every = len(engine.store.keys())
         session = engine.session(Speq(SpecPolicy(k=1)), virtual=True, slots=every)
         cache = engine.kv_cache()
@@ -122,7 +123,34 @@ class Calibrator:
         draft = timed("draft", 1) if "draft" in engine.program else 0.0
         verify = {t: timed("step", t) for t in tokens}
         session.finish("calibrate", 0, 0)
+        if engine.draft.shared and draft and engine.memory.slots < every:
+            draft = self.shared_draft_seconds(prompt, draft, repeats)
         return draft, verify
+
+    def shared_draft_seconds(self, prompt: torch.Tensor, full_s: float, repeats: int) -> float:
+        """Under shared draft memory the draft reads the experts the cache holds at full
+        precision and the rest as INT4: one draft pass timed (as `time_passes` times it) with
+        the fewest experts cached, and the time interpolated linearly in the experts held at
+        full precision between that and ``full_s`` (every expert at full precision) for the
+        planned cache."""
+        engine = self.engine
+        every = len(engine.store.keys())
+        few = min(engine.config.top_k * len(engine.store.layers), engine.memory.slots)
+        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True, slots=few)
+        cache = engine.kv_cache()
+        engine.step("step", prompt.reshape(-1), cache, 0, session)
+        p = int(prompt.shape[-1])
+        samples = []
+        for _ in range(repeats):
+            t0 = session.link.now() if engine.backend.modelled_time else time.perf_counter()
+            engine.step("draft", prompt.reshape(-1)[:1], cache, p, session)
+            engine.backend.synchronize()
+            now = session.link.now() if engine.backend.modelled_time else time.perf_counter()
+            samples.append(now - t0)
+            cache.truncate(p)
+        session.finish("calibrate", 0, 0)
+        int4_s = statistics.median(samples)
+        return int4_s + (full_s - int4_s) * (engine.memory.slots - few) / (every - few)
 
     def probe(
         self, prompt: torch.Tensor, k: int, n: int
@@ -165,9 +193,7 @@ class Calibrator:
         run: what misses is counted, not timed, so the run does not wait for the link."""
         engine = self.engine
         mem = engine.memory
-        slots = min(
-            len(engine.store.keys()), mem.slots + engine.draft.device_bytes // mem.expert_bytes
-        )
+        slots = min(len(engine.store.keys()), mem.slots + mem.draft_bytes // mem.expert_bytes)
         session = engine.session(policy, virtual=True, slots=slots)
         copy_s = VirtualLink(*engine.link_params).cost(mem.expert_bytes)
         host_s = self.host_seconds()

@@ -23,28 +23,24 @@ from speq.ir.run import run_graph
 from speq.models.kv_cache import KVCache
 from speq.models.spec import ModelSpec
 from speq.runtime.backends import SIM, Backend, get_backend
-from speq.runtime.budget import (
-    BudgetError,
-    MemoryPlan,
-    parse_budget,
-    plan_memory,
-    workspace_estimate,
-)
+from speq.runtime.budget import BudgetError
 from speq.runtime.cache import ExpertCache
 from speq.runtime.calibrate import Calibrator
 from speq.runtime.draft import DraftWeights
+from speq.runtime.draft_slots import share_draft_memory
 from speq.runtime.host import HostRate
 from speq.runtime.link import Link
 from speq.runtime.metrics import Metrics, Timeline
-from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
+from speq.runtime.offload import OffloadPolicy, OffloadRuntime
 from speq.runtime.options import CompileOptions
+from speq.runtime.planning import plan_engine_memory
 from speq.runtime.policies import OnDemand, draftless, get_policy
 from speq.runtime.replay import Replayer
 from speq.runtime.requests import check_request
 from speq.runtime.sampling import SamplingParams, pick
 from speq.runtime.session import Session
 from speq.runtime.speculative import Recorder, Speq, Window, speculative_decode
-from speq.runtime.store import ExpertStore, place_evenly, preload_all
+from speq.runtime.store import ExpertPool, ExpertStore, place_evenly, preload_all
 from speq.runtime.switch import MidRunSwitch
 from speq.runtime.trace_routing import TraceRecorder, TraceRouting
 from speq.sim.profiles import get_profile
@@ -75,15 +71,16 @@ class Engine:
         self.device = self.backend.device
         self.store = ExpertStore(spec, params, pin=self.backend.pins_memory)
         self.params = {k: v.to(self.device) for k, v in self.store.resident.items()}
-        self.draft = DraftWeights(program, self.store, self.device)
+        shared = options.draft_memory == "shared"
+        self.draft = DraftWeights(program, self.store, self.device, shared)
         self.draft_fits = True  # False: the governor's draft has no room beside the minimum cache
         try:
-            self.memory = self._plan_memory()
+            self.memory = plan_engine_memory(self)
         except BudgetError:
             if not self.governs:
                 raise
             self.draft.drop()  # the governor's other split: no draft (raises if that fails too)
-            self.memory = self._plan_memory()
+            self.memory = plan_engine_memory(self)
             self.draft_fits = False
         self.pool: ExpertPool | None = None
         self._pool_filled = False  # a pool holding every expert is filled once
@@ -142,49 +139,17 @@ class Engine:
         if self.governed is not None and not self.governed.use_draft:
             self.drop_draft()
 
-    def _plan_memory(self) -> MemoryPlan:
-        cfg, store, options = self.config, self.store, self.options
-        total = len(store.keys())
-        if self.policy_class.all_resident:
-            min_slots = total
-        elif self.policy_class.host_only:
-            min_slots = total = 0  # every routed expert is computed on the host
-        elif options.cache_allocation == "per_layer":
-            min_slots = cfg.top_k * len(store.layers)
-        else:
-            min_slots = cfg.top_k
-        budget = None if options.device_memory is None else parse_budget(options.device_memory)
-
-        def size(nbytes: int) -> int:  # bytes of a weight or cache tensor in the counted dtype
-            return nbytes * self.deployment_dtype.itemsize // self.spec.dtype.itemsize
-
-        return plan_memory(
-            budget,
-            workspace_bytes=self.workspace_bytes(),
-            non_expert_bytes=size(store.resident_bytes),
-            kv_bytes=size(KVCache(cfg, 1, self.spec.dtype, "meta").nbytes),
-            draft_bytes=self.draft.device_bytes,
-            expert_bytes=size(store.expert_bytes),
-            min_slots=min_slots,
-            max_slots=total,
-        )
-
-    def workspace_bytes(self) -> int:
-        """Device memory set aside for activations and libraries (CompileOptions
-        .workspace_memory, else an estimate on a GPU and nothing elsewhere)."""
-        value = self.options.workspace_memory
-        if value is not None:
-            return 0 if value == 0 else parse_budget(value, "workspace_memory").nbytes
-        if self.backend.device_type != "cuda":
-            return 0
-        return workspace_estimate(self.config, self.deployment_dtype.itemsize)
-
     def _allocate_pool(self) -> None:
+        """The expert pool the plan sizes, and under shared draft memory the INT4 slots beside
+        it (None where the backend copies nothing)."""
+        self.int4 = None
         if self.backend.copies_weights:
             self.pool = None  # freed (and given back to the device) before the new one
             self.backend.release_memory()
             self.pool = ExpertPool.allocate(self.store, self.memory.slots, self.device)
             self._pool_filled = False
+            if self.memory.int4_slots:
+                self.int4 = self.draft.slots(self.memory.int4_slots, self.device)
 
     def replan(self) -> None:
         """Plan the memory again (the draft came or went) and allocate the pool it leaves. Every
@@ -192,7 +157,7 @@ class Engine:
         their graphs' memory), so the old draft and pool would otherwise stay beside the new."""
         if self.replayer is not None:
             self.replayer.clear()
-        self.memory = self._plan_memory()
+        self.memory = plan_engine_memory(self)
         self._allocate_pool()
 
     def drop_draft(self) -> None:
@@ -229,13 +194,16 @@ class Engine:
             runtime.trace = TraceRouting(
                 self.routing_trace, self.store.layers, self.program, self.measured_node_times
             )
+        shares = policy.drafts and self.draft.shared and self.draft.on_device
         if policy.all_resident or slots >= len(self.store.keys()):
             # every expert fits: all are resident from the start (the engine's pool filled once)
             fill = pool is not None and not self._pool_filled
             preload_all(self.store, cache, pool if fill else None)
             self._pool_filled = self._pool_filled or fill
-        elif policy.places_at_load:
+        elif policy.places_at_load or shares:  # shared: the INT4 slots hold the rest
             place_evenly(self.store, cache, pool)
+        if shares:
+            share_draft_memory(self, runtime, slots)
         # a dict of the session's own: a mid-run switch adds the draft's weights to it
         params = {**self.params, **(self.draft.params if self.draft.on_device else {})}
         return Session(
@@ -433,7 +401,7 @@ class Engine:
         finally:
             self.metrics = metrics = session.finish(self.options.policy, prompt.shape[0], n)
         if self.draft.on_device:
-            metrics.extra["draft_bytes"] = self.draft.nbytes
+            metrics.extra["draft_bytes"] = self.memory.draft_bytes
         metrics.extra["calibration_s"] = self.calibration_s
         if may_switch:  # new tokens decoded before switching to the draft; None: no switch
             metrics.extra["switched_to_draft_after"] = self.switch.switched_after

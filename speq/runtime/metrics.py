@@ -50,6 +50,15 @@ FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         ),
         "prefill_bytes_moved": ("bytes", "bytes over the link during the prefill (as bytes_moved)"),
         "cache_slots": ("slots", "expert cache slots (full-precision experts on the device)"),
+        "full_precision_slots": (
+            "experts",
+            "experts held at full precision (cached, copy landed) when the run ended",
+        ),
+        "demotions": (
+            "count",
+            "evicted full-precision experts quantized into the draft's INT4 slots while decoding "
+            '(CompileOptions.draft_memory="shared"; 0 otherwise)',
+        ),
         "copy_retries": ("count", "failed copies that were tried again"),
         "host_expert_runs": (
             "count",
@@ -106,6 +115,7 @@ class Counters:
     copy_retries: int = 0  # failed copies tried again
     host_expert_runs: int = 0  # (layer, expert) computations done on the host
     host_s: float = 0.0  # time the host spent on them
+    demotions: int = 0  # evicted full-precision experts quantized into INT4 slots
 
     def minus(self, other: Counters) -> Counters:
         return Counters(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,26 +29,12 @@ from speq.runtime.host import HostLane, HostRate
 from speq.runtime.host_experts import GhostLRU, HostExperts
 from speq.runtime.link import Copy, CopyCancelled, Link, Priority
 from speq.runtime.metrics import Counters, Timeline
-from speq.runtime.store import ExpertKey, ExpertStore
+from speq.runtime.store import ExpertKey, ExpertPool, ExpertStore
+
+if TYPE_CHECKING:
+    from speq.runtime.draft_slots import Int4Slots
 
 MAX_COPY_ATTEMPTS = 8  # tries of one transfer before TransferError (a 20% fault rate: 3e-6)
-
-
-@dataclass(frozen=True)
-class ExpertPool:
-    """Device slot tensors: slot s holds one expert's ``w13 [2I, H]`` and ``w2 [H, I]``."""
-
-    w13: torch.Tensor  # [slots, 2I, H]
-    w2: torch.Tensor  # [slots, H, I]
-
-    @classmethod
-    def allocate(cls, store: ExpertStore, slots: int, device: torch.device | str) -> ExpertPool:
-        i = store.layers[0]
-        w13, w2 = store.w13[i], store.w2[i]
-        return cls(
-            torch.empty((slots, *w13.shape[1:]), dtype=w13.dtype, device=device),
-            torch.empty((slots, *w2.shape[1:]), dtype=w2.dtype, device=device),
-        )
 
 
 @dataclass
@@ -146,6 +132,10 @@ class OffloadRuntime:
         # copies in flight, in issue order (a dict: iteration order must not depend on ids)
         self._loading: dict[Entry, None] = {}
         self._prefetched: set[Entry] = set()
+        # the draft's INT4 slots under shared draft memory (`Int4Slots.attach`), and the last
+        # draft MoE's (full-precision, INT4) experts
+        self.int4: Int4Slots | None = None
+        self.draft_split = (0, 0)
         device = cache.slot_tables[store.layers[0]].device
         self._identity = torch.arange(store.num_experts, dtype=torch.int32, device=device)
 
@@ -252,7 +242,7 @@ class OffloadRuntime:
             key = ExpertKey(layer, e)
             if key in self.cache:
                 continue
-            if not self.cache.evictable_for(key, before):
+            if not self.cache.evictable_for(key, before) or not self._int4_room(layer):
                 break
             self.fetch_into(key, None, priority)
             issued += 1
@@ -276,11 +266,13 @@ class OffloadRuntime:
     ) -> Entry:
         while True:
             try:
+                if victim is None and not self._int4_room(layer=key.layer):
+                    raise NoSlotError(f"no INT4 slot for the expert {key} would evict")
                 entry = self.cache.insert(key, protect, victim)
                 break
             except NoSlotError:
-                # every slot is pinned or still loading: wait for the oldest copy in flight (the
-                # first issued among equal times)
+                # every slot is pinned or still loading, or no INT4 slot is free for the victim:
+                # wait for the oldest copy in flight (the first issued among equal times)
                 if not self._loading:
                     raise
                 oldest = min(self._loading, key=lambda e: e.copy.issued_at)
@@ -323,9 +315,16 @@ class OffloadRuntime:
         self.counters.stall_s += self._await(list(self._loading))
         self.settle()
 
+    def _int4_room(self, layer: int) -> bool:
+        """Whether an insert for ``layer`` may go ahead: it evicts nothing, or a free INT4 slot
+        takes its victim."""
+        return self.int4 is None or self.cache.has_free(layer) or self.int4.has_room()
+
     def rebind(self, cache: ExpertCache, pool: ExpertPool | None, policy: OffloadPolicy) -> None:
         """Serve later needs from another ``cache`` and ``pool`` under another ``policy`` (a
         new split of the device memory); the old cache's experts are gone with its slots."""
+        if self.int4 is not None:
+            raise RuntimeError("a run with shared draft memory does not change its split")
         self.quiesce()
         self.cache, self.pool, self.policy = cache, pool, policy
         self._prefetched.clear()
@@ -340,6 +339,8 @@ class OffloadRuntime:
                 continue
             entry.loading = False
             self._loading.pop(entry, None)
+            if self.int4 is not None:  # held at full precision now
+                self.int4.release(entry.key)
             if self.timeline is not None:
                 c = entry.copy
                 self.timeline.span(

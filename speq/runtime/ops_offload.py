@@ -2,7 +2,8 @@
 
 Ops not listed here run with the eager implementations. Expert weights are not device tensors
 under offloading: their PARAM nodes yield nothing and FUSED_MOE reads the slot pool through the
-residency its WAIT returned.
+residency its WAIT returned; the draft's quantized experts yield a `SharedWeight` under shared
+draft memory, and its FUSED_MOE reads each expert at the precision resident.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from speq.ir.run import Impl, implements
 from speq.ir.schema import bind
 from speq.kernels.activation import Activation
 from speq.models import functional as fn
+from speq.runtime.draft_slots import SharedWeight, draft_moe
 from speq.runtime.link import Priority
 from speq.runtime.ops_eager import EAGER, limits_of
 
@@ -40,9 +42,13 @@ def _wait(node, args, ctx):
 @_offload(Op.FUSED_MOE)
 def _fused_moe(node, args, ctx):
     a = bind(node, args)
+    extras = dict(b13=a["b13"], b2=a["b2"], activation=Activation.of(node.attrs))
+    if isinstance(a["w13"], SharedWeight):  # the draft's experts, each at its precision
+        return (
+            draft_moe(ctx.runtime, node.attrs["layer"], a["x"], a["ids"], a["weights"], **extras),
+        )
     if a["residency"] is None:  # no WAIT: resident weights (the draft's quantized experts)
         return EAGER[Op.FUSED_MOE](node, args, ctx)
-    extras = dict(b13=a["b13"], b2=a["b2"], activation=Activation.of(node.attrs))
     return (ctx.runtime.moe(a["x"], a["ids"], a["weights"], a["residency"], **extras),)
 
 

@@ -18,6 +18,8 @@ from speq.sim.profiles import PROFILES, HardwareProfile
 
 PREDICTORS = ("draft", "oracle")
 HOST_COMPUTE = ("auto", True, False)
+DRAFT_MEMORY = ("shared", "separate")
+SHARED_DRAFT_BACKENDS = ("cpu", "sim")  # where draft_memory="shared" is implemented
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class CompileOptions:
       says that finishes first; ``True``, every one; ``False``, none (every miss is copied, as
       before host compute existed). Predicted experts are prefetched either way. Other policies
       ignore ``"auto"``; ``hostcompute`` and ``fiddler`` are the host-compute baselines.
+    - ``draft_memory``: under ``policy="speq"``, ``"separate"``: the draft's INT4 copy of every
+      expert stays on the device beside the expert cache (an expert the cache holds is held
+      twice); ``"shared"``: each expert is held once, at full precision while cached and as INT4
+      otherwise (an evicted expert is quantized on the device into an INT4 slot; the draft reads
+      each expert at the precision resident), so the same budget holds more experts at full
+      precision (speq.runtime.draft_slots). The cache then starts filled at load, and a run
+      whose governor dropped the draft does not bring it back mid-run. Implemented for the
+      ``cpu`` and ``sim`` backends.
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
       own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
       contexts of 32k-160k tokens, whose KV cache would take the device budget).
@@ -102,6 +112,7 @@ class CompileOptions:
     max_seq_len: int | None = None
     workspace_memory: int | str | None = None
     host_compute: bool | str = "auto"
+    draft_memory: str = "separate"
 
     def __post_init__(self) -> None:
         """Every option checked before any work: a TypeError for a wrong type, a ValueError for
@@ -159,6 +170,17 @@ class CompileOptions:
             raise ValueError(
                 "CompileOptions.host_compute applies to policy='speq' only (the host-compute "
                 "baselines are the policies 'hostcompute' and 'fiddler')"
+            )
+        if self.draft_memory not in DRAFT_MEMORY or not isinstance(self.draft_memory, str):
+            raise ValueError(
+                f"CompileOptions.draft_memory = {self.draft_memory!r}: expected one of {DRAFT_MEMORY}"
+            )
+        if self.draft_memory == "shared" and not policy.drafts:
+            raise ValueError("CompileOptions.draft_memory = 'shared' applies to policy='speq' only")
+        if self.draft_memory == "shared" and self.backend not in SHARED_DRAFT_BACKENDS:
+            raise ValueError(
+                f"CompileOptions.draft_memory = 'shared' is implemented for the backends "
+                f"{SHARED_DRAFT_BACKENDS}, not {self.backend!r}"
             )
         for name, value in (("dtype", self.dtype), ("memory_dtype", self.memory_dtype)):
             if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):

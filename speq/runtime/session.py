@@ -14,10 +14,11 @@ from speq.ir.schema import bind
 from speq.models.kv_cache import KVCache
 from speq.models.spec import ModelSpec
 from speq.runtime.backends import Backend
+from speq.runtime.draft_slots import SharedWeight
 from speq.runtime.link import Link
 from speq.runtime.metrics import Counters, Metrics, Timeline
 from speq.runtime.offload import OffloadRuntime
-from speq.sim.cost import node_cost, node_seconds
+from speq.sim.cost import DTYPE_BYTES, NodeCost, node_cost, node_seconds
 
 _READS_CONTEXT = (Op.ATTENTION, Op.MLA_ATTENTION)  # ops whose cost grows with the context
 
@@ -73,14 +74,18 @@ class Session:
             self.link.advance(measured)
             seconds = measured
         elif self.backend.modelled_time:
-            touched = None
-            residency = bind(node, args)["residency"] if node.op is Op.FUSED_MOE else None
+            touched, full = None, 0
+            a = bind(node, args) if node.op is Op.FUSED_MOE else None
+            residency = None if a is None else a["residency"]
             if residency is not None:  # the experts the WAIT made resident
                 touched = sum(len(c) for c in residency.chunks)
+            elif a is not None and isinstance(a["w13"], SharedWeight):  # the draft's, shared
+                full, int4 = self.runtime.draft_split
+                touched = full + int4
             # only attention's cost reads the context (speq.sim.cost): other nodes' times are
             # reused across positions
             context = self._context if node.op in _READS_CONTEXT else None
-            key = (id(node), self._tokens, context, touched)
+            key = (id(node), self._tokens, context, touched, full)
             seconds = self._seconds.get(key)
             if residency is not None and not residency.chunks:
                 seconds = 0.0  # every routed expert on the host: no device kernel
@@ -93,6 +98,10 @@ class Session:
                     self.dtype_bytes,
                     experts_touched=touched,
                 )
+                if full:  # the experts read at full precision instead of INT4
+                    cfg = self.spec.config
+                    weights = 3 * cfg.hidden_size * cfg.expert_intermediate_size
+                    cost += NodeCost(0.0, full * weights * (self.dtype_bytes - DTYPE_BYTES["i4"]))
                 seconds = self._seconds[key] = node_seconds(cost, self.profile)
             self.link.advance(seconds)
         if self.timeline is not None and seconds > 0:
@@ -150,5 +159,9 @@ class Session:
                 **self.runtime.policy.extra_metrics(),
                 "host_expert_runs": d.host_expert_runs,
                 "host_compute_ms": d.host_s * 1e3,
+                "full_precision_slots": sum(
+                    not e.loading for e in self.runtime.cache.entries.values()
+                ),
+                "demotions": d.demotions,
             },
         )

@@ -86,6 +86,12 @@ class ExpertStore:
         layer, which = self._names[name]
         return (self.w13 if which == "w13" else self.w2)[layer]
 
+    def layer_of(self, name: str) -> int:
+        """The MoE layer of an expert weight name."""
+        if name not in self._names:
+            raise KeyError(f"{name} is not a routed expert weight")
+        return self._names[name][0]
+
     def is_expert_param(self, name: str) -> bool:
         return name in self._names
 
@@ -121,6 +127,27 @@ class ExpertStore:
 
     def keys(self) -> list[ExpertKey]:
         return [ExpertKey(i, e) for i in self.layers for e in range(self.num_experts)]
+
+
+@dataclass(frozen=True)
+class ExpertPool:
+    """Device slot tensors: slot s holds one expert's ``w13 [2I, H]`` and ``w2 [H, I]``."""
+
+    w13: torch.Tensor  # [slots, 2I, H]
+    w2: torch.Tensor  # [slots, H, I]
+
+    def slot(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``s``'s ``w13`` and ``w2``."""
+        return self.w13[s], self.w2[s]
+
+    @classmethod
+    def allocate(cls, store: ExpertStore, slots: int, device: torch.device | str) -> ExpertPool:
+        i = store.layers[0]
+        w13, w2 = store.w13[i], store.w2[i]
+        return cls(
+            torch.empty((slots, *w13.shape[1:]), dtype=w13.dtype, device=device),
+            torch.empty((slots, *w2.shape[1:]), dtype=w2.dtype, device=device),
+        )
 
 
 def preload_all(store: ExpertStore, cache, pool) -> None:

@@ -12,6 +12,7 @@ allocated, and the run goes on speculating.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,8 +43,11 @@ class MidRunSwitch:
 
     def cost_s(self) -> float:
         """Seconds a switch costs: the draft's upload, and copying a cache's worth of experts
-        again into the smaller cache."""
+        again into the smaller cache. Under shared draft memory the switch is not made (its
+        INT4 slots start from a cache filled at load), so its cost is infinite."""
         engine = self.engine
+        if engine.draft.shared:
+            return math.inf
         link = VirtualLink(*engine.link_params)
         return link.cost(engine.draft.nbytes) + engine.calibrator.draft_slots * link.cost(
             engine.memory.expert_bytes

@@ -26,6 +26,8 @@ CONTENDERS = {
     "speq-governed-no-host": dict(policy="speq", host_compute=False),
     "speq-k4": dict(policy="speq", k=4),
     "speq-k2-oracle-predictor": dict(policy="speq", k=2, predictor="oracle"),
+    "speq-governed-shared": dict(policy="speq", draft_memory="shared"),
+    "speq-k4-shared": dict(policy="speq", k=4, draft_memory="shared"),
     "fiddler": dict(policy="fiddler"),
     "hostcompute": dict(policy="hostcompute"),
 }

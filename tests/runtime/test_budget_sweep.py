@@ -6,6 +6,7 @@ where every expert fits (each +-1 byte), and hypothesis-chosen ones in between."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 import speq
 from helpers import tiny_model
 from speq.models.demo import demo_model
+from speq.runtime.budget import int4_slots_needed
 
 PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
 N = 4
@@ -26,9 +28,12 @@ POLICIES = {  # label -> (policy, k)
     "oracle": ("oracle", None),
     "speq-governed": ("speq", None),
     "speq-k2": ("speq", 2),
+    "speq-governed-shared": ("speq", None),
+    "speq-k2-shared": ("speq", 2),
     "fiddler": ("fiddler", None),
     "hostcompute": ("hostcompute", None),
 }
+SHARED = {"speq-governed-shared", "speq-k2-shared"}  # draft_memory="shared"
 SHAPES = {
     "shared": dict(num_kv_heads=4, shared_expert_intermediate_size=16),
     "dense-first": dict(
@@ -65,6 +70,10 @@ def parts(name: str, label: str) -> tuple[int, int, int, int, int, int]:
     least = {"resident": total, "hostcompute": 0}.get(policy, model(name).config.top_k)
     fixed = mem.non_expert_bytes + mem.kv_bytes + mem.draft_bytes
     floor = fixed - mem.draft_bytes if drafts and k is None else fixed
+    if label in SHARED and k is not None:  # INT4 slots for the experts not at full precision
+        int4 = speq.compile(model(name), dataclasses.replace(opts, draft_memory="shared"))
+        q = int4.engine.draft.expert_int4_bytes
+        floor = fixed - mem.draft_bytes + int4_slots_needed(total, least) * q
     return fixed, mem.expert_bytes, least, total, mem.draft_bytes, floor
 
 
@@ -85,8 +94,14 @@ def check(name: str, label: str, budget: int, backend: str) -> None:
     policy, k = POLICIES[label]
     _, expert, least, total, _, floor = parts(name, label)
     minimum = floor + least * expert
+    memory = "shared" if label in SHARED else "separate"
     opts = speq.CompileOptions(
-        policy=policy, k=k, device_memory=budget, backend=backend, link_gbps=1.0
+        policy=policy,
+        k=k,
+        device_memory=budget,
+        backend=backend,
+        link_gbps=1.0,
+        draft_memory=memory,
     )
     if budget < minimum:
         with pytest.raises(ValueError, match=f"below the minimum .*{minimum:,} bytes"):
@@ -97,6 +112,7 @@ def check(name: str, label: str, budget: int, backend: str) -> None:
     assert torch.equal(out, expected(name)), (name, label, budget, backend)
     slots = cm.metrics.cache_slots
     assert slots == 0 if policy == "hostcompute" else 0 < slots <= total
+    assert cm.memory.used_bytes <= budget
 
 
 CASES = [(name, label) for name in ("demo", *SHAPES) for label in POLICIES]
@@ -123,6 +139,8 @@ def test_any_budget_runs_exactly_or_names_the_minimum(name, label, fraction):
 @pytest.mark.parametrize(("name", "label"), [("demo", "ondemand"), ("shared", "speq-k2"),
                                              ("dense-first", "nextgate"), ("top1", "oracle"),
                                              ("16-experts", "speq-governed"), ("shared", "fiddler"),
+                                             ("demo", "speq-k2-shared"),
+                                             ("16-experts", "speq-governed-shared"),
                                              ("top1", "hostcompute")])  # fmt: skip
 def test_the_boundaries_on_the_cpu_backend(name, label):
     """The cpu backend copies weights into a real pool (the sim backend does not)."""

@@ -8,8 +8,8 @@ from helpers import tiny_model
 from speq.frontend import from_reference
 from speq.runtime.cache import ExpertCache, NoSlotError
 from speq.runtime.link import Priority, VirtualLink
-from speq.runtime.offload import ExpertPool, OffloadPolicy, OffloadRuntime
-from speq.runtime.store import ExpertKey, ExpertStore
+from speq.runtime.offload import OffloadPolicy, OffloadRuntime
+from speq.runtime.store import ExpertKey, ExpertPool, ExpertStore
 
 LAYERS, E = (0, 1, 2), 6
 
