@@ -166,6 +166,13 @@ def replay_table(replays: list[dict]) -> str:
     )
 
 
+def choice(s: dict) -> str:
+    """A speq contender's choice: its k*, no draft, or no room for the draft."""
+    if s.get("draft_fits") is False:
+        return "no room for the draft"
+    return "no draft" if s.get("k") is None else f"k*={s['k']}"
+
+
 def results_table(rows: list[dict]) -> str:
     def ms(r: dict | None) -> str:
         return "-" if r is None or r["tpot_ms"] is None else f"{r['tpot_ms']:.1f}"
@@ -175,13 +182,12 @@ def results_table(rows: list[dict]) -> str:
         c = row.get("contenders")
         if c is None:
             body.append(
-                [row["model"], row["hardware"], f"{row['budget_gb']}", row["trace"]] + [""] * 11
+                [row["model"], row["hardware"], f"{row['budget_gb']}", row["trace"]] + [""] * 12
             )
             continue
         speq = c["speq"]
-        k = "no draft" if speq.get("k") is None else f"k*={speq['k']}"
-        if speq.get("draft_fits") is False:
-            k = "no room for the draft"
+        k = choice(speq)
+        shared = c.get("speq-shared")
         best = min(
             (c[n]["tpot_ms"] for n in BASELINES if c[n]["tpot_ms"] is not None), default=None
         )
@@ -192,6 +198,7 @@ def results_table(rows: list[dict]) -> str:
                 f"{row['budget_gb']}",
                 f"{ms(speq)} ({k})" if speq["tpot_ms"] is not None else "does not fit",
                 ms(c["speq-no-host"]),
+                "-" if shared is None else f"{ms(shared)} ({choice(shared)})",
                 *(ms(c[n]) for n in BASELINES),
                 ms(c["oracle"]),
                 ms(c["resident"]),
@@ -206,6 +213,7 @@ def results_table(rows: list[dict]) -> str:
         "budget (GB)",
         "speq TPOT (ms)",
         "speq, no host compute",
+        "speq, shared draft memory",
         "Mixtral-Offl. SM",
         "Mixtral-Offl. SC",
         "Fiddler",

@@ -178,6 +178,11 @@ def e2e_block(report: dict) -> str:
             bench_e2e.summary_table(report),
             "Sampled runs (TPOT and acceptance only):",
             bench_e2e.sampled_table(report),
+            'One copy per expert (`draft_memory="shared"`: full precision while cached, INT4 '
+            "otherwise) beside the separate draft (an INT4 copy of every expert beside the "
+            "cache), both governed, greedy runs; shared speed-up: separate's TPOT over shared's, "
+            "per round; shared vs Belady: the oracle's TPOT over shared's:",
+            bench_e2e.shared_table(report),
             "TPOT of every contender, greedy (ms per token, median (min-max) over the rounds; "
             "perfect prediction and oracle (Belady) are bounds whose recording passes are not "
             "timed):",
@@ -209,7 +214,10 @@ def offload_block(report: dict) -> str:
         "whose expert needed no copy the compute waited for; stalls / token: those copies per "
         "new token. The two hit rates are equal for policies that decode one token per pass, "
         "while one copy at speq's verification serves every token of the window routed to that "
-        "expert. ELB recall: the experts verification used that the draft predicted.",
+        "expert. ELB recall: the experts verification used that the draft predicted. "
+        'speq-shared holds each expert once (`draft_memory="shared"`): expert slots are its '
+        "full-precision ones, demotions the evicted experts it quantized into INT4 slots "
+        "while decoding (absent from runs before it existed).",
         "",
     ]
     headers = [
@@ -217,6 +225,7 @@ def offload_block(report: dict) -> str:
         "policy",
         "k",
         "expert slots",
+        "demotions",
         "TPOT (ms)",
         "speed-up vs ondemand",
         "hit rate",
@@ -236,6 +245,7 @@ def offload_block(report: dict) -> str:
             f"{r['policy']}",
             f"{r['k']}",
             f"{r['cache_slots']}",
+            f"{r.get('demotions', '-')}",
             r["tpot"],
             r["vs_ondemand"],
             f(r["hit_rate"]),

@@ -195,6 +195,12 @@ CONTENDERS: dict[str, tuple[str | None, str, dict]] = {
         "speq without host compute (host_compute=False)",
         {"host_compute": False},
     ),
+    "speq-shared": (
+        "speq",
+        "speq holding each expert once: full precision while cached, INT4 otherwise "
+        '(draft_memory="shared")',
+        {"draft_memory": "shared"},
+    ),
     "mixtral-offloading-sm": ("ondemand", "Mixtral-Offloading: LRU cache, same memory as speq", {}),
     "mixtral-offloading-sc": (
         "ondemand",

@@ -170,6 +170,20 @@ def _write(slots: Int4, slot: int, src: Int4, index: int) -> None:
     slots.scales[slot].copy_(src.scales[index])
 
 
+def draft_split(rt: OffloadRuntime, layer: int, ids: torch.Tensor) -> tuple[list[int], set[int]]:
+    """The experts the draft routes ``ids`` to at ``layer``, and those of them loaded at full
+    precision now; ``rt.draft_split`` keeps how many of each (the modelled node time)."""
+    rt.settle()
+    experts = sorted(set(ids.reshape(-1).tolist()))  # host sync: the draft's routing
+    loaded = {
+        e
+        for e in experts
+        if (entry := rt.cache.get(ExpertKey(layer, e))) is not None and not entry.loading
+    }
+    rt.draft_split = (len(loaded), len(experts) - len(loaded))
+    return experts, loaded
+
+
 def draft_moe(
     rt: OffloadRuntime,
     layer: int,
@@ -184,16 +198,9 @@ def draft_moe(
     ``rt.draft_split`` keeps how many of each it read (the sim backend's node time)."""
     from speq.kernels import fused_moe
 
-    rt.settle()
     int4 = rt.int4
     assert int4 is not None
-    experts = sorted(set(ids.reshape(-1).tolist()))  # host sync: the draft's routing
-    loaded = {
-        e
-        for e in experts
-        if (entry := rt.cache.get(ExpertKey(layer, e))) is not None and not entry.loading
-    }
-    rt.draft_split = (len(loaded), len(experts) - len(loaded))
+    experts, loaded = draft_split(rt, layer, ids)
     identity = torch.arange(int4.num_experts, dtype=torch.int32, device=x.device)
     if rt.pool is None:
         full = (*rt.store.stacked(layer), identity)

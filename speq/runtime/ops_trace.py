@@ -23,6 +23,7 @@ import torch
 from speq.ir.ops import Op
 from speq.ir.run import Impl, implements
 from speq.ir.schema import bind
+from speq.runtime.draft_slots import SharedWeight, draft_split
 from speq.runtime.link import Priority
 from speq.runtime.ops_offload import OFFLOAD
 
@@ -51,7 +52,9 @@ def _prefetch(node, args, ctx):
 def _fused_moe(node, args, ctx):
     a = bind(node, args)
     residency = a["residency"]
-    if residency is not None:
+    if isinstance(a["w13"], SharedWeight):  # the draft's experts at their precisions: counted
+        draft_split(ctx.runtime, node.attrs["layer"], a["ids"])
+    elif residency is not None:
         host = ctx.runtime.host
         job = (
             None if host is None else host.start(residency.layer, residency.host, None, None, None)

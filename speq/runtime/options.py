@@ -19,7 +19,7 @@ from speq.sim.profiles import PROFILES, HardwareProfile
 PREDICTORS = ("draft", "oracle")
 HOST_COMPUTE = ("auto", True, False)
 DRAFT_MEMORY = ("shared", "separate")
-SHARED_DRAFT_BACKENDS = ("cpu", "sim")  # where draft_memory="shared" is implemented
+SHARED_DRAFT_BACKENDS = ("cpu", "sim", "trace")  # where draft_memory="shared" is implemented
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class CompileOptions:
       each expert at the precision resident), so the same budget holds more experts at full
       precision (speq.runtime.draft_slots). The cache then starts filled at load, and a run
       whose governor dropped the draft does not bring it back mid-run. Implemented for the
-      ``cpu`` and ``sim`` backends.
+      ``cpu``, ``sim`` and ``trace`` backends (not yet ``cuda``).
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
       own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
       contexts of 32k-160k tokens, whose KV cache would take the device budget).
