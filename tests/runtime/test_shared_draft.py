@@ -168,7 +168,6 @@ def test_sampling_with_shared_draft_memory_keeps_the_targets_distribution():
         (dict(policy="speq", draft_memory="both"), "draft_memory = 'both'"),
         (dict(policy="speq", draft_memory=None), "draft_memory = None"),
         (dict(policy="ondemand", draft_memory="shared"), "applies to policy='speq' only"),
-        (dict(policy="speq", backend="trace", draft_memory="shared"), "implemented for"),
     ],
 )
 def test_bad_draft_memory_options_are_refused(options, error):
@@ -204,3 +203,12 @@ def test_shared_draft_memory_simulates_at_paper_scale():
     assert shared.memory.used_bytes <= 20 * 10**9
     m = shared.metrics
     assert m["demotions"] == m.experts_moved > 0 and m["full_precision_slots"] <= m.cache_slots
+
+
+def test_shared_draft_memory_is_refused_on_cuda_until_implemented(monkeypatch):
+    """As if a GPU were present: the option names the backends it runs on."""
+    from speq.runtime.backends import Backend
+
+    monkeypatch.setattr(Backend, "unavailable", lambda self: None)
+    with pytest.raises(ValueError, match=r"implemented for the backends \('cpu', 'sim', 'trace'\)"):
+        speq.CompileOptions(policy="speq", backend="cuda", draft_memory="shared")
