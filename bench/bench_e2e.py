@@ -12,10 +12,13 @@ float64 only a sixteenth. In every (budget, link) setting these run, each compil
     speq (governor)            policy="speq", k=None: the governor calibrates on a held-out
                                calibration prompt that is not measured (CompiledModel.calibrate)
                                and picks k*, or no draft at all (then one token per pass with
-                               the draft's memory as expert cache, fiddler's policy, until a run
-                               misses enough to bring the draft back mid-run); a miss is
-                               computed on the host where the cost model says that is faster
+                               the draft's memory as expert cache, ondemand's or fiddler's policy,
+                               whichever the calibration measured faster, until a run misses
+                               enough to bring the draft back mid-run); a miss is computed on
+                               the host where the cost model says that is faster
     speq (no host compute)     the same with host_compute=False: every miss is copied
+    speq (shared draft memory) the same with draft_memory="shared": each expert held once, at
+                               full precision while cached and as INT4 otherwise
     speq (perfect prediction)  the same, but the ELB (Expert Lookahead Buffer: the experts the
                                draft predicts verification will need) holds exactly the experts
                                each verification window routes to, rejected drafts included,

@@ -137,6 +137,16 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
 
 
+def sampling_case() -> tuple[MoEForCausalLM, torch.Tensor, torch.Tensor]:
+    """The sampling tests' model (7 tokens), prompt, and the target's first-token
+    distribution at temperature 0.9, which speq's speculative sampling must keep."""
+    model = tiny_model(torch.float64, vocab_size=7, num_layers=2, seed=3)
+    prompt = torch.tensor([[1, 4, 2]])
+    with torch.no_grad():
+        probs = torch.softmax(model(prompt)[0, -1].double() / 0.9, -1)
+    return model, prompt, probs
+
+
 def first_sampled_counts(
     model, prompt: torch.Tensor, probs_size: int, temperature: float = 0.9, options=None
 ):

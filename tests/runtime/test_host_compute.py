@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import speq
-from helpers import VARIANTS, chi_square_p, first_sampled_counts, speq_budget, tiny_model
+from helpers import (
+    VARIANTS,
+    chi_square_p,
+    first_sampled_counts,
+    sampling_case,
+    speq_budget,
+    tiny_model,
+)
 from speq.runtime.host import HostJob, HostRate, ThreadHost, VirtualHost
 from speq.runtime.link import EmulatedLink, VirtualLink
 from speq.sim.profiles import get_profile
@@ -123,10 +130,7 @@ def test_every_layer_waits_for_the_host_when_nothing_is_on_the_device():
 
 
 def test_sampling_with_host_compute_keeps_the_targets_distribution():
-    model = tiny_model(torch.float64, vocab_size=7, num_layers=2, seed=3)
-    prompt = torch.tensor([[1, 4, 2]])
-    with torch.no_grad():
-        probs = torch.softmax(model(prompt)[0, -1].double() / 0.9, -1)
+    model, prompt, probs = sampling_case()
     opts = speq.CompileOptions(
         policy="speq",
         k=1,

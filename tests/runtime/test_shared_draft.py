@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import speq
-from helpers import VARIANTS, chi_square_p, first_sampled_counts, speq_budget, tiny_model
+from helpers import (
+    VARIANTS,
+    chi_square_p,
+    first_sampled_counts,
+    sampling_case,
+    speq_budget,
+    tiny_model,
+)
 from speq.runtime.budget import Budget, BudgetError, SharedDraft, plan_memory
 from speq.runtime.draft import DraftWeights
 from speq.runtime.store import ExpertKey
@@ -128,17 +135,9 @@ def test_shared_memory_holds_more_experts_at_full_precision():
 
 def test_the_plan_with_shared_memory_fits_and_maximises_full_slots():
     shared = SharedDraft(250, 32)
+    kwargs = dict(non_expert_bytes=1000, kv_bytes=1000, draft_bytes=0, expert_bytes=1000)
     for nbytes in range(12_000, 40_000, 977):
-        plan = plan_memory(
-            Budget(nbytes),
-            non_expert_bytes=1000,
-            kv_bytes=1000,
-            draft_bytes=0,
-            expert_bytes=1000,
-            min_slots=2,
-            max_slots=32,
-            shared=shared,
-        )
+        plan = plan_memory(Budget(nbytes), **kwargs, min_slots=2, max_slots=32, shared=shared)
         assert plan.used_bytes <= nbytes
         assert plan.draft_bytes == shared.slots(plan.slots) * 250
         if plan.slots < 32:  # one more full-precision slot would not fit
@@ -147,10 +146,7 @@ def test_the_plan_with_shared_memory_fits_and_maximises_full_slots():
 
 
 def test_sampling_with_shared_draft_memory_keeps_the_targets_distribution():
-    model = tiny_model(torch.float64, vocab_size=7, num_layers=2, seed=3)
-    prompt = torch.tensor([[1, 4, 2]])
-    with torch.no_grad():
-        probs = torch.softmax(model(prompt)[0, -1].double() / 0.9, -1)
+    model, prompt, probs = sampling_case()
     opts = speq.CompileOptions(
         policy="speq",
         k=1,

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import speq
-from helpers import VARIANTS, chi_square_p, first_sampled_counts, speq_budget, tiny_model
+from helpers import (
+    VARIANTS,
+    chi_square_p,
+    first_sampled_counts,
+    sampling_case,
+    speq_budget,
+    tiny_model,
+)
 from speq.runtime.speculative import SpecPolicy, greedy_accept, speculative_accept
 
 PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
@@ -107,10 +114,7 @@ def test_speculative_accept_keeps_the_target_distribution():
 def test_first_sampled_token_follows_the_targets_softmax():
     """End to end on a 7-token vocabulary: the first token of speculative sampling, over many
     seeds, is distributed as the target's softmax at the prompt."""
-    model = tiny_model(torch.float64, vocab_size=7, num_layers=2, seed=3)
-    prompt = torch.tensor([[1, 4, 2]])
-    with torch.no_grad():
-        probs = torch.softmax(model(prompt)[0, -1].double() / 0.9, -1)
+    model, prompt, probs = sampling_case()
     assert chi_square_p(first_sampled_counts(model, prompt, 7), probs) > 1e-3
 
 
