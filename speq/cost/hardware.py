@@ -24,6 +24,11 @@ class HardwareModel:
         or its computation on the host where that is faster."""
         return min(self.copy_s, self.host_s)
 
+    def wait_s(self, copies: int, host_runs: int) -> float:
+        """Seconds ``copies`` expert copies and ``host_runs`` experts computed on the host cost
+        (no host time where there were none: ``host_s`` is inf without host compute)."""
+        return copies * self.copy_s + (host_runs * self.host_s if host_runs else 0.0)
+
     def verify(self, tokens: int) -> float:
         pts = sorted(self.verify_s.items())
         if tokens <= pts[0][0] or len(pts) == 1:

@@ -64,7 +64,7 @@ class Calibrator:
             # the one before: probe again at the largest k whose window fits
             _, needs, new, _ = self.probe(prompt, fits, n)
             cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
-        plain_io_s, plain_host = self.plain(prompt, n)
+        plain_io_s, plain_host = self.plain(prompt, n, hw)
         ttft = engine.options.ttft_budget_ms
         return Calibration(
             hw,
@@ -87,17 +87,21 @@ class Calibrator:
         return rate.expert_seconds(engine.memory.expert_bytes, engine.store.expert_flops) + share
 
     def time_passes(
-        self, prompt: torch.Tensor, tokens: Sequence[int] = PASS_TOKENS, repeats: int = 3
+        self,
+        prompt: torch.Tensor,
+        tokens: Sequence[int] = PASS_TOKENS,
+        repeats: int = 3,
+        slots: int | None = None,
     ) -> tuple[float, dict[int, float]]:
         """Median seconds of one draft pass and of target passes over each of ``tokens`` new
         tokens, compute only (experts are read where they are, no copies), on the wall clock or
-        the sim backend's virtual clock."""
+        the sim backend's virtual clock. ``slots``: the cache the passes run beside (default:
+        every expert; a shared draft's pass is then interpolated, `shared_draft_seconds`)."""
         engine = self.engine
         # every expert resident in a cache of its own: on a modelled clock a pass that missed
-        # would count its copies' stalls as compute (a shared draft then reads every expert at
-        # full precision: `shared_draft_seconds`)
+        # would count its copies' stalls as compute
         every = len(engine.store.keys())
-        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True, slots=every)
+        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True, slots=slots or every)
         cache = engine.kv_cache()
         p = int(prompt.shape[-1])
         ids = prompt.reshape(-1)
@@ -123,33 +127,19 @@ class Calibrator:
         draft = timed("draft", 1) if "draft" in engine.program else 0.0
         verify = {t: timed("step", t) for t in tokens}
         session.finish("calibrate", 0, 0)
-        if engine.draft.shared and draft and engine.memory.slots < every:
+        if slots is None and engine.draft.shared and draft and engine.memory.slots < every:
             draft = self.shared_draft_seconds(prompt, draft, repeats)
         return draft, verify
 
     def shared_draft_seconds(self, prompt: torch.Tensor, full_s: float, repeats: int) -> float:
         """Under shared draft memory the draft reads the experts the cache holds at full
-        precision and the rest as INT4: one draft pass timed (as `time_passes` times it) with
-        the fewest experts cached, and the time interpolated linearly in the experts held at
-        full precision between that and ``full_s`` (every expert at full precision) for the
-        planned cache."""
+        precision and the rest as INT4: one draft pass timed with the fewest experts cached,
+        and the time interpolated linearly in the experts held at full precision between that
+        and ``full_s`` (every expert at full precision) for the planned cache."""
         engine = self.engine
         every = len(engine.store.keys())
         few = min(engine.config.top_k * len(engine.store.layers), engine.memory.slots)
-        session = engine.session(Speq(SpecPolicy(k=1)), virtual=True, slots=few)
-        cache = engine.kv_cache()
-        engine.step("step", prompt.reshape(-1), cache, 0, session)
-        p = int(prompt.shape[-1])
-        samples = []
-        for _ in range(repeats):
-            t0 = session.link.now() if engine.backend.modelled_time else time.perf_counter()
-            engine.step("draft", prompt.reshape(-1)[:1], cache, p, session)
-            engine.backend.synchronize()
-            now = session.link.now() if engine.backend.modelled_time else time.perf_counter()
-            samples.append(now - t0)
-            cache.truncate(p)
-        session.finish("calibrate", 0, 0)
-        int4_s = statistics.median(samples)
+        int4_s, _ = self.time_passes(prompt, (), repeats, slots=few)
         return int4_s + (full_s - int4_s) * (engine.memory.slots - few) / (every - few)
 
     def probe(
@@ -170,46 +160,43 @@ class Calibrator:
         needs, new = (sum(x) / len(io) for x in zip(*io))
         return _shrunk(st.position_accepts, st.position_tries), needs, new, 1 + sum(ks) / len(ks)
 
-    def plain(self, prompt: torch.Tensor, n: int) -> tuple[float, bool]:
+    def plain(self, prompt: torch.Tensor, n: int, hw: HardwareModel) -> tuple[float, bool]:
         """The other split of the memory: no draft, its bytes as cache slots, one token per
         pass. Seconds a token waits for its misses in the steady state, and whether that is
         fiddler's way (misses computed on the host where faster) rather than ondemand's (every
         miss copied): whichever of those `CompileOptions.host_compute` allows waits less over
         the whole probe (fiddler's placement at load and ondemand's filling from the prompt
         differ most early on; a tie goes to ondemand)."""
-        waits = {False: self.draftless_waits(OnDemand(), prompt, n)}
+        waits = {False: self.draftless_waits(OnDemand(), prompt, n, hw)}
         if self.engine.options.host_compute is not False:
-            waits[True] = self.draftless_waits(Fiddler(), prompt, n)
+            waits[True] = self.draftless_waits(Fiddler(), prompt, n, hw)
         host = min(waits, key=lambda h: (round(waits[h][0], 12), h))
         return waits[host][1], host
 
     def draftless_waits(
-        self, policy: OffloadPolicy, prompt: torch.Tensor, n: int
+        self, policy: OffloadPolicy, prompt: torch.Tensor, n: int, hw: HardwareModel
     ) -> tuple[float, float]:
         """Seconds a token of ``policy``'s one-token decoding waits for its misses, with the
-        draft's bytes as cache slots (its copies times a copy's time plus its host experts
-        times one's host time): over the whole run (past the prefill), and in the steady state, past the first
+        draft's bytes as cache slots (`HardwareModel.wait_s` of its copies and host experts): over the whole run (past the prefill), and in the steady state, past the first
         half (as the speculative probe's cycles are counted past the first). A virtual-clock
         run: what misses is counted, not timed, so the run does not wait for the link."""
         engine = self.engine
         mem = engine.memory
         slots = min(len(engine.store.keys()), mem.slots + mem.draft_bytes // mem.expert_bytes)
         session = engine.session(policy, virtual=True, slots=slots)
-        copy_s = VirtualLink(*engine.link_params).cost(mem.expert_bytes)
-        host_s = self.host_seconds()
         waited: list[float] = []
         c = session.runtime.counters
-
-        def after_token(_: int) -> None:
-            host = c.host_expert_runs * host_s if c.host_expert_runs else 0.0
-            waited.append(c.experts_moved * copy_s + host)
-
-        engine.decode(prompt, n, SamplingParams(), session, after_token)
+        engine.decode(
+            prompt,
+            n,
+            SamplingParams(),
+            session,
+            lambda _: waited.append(hw.wait_s(c.experts_moved, c.host_expert_runs)),
+        )
         m = session.finish("calibrate", prompt.shape[0], n)  # counts past the prefill
-        host = m.host_expert_runs * host_s if m.host_expert_runs else 0.0
         half = len(waited) // 2
         steady = (waited[-1] - (waited[half - 1] if half else 0.0)) / (len(waited) - half)
-        return (m.experts_moved * copy_s + host) / n, steady
+        return hw.wait_s(m.experts_moved, m["host_expert_runs"]) / n, steady
 
 
 PRIOR_TRIES = 2  # pseudo-tries of the pooled acceptance each position's estimate starts from

@@ -33,7 +33,7 @@ class DraftWeights:
         self.params: dict[str, object] = {}  # the weights where the draft graph reads them
         self.nbytes = 0  # of every quantized expert (codes and scales)
         self.on_device = False
-        self.bits = self.group_size = 0
+        self.bits = self.group_size = self.expert_int4_bytes = 0
         self.host: dict[int, dict[str, object]] = {}  # layer -> {"w13", "w2"}: shared memory's
         if "draft" not in program:
             return

@@ -18,7 +18,7 @@ from speq.runtime.draft_slots import SharedWeight
 from speq.runtime.link import Link
 from speq.runtime.metrics import Counters, Metrics, Timeline
 from speq.runtime.offload import OffloadRuntime
-from speq.sim.cost import DTYPE_BYTES, NodeCost, node_cost, node_seconds
+from speq.sim.cost import node_cost, node_seconds
 
 _READS_CONTEXT = (Op.ATTENTION, Op.MLA_ATTENTION)  # ops whose cost grows with the context
 
@@ -97,11 +97,8 @@ class Session:
                     self._context,
                     self.dtype_bytes,
                     experts_touched=touched,
+                    experts_full=full,
                 )
-                if full:  # the experts read at full precision instead of INT4
-                    cfg = self.spec.config
-                    weights = 3 * cfg.hidden_size * cfg.expert_intermediate_size
-                    cost += NodeCost(0.0, full * weights * (self.dtype_bytes - DTYPE_BYTES["i4"]))
                 seconds = self._seconds[key] = node_seconds(cost, self.profile)
             self.link.advance(seconds)
         if self.timeline is not None and seconds > 0:

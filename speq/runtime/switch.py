@@ -94,9 +94,8 @@ class Watch:
     def waited(self) -> float:
         """Seconds the run's misses so far cost by the governor's hardware model: each expert
         copied a copy's time, each computed on the host its host time."""
-        c, hw = self.rt.counters, self.switch.engine.governed.hardware
-        host = c.host_expert_runs * hw.host_s if c.host_expert_runs else 0.0
-        return c.experts_moved * hw.copy_s + host
+        c = self.rt.counters
+        return self.switch.engine.governed.hardware.wait_s(c.experts_moved, c.host_expert_runs)
 
     def after_token(
         self,

@@ -63,6 +63,7 @@ class _Ctx:
     context: int
     dtype_bytes: float
     experts_touched: float | None
+    experts_full: int = 0
 
     def dim(self, d: Dim) -> int:
         return resolve_dim(d, self.tokens)
@@ -256,6 +257,8 @@ def _fused_moe(node: Node, c: _Ctx) -> NodeCost:
     pairs = c.tokens * cfg.top_k
     flops = 2.0 * pairs * (2 * inter) * h + 2.0 * pairs * h * inter
     weights = c.distinct_experts() * 3 * h * inter * c.elem_bytes(w13)
+    # quantized weights read at full precision where that copy is resident (shared draft memory)
+    weights += c.experts_full * 3 * h * inter * (c.dtype_bytes - c.elem_bytes(w13))
     # the [pairs, I] activation between the two GEMMs is written once and read once
     between = 2 * pairs * inter * c.dtype_bytes
     return NodeCost(flops, weights + between + c.nbytes(x, ids, route_w, node.out))
@@ -271,12 +274,15 @@ def node_cost(
     context: int,
     dtype_bytes: float = 2,
     experts_touched: float | None = None,
+    experts_full: int = 0,
 ) -> NodeCost:
     """Flops and device-memory bytes of ``node`` in a step over ``tokens`` new tokens whose
     attention reads ``context`` cached positions (the prefix plus the new tokens).
 
     ``experts_touched``: distinct routed experts of this node's layer used in the step (only read by
-    EXPERT_GEMM and FUSED_MOE); default, the uniform-routing expectation.
+    EXPERT_GEMM and FUSED_MOE); default, the uniform-routing expectation. ``experts_full``: of
+    those, how many a FUSED_MOE with quantized weights reads at full precision instead (the
+    draft under shared draft memory).
     """
     cfg = _config(spec_or_config)
     if tokens < 1:
@@ -290,7 +296,7 @@ def node_cost(
     fn = COSTS.get(node.op)
     if fn is None:
         raise NotImplementedError(f"cost model: no cost for op {node.op.name.lower()}")
-    return fn(node, _Ctx(cfg, tokens, context, dtype_bytes, experts_touched))
+    return fn(node, _Ctx(cfg, tokens, context, dtype_bytes, experts_touched, experts_full))
 
 
 def node_seconds(cost: NodeCost, profile: HardwareProfile) -> float:

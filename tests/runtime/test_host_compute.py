@@ -245,13 +245,15 @@ def test_the_calibration_weighs_both_draftless_policies_and_keeps_the_faster():
 
     calibrator = cm.engine.calibrator
     prompt = torch.arange(1, 9)
+    hw = cm.governed.hardware  # the calibration's copy and host times
     waits = {
-        h: calibrator.draftless_waits(p, prompt, 16)
+        h: calibrator.draftless_waits(p, prompt, 16, hw)
         for h, p in ((False, OnDemand()), (True, Fiddler()))
     }
-    io_s, host = calibrator.plain(prompt, 16)
+    io_s, host = calibrator.plain(prompt, 16, hw)
     assert waits[host][0] <= waits[not host][0] and io_s == waits[host][1]
     off = speq.compile(
         model, speq.CompileOptions(**base, policy="speq", device_memory=nbytes, host_compute=False)
     )
-    assert off.engine.calibrator.plain(prompt, 16) == (waits[False][1], False)
+    off_hw = off.governed.hardware
+    assert off.engine.calibrator.plain(prompt, 16, off_hw) == (waits[False][1], False)
