@@ -5,6 +5,7 @@ time, or `CpuInt4Experts` through torch's CPU INT4 matmul."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,24 @@ def fused_moe_grouped(
 ) -> torch.Tensor:
     """CPU path: sort the pairs by expert once, then per expert with tokens its gate, up and
     down matmuls in x's dtype, combined with ``index_add_`` in fp32 (float64)."""
+    slots = slot_of_expert.tolist()
+    return grouped_by_source(
+        hidden, topk_ids, topk_weights, lambda e: (w13, w2, slots[e]), dims, bias, activation
+    )
+
+
+def grouped_by_source(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    source: Callable[[int], tuple[Weights, Weights, int]],
+    dims: MoEDims,
+    bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    activation: Activation = SWIGLU,
+) -> torch.Tensor:
+    """`fused_moe_grouped` with each expert's weights where ``source(e)`` says: ``(w13, w2,
+    slot)``, pools that may differ between experts (a draft reading some experts at full
+    precision and the rest in INT4: one pass over the pairs, not one per pool)."""
     b13, b2 = bias
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros((dims.num_tokens, dims.hidden), dtype=acc_dtype, device=hidden.device)
@@ -58,13 +77,12 @@ def fused_moe_grouped(
     counts = torch.bincount(flat, minlength=dims.num_experts).tolist()
     tokens = order // dims.top_k
     route_w = topk_weights.reshape(-1)[order].to(acc_dtype)
-    slots = slot_of_expert.tolist()
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
         rows = tokens[start : start + count]
-        s = slots[e]
+        w13, w2, s = source(e)
         biases = (None if b13 is None else b13[e], None if b2 is None else b2[e])
         if isinstance(w13, CpuInt4Experts) or isinstance(w2, CpuInt4Experts):
             y = _int4_expert(hidden[rows], w13, w2, s, *biases, activation)

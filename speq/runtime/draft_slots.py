@@ -14,10 +14,11 @@ eviction that finds none free waits for the oldest copy in flight (`OffloadRunti
 and a prefetch that would need one is not issued (a later hook issues it).
 
 The draft's FUSED_MOE reads each routed expert at the precision resident (`draft_moe`): one
-launch of the fused kernel over the cache's pool for the experts loaded at full precision, one
-over these slots for the rest. Without a device pool (the sim backend, whose compute reads the
-host store) the slots are bookkeeping: the full-precision part reads the host store, the INT4
-part the draft's host copy, which a demotion reproduces bit for bit.
+grouped pass over the pairs that takes each expert's weights from the cache's pool if it is
+loaded at full precision, else from its INT4 slot. Without a device pool (the sim backend, whose
+compute reads the host store) the slots are bookkeeping: the full-precision experts are read
+from the host store, the INT4 ones from the draft's host copy, which a demotion reproduces bit
+for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from speq.kernels.activation import SWIGLU, Activation
+from speq.kernels.fused_moe import MoEDims
+from speq.kernels.moe_cpu import grouped_by_source
 from speq.kernels.quant import CpuInt4Experts, QuantizedExperts, quantize_experts, to_cpu_int4
 from speq.runtime.budget import int4_slots_needed
 from speq.runtime.store import ExpertKey
@@ -190,35 +194,34 @@ def draft_moe(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    **extras,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: Activation = SWIGLU,
 ) -> torch.Tensor:
-    """The draft's routed experts of ``layer`` under shared memory: those loaded at full
-    precision from the cache's pool (the host store without one), the rest from their INT4
-    slots (the draft's host copy without a pool); each part one fused launch, its pairs only.
-    ``rt.draft_split`` keeps how many of each it read (the sim backend's node time)."""
-    from speq.kernels import fused_moe
-
+    """The draft's routed experts of ``layer`` under shared memory, in one grouped pass over
+    the pairs: the experts loaded at full precision from the cache's pool (the host store
+    without one), the rest from their INT4 slots (the draft's host copy without a pool).
+    ``rt.draft_split`` keeps how many of each it read (the sim backend's node time). CPU only:
+    shared draft memory runs on the backends of `speq.runtime.options.SHARED_DRAFT_BACKENDS`."""
     int4 = rt.int4
-    assert int4 is not None
-    experts, loaded = draft_split(rt, layer, ids)
-    identity = torch.arange(int4.num_experts, dtype=torch.int32, device=x.device)
+    assert int4 is not None and x.device.type == "cpu", "shared draft memory runs on the CPU"
+    _, loaded = draft_split(rt, layer, ids)
     if rt.pool is None:
+        identity = list(range(int4.num_experts))
         full = (*rt.store.stacked(layer), identity)
         quant = (*int4.master[layer], identity)
     else:
-        full = (rt.pool.w13, rt.pool.w2, rt.cache.slot_tables[layer])
-        quant = (int4.w13, int4.w2, int4.tables[layer])
-    out = None
-    for part, (w13, w2, slots) in ((loaded, full), (set(experts) - loaded, quant)):
-        if not part:
-            continue
-        chosen = sorted(part)
-        inside = torch.isin(ids, torch.tensor(chosen, device=ids.device))
-        ids_p = torch.where(inside, ids, torch.full_like(ids, chosen[0]))
-        y = fused_moe(x, w13, w2, ids_p.to(torch.int32), weights * inside, slots, **extras)
-        out = y if out is None else out + y
-    assert out is not None
-    return out
+        full = (rt.pool.w13, rt.pool.w2, rt.cache.slot_tables[layer].tolist())
+        quant = (int4.w13, int4.w2, int4.tables[layer].tolist())
+
+    def source(e: int):
+        w13, w2, slots = full if e in loaded else quant
+        return w13, w2, slots[e]
+
+    num_tokens, hidden = x.shape
+    w13 = full[0]
+    dims = MoEDims(num_tokens, hidden, w13.shape[1] // 2, int4.num_experts, ids.shape[1], 0)
+    return grouped_by_source(x, ids, weights, source, dims, (b13, b2), activation)
 
 
 def share_draft_memory(engine: Engine, rt: OffloadRuntime, slots: int) -> None:
