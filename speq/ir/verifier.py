@@ -3,7 +3,7 @@
 It checks that every value is defined once and before its use with the type its producer gave it,
 that each op has the inputs, outputs and attributes its schema asks for, that the graph ends in
 one OUTPUT, and that no replay region holds a DATA_DEPENDENT node or one that reads a host value
-(a residency). Its error shows the IR around the faulty node.
+(`host_values`). Its error shows the IR around the faulty node.
 """
 
 from __future__ import annotations
@@ -39,9 +39,17 @@ def verify(graph: Graph | Program, domains: Domains | None = None) -> Graph | Pr
             verify(g, domains)
         return graph
     defined: dict[str, Value] = {}
+    host = host_values(graph)
     outputs = 0
     for i, node in enumerate(graph.nodes):
         problem = _check_node(node, defined, domains or {})
+        region = node.meta.get("region")
+        read = [v.name for v in node.inputs if v.name in host]
+        if problem is None and region is not None and read:
+            problem = (
+                f"{node.op.name.lower()} reads a host value ({read[0]}) but sits inside replay "
+                f"region {region}"
+            )
         if problem is None and node.op is Op.OUTPUT:
             outputs += 1
             if i != len(graph.nodes) - 1:
@@ -103,7 +111,17 @@ def _check_node(node: Node, defined: dict[str, Value], domains: Domains) -> str 
             )
     if node.meta.get("region") is not None and node.has(Tag.DATA_DEPENDENT):
         return f"{name} is DATA_DEPENDENT but sits inside replay region {node.meta['region']}"
-    region = node.meta.get("region")
-    if region is not None and any(v.dtype == "residency" for v in node.inputs):
-        return f"{name} reads a host value (a residency) but sits inside replay region {region}"
     return None
+
+
+def host_values(graph: Graph) -> frozenset[str]:
+    """The values of ``graph`` that exist only on the host, so that a node reading one cannot be
+    captured in a replay region: the residencies WAITs return, and the shared draft's experts
+    (PARAMs marked ``shared``: each expert read at the precision resident, found through tables
+    the host keeps; speq.runtime.draft_slots)."""
+    return frozenset(
+        v.name
+        for n in graph.nodes
+        for v in n.outputs
+        if v.dtype == "residency" or (n.op is Op.PARAM and n.attrs.get("shared"))
+    )

@@ -1,7 +1,8 @@
 """The fused MoE layer's CPU paths (speq.kernels.fused_moe's ``torch`` backend): one expert on its
 tokens (`expert_ffn`, which host compute also runs), and the grouped path over a layer's experts
 (`fused_moe_grouped`): dense weights, INT4/INT8 `QuantizedExperts` dequantized one slot at a
-time, or `CpuInt4Experts` through torch's CPU INT4 matmul."""
+time, or `CpuInt4Experts` through torch's CPU INT4 matmul; `grouped_by_source` is that path with
+each expert's weights in a pool of its own choosing (the shared draft: full precision or INT4)."""
 
 from __future__ import annotations
 

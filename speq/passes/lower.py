@@ -5,8 +5,10 @@ Each node gets ``meta`` that an executor reads:
   of the backend's implementation sets that has the op (``offload`` then ``eager``);
 - ``region``: the replay region, a maximal run of compute nodes between host syncs. On CUDA the
   runtime captures each as a CUDA graph and replays it (speq.runtime.replay). No region holds a
-  DATA_DEPENDENT node, nor a node that reads a host value (a WAIT's residency: the offloaded
-  FUSED_MOE, which may copy and wait for more experts chunk by chunk); the verifier checks both.
+  DATA_DEPENDENT node, nor a node that reads a host value (`speq.ir.verifier.host_values`: a
+  WAIT's residency, read by the offloaded FUSED_MOE, which may copy and wait for more experts
+  chunk by chunk; a shared draft's experts, whose FUSED_MOE picks each expert's precision from
+  the host's tables); the verifier checks both.
   Copies are not nodes of their own stream here: the runtime's link issues them on its copy
   stream (speq.runtime.link), and the WAIT nodes, which are outside every region, order them.
 
@@ -21,14 +23,9 @@ from speq.ir.graph import Graph, Node
 from speq.ir.ops import Op, Tag
 from speq.ir.program import Program
 from speq.ir.run import ImplTable
+from speq.ir.verifier import host_values
 
 SOURCES = (Op.INPUT, Op.PARAM, Op.OUTPUT)
-HOST_VALUES = frozenset({"residency"})  # value types that live on the host
-
-
-def reads_host_value(node: Node) -> bool:
-    """Whether ``node`` takes a value that exists only on the host (it cannot be captured)."""
-    return any(v.dtype in HOST_VALUES for v in node.inputs)
 
 
 def lower(kernels: ImplTable) -> Callable[[Program], Program]:
@@ -44,13 +41,14 @@ def lower(kernels: ImplTable) -> Callable[[Program], Program]:
 
 def _lower_graph(graph: Graph, kernels: ImplTable) -> Graph:
     out: list[Node] = []
+    host = host_values(graph)
     region, open_region = 0, False
     for node in graph:
         if node.op in SOURCES:
             out.append(node)
             continue
         meta: dict = {"kernel": kernels.kernel(node.op)}
-        if node.has(Tag.DATA_DEPENDENT) or reads_host_value(node):
+        if node.has(Tag.DATA_DEPENDENT) or any(v.name in host for v in node.inputs):
             if open_region:
                 region, open_region = region + 1, False
         else:

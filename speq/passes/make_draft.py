@@ -5,7 +5,10 @@ The draft is the target with every routed expert weight replaced by a weight-onl
 (``bits`` 4 or 8, symmetric, groups of ``group_size`` along the reduction dimension) that stays
 on the device. Everything else (embeddings, attention, norms, routers, shared experts, head) is
 the target's own tensors, and the KV cache is the target's: the draft writes its entries and
-verification overwrites them.
+verification overwrites them. With ``shared`` (``CompileOptions.draft_memory="shared"``) the
+quantized expert PARAMs are marked ``shared``: each expert is then read at the precision the
+device holds it in (speq.runtime.draft_slots), a choice the host makes, so `lower` keeps the
+draft's FUSED_MOE out of replay regions.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from speq.ir.program import DRAFT_PREFIX, Program
 from speq.ir.verifier import VerificationError
 
 
-def make_draft(bits: int, group_size: int) -> Callable[[Program], Program]:
+def make_draft(bits: int, group_size: int, shared: bool = False) -> Callable[[Program], Program]:
     if bits not in (4, 8):
         raise ValueError(f"draft bits must be 4 or 8, got {bits}")
 
@@ -38,6 +41,8 @@ def make_draft(bits: int, group_size: int) -> Callable[[Program], Program]:
                         q = Value(DRAFT_PREFIX + w.name, w.shape, f"i{bits}")
                         name = DRAFT_PREFIX + producers[w.name].attrs["name"]
                         attrs = {"name": name, "bits": bits, "group_size": group_size}
+                        if shared:
+                            attrs["shared"] = True
                         nodes.append(Node(Op.PARAM, (), (q,), attrs))
                         quantized[w.name] = q
                     ins[i] = quantized[w.name]

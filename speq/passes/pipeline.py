@@ -30,10 +30,13 @@ log = logging.getLogger("speq.passes")
 class PipelineOptions:
     """What the passes need to know of the run: ``kernels``, the backend's op implementations;
     ``draft``, the (bits, group size) of the draft's quantized experts, None for no draft;
-    ``next_layer_prefetch``, prefetch from the next layer's router (the ``nextgate`` policy)."""
+    ``shared_draft``, whether they share the experts' device memory (read at the precision
+    resident); ``next_layer_prefetch``, prefetch from the next layer's router (the ``nextgate``
+    policy)."""
 
     kernels: ImplTable
     draft: tuple[int, int] | None = None
+    shared_draft: bool = False
     next_layer_prefetch: bool = False
 
 
@@ -79,7 +82,7 @@ def default_passes(options: PipelineOptions) -> list[tuple[str, Pass]]:
     ]
     if options.draft is not None:
         # the draft: the fused step with quantized, resident experts (before WAITs exist)
-        passes.append(("make_draft", make_draft(*options.draft)))
+        passes.append(("make_draft", make_draft(*options.draft, options.shared_draft)))
     passes += [
         # where experts must be resident (WAIT) and where copies start early (PREFETCH)
         ("insert_prefetch", insert_prefetch(options.next_layer_prefetch)),

@@ -13,12 +13,15 @@ precision at every moment. There are as many slots as experts the cache does not
 eviction that finds none free waits for the oldest copy in flight (`OffloadRuntime._fetch`),
 and a prefetch that would need one is not issued (a later hook issues it).
 
-The draft's FUSED_MOE reads each routed expert at the precision resident (`draft_moe`): one
-grouped pass over the pairs that takes each expert's weights from the cache's pool if it is
-loaded at full precision, else from its INT4 slot. Without a device pool (the sim backend, whose
-compute reads the host store) the slots are bookkeeping: the full-precision experts are read
-from the host store, the INT4 ones from the draft's host copy, which a demotion reproduces bit
-for bit.
+The draft's FUSED_MOE reads each routed expert at the precision resident (`draft_moe`): on the
+CPU one grouped pass over the pairs that takes each expert's weights from the cache's pool if it
+is loaded at full precision, else from its INT4 slot; on a GPU one fused launch per precision
+(`fused_moe_by_precision`). The host makes that choice, so the compiler keeps this FUSED_MOE
+out of replay regions (speq.passes.make_draft marks the experts ``shared``), and a copy into a
+demoted expert's slot waits for the quantization that read it (`Link.released`). Without a
+device pool (the sim backend, whose compute reads the host store) the slots are bookkeeping:
+the full-precision experts are read from the host store, the INT4 ones from the draft's host
+copy, which a demotion reproduces bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from speq.kernels.activation import SWIGLU, Activation
-from speq.kernels.fused_moe import MoEDims
+from speq.kernels.fused_moe import MoEDims, fused_moe
 from speq.kernels.moe_cpu import grouped_by_source
 from speq.kernels.quant import CpuInt4Experts, QuantizedExperts, quantize_experts, to_cpu_int4
 from speq.runtime.budget import int4_slots_needed
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from speq.runtime.offload import OffloadRuntime
 
 Int4 = QuantizedExperts | CpuInt4Experts
+ONE_PASS_DEVICES = ("cpu",)  # where the draft's MoE reads both precisions in one grouped pass
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ class Int4Slots:
         def demote(entry) -> None:
             pool = rt.pool
             self.demote(entry.key, *((None, None) if pool is None else pool.slot(entry.slot)))
+            rt.link.released([entry.slot])  # a copy into the slot waits for the quantization
             rt.counters.demotions += 1
             rt.link.advance(demote_s)
 
@@ -198,18 +203,23 @@ def draft_moe(
     b2: torch.Tensor | None = None,
     activation: Activation = SWIGLU,
 ) -> torch.Tensor:
-    """The draft's routed experts of ``layer`` under shared memory, in one grouped pass over
-    the pairs: the experts loaded at full precision from the cache's pool (the host store
-    without one), the rest from their INT4 slots (the draft's host copy without a pool).
-    ``rt.draft_split`` keeps how many of each it read (the sim backend's node time). CPU only:
-    shared draft memory runs on the backends of `speq.runtime.options.SHARED_DRAFT_BACKENDS`."""
+    """The draft's routed experts of ``layer`` under shared memory: the experts loaded at full
+    precision from the cache's pool (the host store without one), the rest from their INT4
+    slots (the draft's host copy without a pool). On the CPU one grouped pass over the pairs;
+    elsewhere one fused launch per precision (`fused_moe_by_precision`). ``rt.draft_split``
+    keeps how many of each it read (the sim backend's node time)."""
     int4 = rt.int4
-    assert int4 is not None and x.device.type == "cpu", "shared draft memory runs on the CPU"
-    _, loaded = draft_split(rt, layer, ids)
+    assert int4 is not None
+    experts, loaded = draft_split(rt, layer, ids)
     if rt.pool is None:
         identity = list(range(int4.num_experts))
         full = (*rt.store.stacked(layer), identity)
         quant = (*int4.master[layer], identity)
+    elif x.device.type not in ONE_PASS_DEVICES:
+        pools = ((rt.pool.w13, rt.pool.w2, rt.cache.slot_tables[layer]), (int4.w13, int4.w2))
+        extras = dict(b13=b13, b2=b2, activation=activation)
+        split = (loaded, set(experts) - loaded)
+        return fused_moe_by_precision(x, ids, weights, split, *pools, int4.tables[layer], **extras)
     else:
         full = (rt.pool.w13, rt.pool.w2, rt.cache.slot_tables[layer].tolist())
         quant = (int4.w13, int4.w2, int4.tables[layer].tolist())
@@ -219,9 +229,37 @@ def draft_moe(
         return w13, w2, slots[e]
 
     num_tokens, hidden = x.shape
-    w13 = full[0]
-    dims = MoEDims(num_tokens, hidden, w13.shape[1] // 2, int4.num_experts, ids.shape[1], 0)
+    intermediate = full[0].shape[1] // 2
+    # two pools, so no one slot count (MoEDims.num_slots: 0); source(e) gives each slot
+    dims = MoEDims(num_tokens, hidden, intermediate, int4.num_experts, ids.shape[1], 0)
     return grouped_by_source(x, ids, weights, source, dims, (b13, b2), activation)
+
+
+def fused_moe_by_precision(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    split: tuple[Collection[int], Collection[int]],
+    full: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    quant: tuple[Int4, Int4],
+    int4_slots: torch.Tensor,
+    **extras,
+) -> torch.Tensor:
+    """The shared draft's MoE as two launches of the fused kernel (the GPU's way: its Triton
+    kernel reads one pool per launch): ``split``, the routed experts held at full precision
+    and the rest; the first read from ``full`` (``w13, w2, slot_of_expert``), the rest from
+    ``quant`` at ``int4_slots``. Each launch's pairs of the other precision are routed to one of
+    its own experts with weight 0: at decode sizes they fill rows of a block that expert's
+    weights are read for anyway."""
+    out = torch.zeros_like(x)
+    for part, (w13, w2, slots) in zip(split, (full, (*quant, int4_slots))):
+        if not part:
+            continue
+        chosen = torch.tensor(sorted(part), dtype=ids.dtype, device=ids.device)
+        inside = torch.isin(ids, chosen)
+        part_ids = torch.where(inside, ids, chosen[0]).to(torch.int32)
+        out += fused_moe(x, w13, w2, part_ids, weights * inside, slots, **extras)
+    return out
 
 
 def share_draft_memory(engine: Engine, rt: OffloadRuntime, slots: int) -> None:

@@ -19,7 +19,6 @@ from speq.sim.profiles import PROFILES, HardwareProfile
 PREDICTORS = ("draft", "oracle")
 HOST_COMPUTE = ("auto", True, False)
 DRAFT_MEMORY = ("shared", "separate")
-SHARED_DRAFT_BACKENDS = ("cpu", "sim", "trace")  # where draft_memory="shared" is implemented
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,9 @@ class CompileOptions:
       otherwise (an evicted expert is quantized on the device into an INT4 slot; the draft reads
       each expert at the precision resident), so the same budget holds more experts at full
       precision (speq.runtime.draft_slots). The cache then starts filled at load, and a run
-      whose governor dropped the draft does not bring it back mid-run. Implemented for the
-      ``cpu``, ``sim`` and ``trace`` backends (not yet ``cuda``).
+      whose governor dropped the draft does not bring it back mid-run. On ``cuda`` (not yet run
+      on a GPU) the draft's MoE reads the two precisions in two kernel launches, outside
+      the replay regions (the host picks each expert's precision).
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
       own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
       contexts of 32k-160k tokens, whose KV cache would take the device budget).
@@ -177,11 +177,6 @@ class CompileOptions:
             )
         if self.draft_memory == "shared" and not policy.drafts:
             raise ValueError("CompileOptions.draft_memory = 'shared' applies to policy='speq' only")
-        if self.draft_memory == "shared" and self.backend not in SHARED_DRAFT_BACKENDS:
-            raise ValueError(
-                f"CompileOptions.draft_memory = 'shared' is implemented for the backends "
-                f"{SHARED_DRAFT_BACKENDS}, not {self.backend!r}"
-            )
         for name, value in (("dtype", self.dtype), ("memory_dtype", self.memory_dtype)):
             if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
                 continue

@@ -79,3 +79,34 @@ def test_the_expert_store_pins_a_models_weights_in_place():
     for i in store.layers:
         mine = params[spec.expert_param(i, "w13")]
         assert store.w13[i].is_pinned() and store.w13[i].data_ptr() == mine.data_ptr()
+
+
+@pytest.mark.parametrize("k", [1, 4, None])
+def test_cuda_shared_draft_memory_equals_cpu_resident_output(k):
+    """draft_memory="shared" on the GPU, CUDA graphs on: the draft reads each expert at the
+    precision resident (two launches outside the replay regions), evicted experts are quantized
+    on the device into INT4 slots, and greedy output equals all-resident's (float64)."""
+    model = tiny_model(torch.float64, num_layers=3, num_experts=7)
+    expected = speq.compile(model).generate(PROMPT, 16)
+    opts = speq.CompileOptions(
+        policy="speq",
+        k=k,
+        backend="cuda",
+        device_memory=speq_budget(model, 3),
+        draft_memory="shared",
+        link_gbps=0.05,
+    )
+    cm = speq.compile(model, opts)
+    assert torch.equal(cm.generate(PROMPT, 16).cpu(), expected)
+    m = cm.metrics
+    if not cm.engine.draft.on_device:  # the governor dropped the draft
+        return
+    assert m["demotions"] == m.experts_moved > 0  # the cache starts full: each copy demotes
+    # every expert held as INT4, demoted on the GPU or copied at the start, holds the draft's
+    # own codes and scales, bit for bit
+    int4 = cm.engine.int4
+    assert int4 is not None and int4.slot
+    for key, slot in int4.slot.items():
+        for pool, master in zip((int4.w13, int4.w2), int4.master[key.layer]):
+            assert torch.equal(pool.data[slot].cpu(), master.data[key.expert])
+            assert torch.equal(pool.scales[slot].cpu(), master.scales[key.expert])

@@ -104,7 +104,7 @@ def test_host_value_reader_inside_replay_region(graph):
     bad = _swap(step, Op.FUSED_MOE, lambda n: n.annotate(region=2))
     with pytest.raises(
         VerificationError,
-        match=r"reads a host value \(a residency\) but sits inside replay region 2",
+        match=r"reads a host value \(l0\.resident\) but sits inside replay region 2",
     ):
         verify(bad)
 

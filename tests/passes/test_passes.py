@@ -188,3 +188,22 @@ def test_insert_prefetch_before_expected():
     )
     got = insert_prefetch()(Program((verify(before),)))["step"]
     assert str(verify(got)) == str(verify(expected))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_shared_drafts_moe_runs_outside_replay_regions(captured, shared):
+    """Under shared draft memory the draft's expert PARAMs are host values (each expert is read
+    at the precision the host's tables say), so lower keeps the draft's FUSED_MOE out of every
+    replay region; a separate draft's resident INT4 experts stay inside one."""
+    program = make_draft(4, 128, shared)(Program((fuse_moe(captured),)))
+    draft = verify(lower(KERNELS)(insert_prefetch()(program)))["draft"]
+    quantized = [n for n in draft.find(Op.PARAM) if "bits" in n.attrs]
+    assert len(quantized) == 4 and all(n.attrs.get("shared", False) is shared for n in quantized)
+    moes = draft.find(Op.FUSED_MOE)
+    assert len(moes) == 2 and all(("region" in n.meta) is not shared for n in moes)
+    # the verifier refuses a shared draft's FUSED_MOE placed inside a region
+    if shared:
+        moe = moes[0]
+        inside = draft.replace_nodes([n.annotate(region=0) if n is moe else n for n in draft.nodes])
+        with pytest.raises(VerificationError, match="reads a host value"):
+            verify(inside)

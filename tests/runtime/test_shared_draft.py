@@ -15,8 +15,12 @@ from helpers import (
     speq_budget,
     tiny_model,
 )
+from speq.kernels import quantize_experts
+from speq.kernels.fused_moe import MoEDims, fused_moe_torch
+from speq.kernels.moe_cpu import grouped_by_source
 from speq.runtime.budget import Budget, BudgetError, SharedDraft, plan_memory
 from speq.runtime.draft import DraftWeights
+from speq.runtime.draft_slots import fused_moe_by_precision
 from speq.runtime.store import ExpertKey
 
 PROMPT = torch.tensor([[5, 17, 3, 42, 8, 1]])
@@ -201,10 +205,70 @@ def test_shared_draft_memory_simulates_at_paper_scale():
     assert m["demotions"] == m.experts_moved > 0 and m["full_precision_slots"] <= m.cache_slots
 
 
-def test_shared_draft_memory_is_refused_on_cuda_until_implemented(monkeypatch):
-    """As if a GPU were present: the option names the backends it runs on."""
-    from speq.runtime.backends import Backend
+@pytest.mark.parametrize("at_full", [(), (0, 1, 2, 3, 4, 5), (1, 4), (0, 2, 3)])
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("path", ["one pass (cpu)", "a launch per precision (gpu)"])
+def test_the_draft_reads_each_expert_at_its_precision(path, tokens, at_full):
+    """The shared draft's MoE, either way it runs, equals the reference over one dense pool that
+    holds each expert at its precision (full, or its INT4 codes dequantized): every expert read
+    from its own pool at its own slot, none twice, none missed."""
+    e, h, i, top_k = 6, 64, 32, 2
+    gen = torch.Generator().manual_seed(4)
+    full = (torch.randn(e, 2 * i, h, generator=gen, dtype=torch.float64),)
+    full += (torch.randn(e, h, i, generator=gen, dtype=torch.float64),)
+    quant = tuple(
+        quantize_experts(torch.randn(e, *s, generator=gen), 4, 32)
+        for s in (full[0].shape[1:], full[1].shape[1:])
+    )
+    full_slot = {x: s for s, x in enumerate(reversed(at_full))}  # slots in another order
+    int4_slot = {x: e - 1 - x for x in range(e) if x not in at_full}  # than the ids
+    x = torch.randn(tokens, h, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:top_k] for _ in range(tokens)])
+    ids = ids.to(torch.int32)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen, dtype=torch.float64), -1)
+    routed = set(ids.reshape(-1).tolist())
+    if path.startswith("one pass"):
 
-    monkeypatch.setattr(Backend, "unavailable", lambda self: None)
-    with pytest.raises(ValueError, match=r"implemented for the backends \('cpu', 'sim', 'trace'\)"):
-        speq.CompileOptions(policy="speq", backend="cuda", draft_memory="shared")
+        def source(expert):
+            if expert in at_full:
+                return (*full, full_slot[expert])
+            return (*quant, int4_slot[expert])
+
+        got = grouped_by_source(x, ids, weights, source, MoEDims(tokens, h, i, e, top_k, 0))
+    else:
+        split = (routed & set(at_full), routed - set(at_full))
+        tables = [
+            torch.tensor([t.get(x, -1) for x in range(e)], dtype=torch.int32)
+            for t in (full_slot, int4_slot)
+        ]
+        got = fused_moe_by_precision(x, ids, weights, split, (*full, tables[0]), quant, tables[1])
+
+    def held(w: int, expert: int) -> torch.Tensor:  # the weight the expert is read as
+        if expert in at_full:
+            return full[w][full_slot[expert]]
+        return quant[w].select(int4_slot[expert]).dequantize(torch.float64)
+
+    mixed = [torch.stack([held(w, expert) for expert in range(e)]) for w in (0, 1)]
+    want = fused_moe_torch(x, *mixed, ids, weights)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_launch_per_precision_decodes_losslessly_too(monkeypatch):
+    """The GPU's way of running the shared draft's MoE (`fused_moe_by_precision`: two fused
+    launches through the pool's and the INT4 slots' tables), run on the CPU's pool: greedy
+    output still identical to all-resident, evicted experts demoted."""
+    from speq.runtime import draft_slots
+
+    monkeypatch.setattr(draft_slots, "ONE_PASS_DEVICES", ())
+    calls = []
+    two_launches = draft_slots.fused_moe_by_precision
+    monkeypatch.setattr(
+        draft_slots,
+        "fused_moe_by_precision",
+        lambda *a, **kw: calls.append(1) or two_launches(*a, **kw),
+    )
+    model = tiny_model(torch.float64, num_layers=3, num_experts=8, top_k=2)
+    expected = speq.compile(model).generate(PROMPT, N)
+    cm = _shared(model, 3, k=3, backend="cpu", link_gbps=0.05)
+    assert torch.equal(cm.generate(PROMPT, N), expected)
+    assert cm.metrics["demotions"] == cm.metrics.experts_moved > 0 and calls
