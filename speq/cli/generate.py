@@ -30,8 +30,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         error(f"--host-compute on: applies to --policy speq only, not --policy {args.policy}")
     if args.draft_memory == "shared" and args.policy != "speq":
         error(f"--draft-memory shared: applies to --policy speq only, not --policy {args.policy}")
-    if args.draft_memory == "shared" and args.backend not in ("cpu", "sim"):
-        error(f"--draft-memory shared: runs on the cpu and sim backends, not {args.backend}")
     if args.link_gbps is not None and args.backend == "cuda":
         error(f"--link-gbps {args.link_gbps:g}: applies to the cpu and sim backends (emulated)")
     if why := BACKENDS[args.backend].unavailable():

@@ -70,7 +70,9 @@ def _add_generate(sub, policies: tuple[str, ...], backends: tuple[str, ...]) -> 
     host_help += "(off: every miss is copied)"
     p.add_argument("--host-compute", choices=("auto", "on", "off"), default="auto", help=host_help)
     shared_help = "--policy speq: shared holds each expert once (full precision while cached, "
-    shared_help += "INT4 otherwise; cpu and sim backends); separate (the default) keeps the "
+    shared_help += (
+        "INT4 otherwise; on cuda not yet run on a GPU); separate (the default) keeps the "
+    )
     shared_help += "draft's INT4 copy of every expert beside the cache"
     p.add_argument(
         "--draft-memory", choices=("shared", "separate"), default="separate", help=shared_help
