@@ -211,15 +211,15 @@ def draft_moe(
     int4 = rt.int4
     assert int4 is not None
     experts, loaded = draft_split(rt, layer, ids)
-    if rt.pool is None:
-        identity = list(range(int4.num_experts))
-        full = (*rt.store.stacked(layer), identity)
-        quant = (*int4.master[layer], identity)
-    elif x.device.type not in ONE_PASS_DEVICES:
+    if rt.pool is not None and x.device.type not in ONE_PASS_DEVICES:
         pools = ((rt.pool.w13, rt.pool.w2, rt.cache.slot_tables[layer]), (int4.w13, int4.w2))
         extras = dict(b13=b13, b2=b2, activation=activation)
         split = (loaded, set(experts) - loaded)
         return fused_moe_by_precision(x, ids, weights, split, *pools, int4.tables[layer], **extras)
+    if rt.pool is None:
+        identity = list(range(int4.num_experts))
+        full = (*rt.store.stacked(layer), identity)
+        quant = (*int4.master[layer], identity)
     else:
         full = (rt.pool.w13, rt.pool.w2, rt.cache.slot_tables[layer].tolist())
         quant = (int4.w13, int4.w2, int4.tables[layer].tolist())
