@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from speq.runtime.engine import Engine
 
 PASS_TOKENS = (1, 2, 3, 5, 9, 17)  # the target pass sizes timed (T_verify is interpolated)
+REPROBES = 3  # probes at the governed k after the first (`Calibrator.reprobed`)
 
 
 class Calibrator:
@@ -54,8 +55,8 @@ class Calibrator:
         copy_s = VirtualLink(*engine.link_params).cost(engine.memory.expert_bytes)
         source = f"measured ({engine.backend.name})"
         hw = HardwareModel(draft_s, verify, copy_s, source, self.host_seconds())
-        k = self.probe_k
-        n = max(1, min(self.probe_tokens, cfg.max_seq_len - prompt.shape[0] - k - 1))
+        k = probed = self.probe_k
+        n = self.probe_length(prompt, k)
         acceptance, needs, new, tokens = self.probe(prompt, k, n)
         cache = CacheModel.observed(cfg, engine.memory.slots, needs, new, tokens)
         fits = cache.largest_fitting_k(cfg)
@@ -64,9 +65,10 @@ class Calibrator:
             # the one before: probe again at the largest k whose window fits
             _, needs, new, _ = self.probe(prompt, fits, n)
             cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+            probed = fits
         plain_io_s, plain_host = self.plain(prompt, n, hw)
         ttft = engine.options.ttft_budget_ms
-        return Calibration(
+        calibration = Calibration(
             hw,
             tuple(acceptance or [0.5]),
             cache,
@@ -74,6 +76,31 @@ class Calibrator:
             plain_host=plain_host,
             ttft_budget_s=math.inf if ttft is None else ttft / 1e3,
         )
+        return self.reprobed(calibration, prompt, probed)
+
+    def probe_length(self, prompt: torch.Tensor, k: int) -> int:
+        """Tokens a probe at ``k`` decodes: `probe_tokens`, fewer where the context ends."""
+        room = self.engine.config.max_seq_len - prompt.shape[0] - k - 1
+        return max(1, min(self.probe_tokens, room))
+
+    def reprobed(self, calibration: Calibration, prompt: torch.Tensor, k: int) -> Calibration:
+        """The calibration with the cache's reuse measured at the k the governor picks: a
+        window's reuse depends on its length (a short window's prefetches churn the cache more
+        per token than a long one's), so the reuse from a probe at another k misjudges it.
+        Probe at the governed k and govern again, until the pick was probed (at most
+        `REPROBES` probes; ``k``: the probe the reuse came from)."""
+        cfg = self.engine.config
+        seen = {k}
+        for _ in range(REPROBES):
+            k = calibration.govern(cfg).spec.k
+            if k in seen:
+                break
+            seen.add(k)
+            _, needs, new, _ = self.probe(prompt, k, self.probe_length(prompt, k))
+            cache = calibration.cache
+            cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+            calibration = dataclasses.replace(calibration, cache=cache)
+        return calibration
 
     def host_seconds(self) -> float:
         """One expert computed on the host for one token, its share of a layer's latency

@@ -195,6 +195,34 @@ def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
     assert needs2 <= cache.slots and 0 < cache.reuse == cache.observed_reuse(needs2, new2)
 
 
+def test_calibration_takes_the_reuse_from_a_probe_at_the_governed_k(monkeypatch):
+    """A window's reuse depends on its length: the k = 8 probe's reuse misjudges a shorter
+    window. When the governor picks another k, the calibration probes again at that k and
+    governs with the reuse it shows, until the k it picks was probed."""
+    from speq.runtime.calibrate import REPROBES, Calibrator
+
+    model = tiny_model(torch.float64, num_layers=3)
+    probes = []
+    probe = Calibrator.probe
+
+    def spy(self, prompt, k, n):
+        out = probe(self, prompt, k, n)
+        probes.append((k, out[1], out[2]))
+        return out
+
+    monkeypatch.setattr(Calibrator, "probe", spy)
+    budget = speq_budget(model, 10)
+    opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=1.0)
+    governed = speq.compile(model, opts).governed
+    (k1, needs1, _), *later = probes
+    assert k1 == 8 and governed.cache.kept(needs1) >= needs1 / 2  # no overflow: no refit probe
+    assert 1 <= len(later) <= REPROBES and len({k for k, _, _ in probes}) == len(probes)
+    k, needs, new = later[-1]
+    assert governed.spec.k == k != 8
+    first = governed.cache.observed_reuse(needs1, probes[0][2])
+    assert governed.cache.reuse == governed.cache.observed_reuse(needs, new) != first
+
+
 def test_wall_clock_calibration_waits_for_the_device_around_every_timed_pass(monkeypatch):
     """On CUDA a pass returns once its kernels are queued (the draft has no host sync): each
     timed pass is bracketed by a device synchronisation, or the governor would see enqueueing
