@@ -56,7 +56,8 @@ class CompileOptions:
       verification of that window routes to, rejected positions included, recorded in a first
       speculative pass over the same windows (perfect prediction, the best any predictor can
       do; a benchmark bound: it needs the output first, and its recording pass is not timed).
-      The draft still proposes the tokens either way.
+      The draft still proposes the tokens either way. ``oracle`` needs a separate draft
+      (``draft_memory="separate"``): a shared draft's tokens depend on when copies land.
     - ``memory_dtype``: the deployment dtype: the one in which the device budget counts the
       model's weights and KV cache, each expert copy's bytes over the link count, and the sim
       backend's node times count (default: the compute dtype). Tests and benchmarks compute in
@@ -177,6 +178,15 @@ class CompileOptions:
             )
         if self.draft_memory == "shared" and not policy.drafts:
             raise ValueError("CompileOptions.draft_memory = 'shared' applies to policy='speq' only")
+        if self.draft_memory == "shared" and self.predictor == "oracle":
+            # the recording pass's windows are replayed cycle by cycle; a shared draft reads each
+            # expert at the precision resident when it runs, so its tokens (and the windows)
+            # depend on when copies land, and the measured run can leave the recorded windows
+            raise ValueError(
+                "CompileOptions.predictor = 'oracle' needs draft_memory = 'separate': a shared "
+                "draft's tokens depend on which copies have landed, so the run need not follow "
+                "the recording pass's windows"
+            )
         for name, value in (("dtype", self.dtype), ("memory_dtype", self.memory_dtype)):
             if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
                 continue

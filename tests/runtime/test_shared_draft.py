@@ -168,6 +168,10 @@ def test_sampling_with_shared_draft_memory_keeps_the_targets_distribution():
         (dict(policy="speq", draft_memory="both"), "draft_memory = 'both'"),
         (dict(policy="speq", draft_memory=None), "draft_memory = None"),
         (dict(policy="ondemand", draft_memory="shared"), "applies to policy='speq' only"),
+        (
+            dict(policy="speq", draft_memory="shared", predictor="oracle"),
+            "predictor = 'oracle' needs draft_memory = 'separate'",
+        ),
     ],
 )
 def test_bad_draft_memory_options_are_refused(options, error):
