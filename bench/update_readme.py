@@ -470,8 +470,8 @@ PAPER_NOTE = (
     "without it; where the governor dropped the draft, speq runs ondemand's or Fiddler's policy, "
     "whichever its calibration measured faster (Fiddler's in every row here). speq, shared draft "
     "memory: each expert held once, at full precision while cached and as INT4 otherwise "
-    '(draft_memory="shared"); it frees too little here to make the draft pay, and on the RTX '
-    "4090 its governor drafts at k = 1 where that is slower than without the draft. So speq's "
+    '(draft_memory="shared"); it frees too little here to make the draft pay: its governor '
+    "drops the draft in the same rows as speq's, so it runs the same. So speq's "
     "lead over the copying baselines here is host compute, not speculation: a missing "
     "Phi-3.5-MoE expert costs 1.6 ms read on the host against 9.8 ms over the link. Where this "
     "disagrees with the paper: (1) speculation does not pay at paper scale here; the governor "
