@@ -171,13 +171,10 @@ def test_compile_drops_the_draft_when_its_memory_serves_better_as_cache():
     assert cm.metrics["switched_to_draft_after"] is None  # nothing is copied: no reason to
 
 
-def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
-    """The k = 8 probe's windows overflow a small cache, which hides the reuse between windows:
-    the calibration probes again at the largest k whose window fits, and takes reuse from it."""
+def spy_probes(monkeypatch) -> list[tuple[int, float, float]]:
+    """Every calibration probe from now on, as (k, experts needed per cycle, of which copied)."""
     from speq.runtime.calibrate import Calibrator
 
-    model = tiny_model(torch.float64, num_layers=3, num_experts=8, top_k=1)
-    budget = speq_budget(model, 7)
     probes = []
     probe = Calibrator.probe
 
@@ -187,6 +184,15 @@ def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
         return out
 
     monkeypatch.setattr(Calibrator, "probe", spy)
+    return probes
+
+
+def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
+    """The k = 8 probe's windows overflow a small cache, which hides the reuse between windows:
+    the calibration probes again at the largest k whose window fits, and takes reuse from it."""
+    model = tiny_model(torch.float64, num_layers=3, num_experts=8, top_k=1)
+    budget = speq_budget(model, 7)
+    probes = spy_probes(monkeypatch)
     opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=0.01)
     cache = speq.compile(model, opts).governed.cache
     (k1, needs1, _), (k2, needs2, new2) = probes
@@ -199,18 +205,10 @@ def test_calibration_takes_the_reuse_from_a_probe_at_the_governed_k(monkeypatch)
     """A window's reuse depends on its length: the k = 8 probe's reuse misjudges a shorter
     window. When the governor picks another k, the calibration probes again at that k and
     governs with the reuse it shows, until the k it picks was probed."""
-    from speq.runtime.calibrate import REPROBES, Calibrator
+    from speq.runtime.calibrate import REPROBES
 
     model = tiny_model(torch.float64, num_layers=3)
-    probes = []
-    probe = Calibrator.probe
-
-    def spy(self, prompt, k, n):
-        out = probe(self, prompt, k, n)
-        probes.append((k, out[1], out[2]))
-        return out
-
-    monkeypatch.setattr(Calibrator, "probe", spy)
+    probes = spy_probes(monkeypatch)
     budget = speq_budget(model, 10)
     opts = speq.CompileOptions(policy="speq", backend="sim", device_memory=budget, link_gbps=1.0)
     governed = speq.compile(model, opts).governed
