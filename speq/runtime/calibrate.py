@@ -63,9 +63,7 @@ class Calibrator:
         if cache.kept(needs) < needs / 2 and fits:
             # the probe's windows overflowed the cache, which hides how much a window keeps from
             # the one before: probe again at the largest k whose window fits
-            _, needs, new, _ = self.probe(prompt, fits, n)
-            cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
-            probed = fits
+            cache, probed = self.reuse_at(cache, prompt, fits, n), fits
         plain_io_s, plain_host = self.plain(prompt, n, hw)
         ttft = engine.options.ttft_budget_ms
         calibration = Calibration(
@@ -96,11 +94,14 @@ class Calibrator:
             if k in seen:
                 break
             seen.add(k)
-            _, needs, new, _ = self.probe(prompt, k, self.probe_length(prompt, k))
-            cache = calibration.cache
-            cache = dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+            cache = self.reuse_at(calibration.cache, prompt, k, self.probe_length(prompt, k))
             calibration = dataclasses.replace(calibration, cache=cache)
         return calibration
+
+    def reuse_at(self, cache: CacheModel, prompt: torch.Tensor, k: int, n: int) -> CacheModel:
+        """``cache`` with the reuse that a probe at ``k`` over ``n`` tokens shows."""
+        _, needs, new, _ = self.probe(prompt, k, n)
+        return dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
 
     def host_seconds(self) -> float:
         """One expert computed on the host for one token, its share of a layer's latency
