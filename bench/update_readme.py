@@ -182,7 +182,11 @@ def e2e_block(report: dict) -> str:
             'One copy per expert (`draft_memory="shared"`: full precision while cached, INT4 '
             "otherwise) beside the separate draft (an INT4 copy of every expert beside the "
             "cache), both governed, greedy runs; shared speed-up: separate's TPOT over shared's, "
-            "per round; shared vs Belady: the oracle's TPOT over shared's:",
+            "per round; shared vs Belady: the oracle's TPOT over shared's. A later run, after "
+            "the governor's change (it probes again at the k it picks), with shared as the "
+            "default: [bench/results/e2e_cpu_shared_default.md](../bench/results/"
+            "e2e_cpu_shared_default.md) (shared slower at generous/pcie3, where its governor "
+            "picks k* = 2; README):",
             bench_e2e.shared_table(report),
             "TPOT of every contender, greedy (ms per token, median (min-max) over the rounds; "
             "perfect prediction and oracle (Belady) are bounds whose recording passes are not "
