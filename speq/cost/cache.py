@@ -3,6 +3,7 @@ resident when its cycle starts (see speq.cost.roofline for where it enters the c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,12 +25,15 @@ class CacheModel:
     all E of them); real text reuses experts from token to token, so a window needs fewer
     distinct experts than uniform routing over all E would: W(k) = layers * pool * (1 - (1 -
     top_k/pool)^(k+1)). At most kept(W(k)) of them can be resident when the cycle starts and
-    stay until used, and a fraction ``reuse`` of that many are; the rest, E_new(k), are copied
-    during the cycle."""
+    stay until used, and a fraction of that many are; the rest, E_new(k), are copied during the
+    cycle. That fraction depends on the window's length (a short window's prefetches churn the
+    cache more per token than a long one's): ``measured`` holds it for the k's a probe or a run
+    measured, `reuse_for` interpolates between them, and ``reuse`` serves where none was."""
 
     reuse: float  # in [0, 1]
     slots: float = math.inf  # expert cache slots
     pool: float | None = None  # effective experts per layer within a window; None: all
+    measured: tuple[tuple[int, float], ...] = ()  # (k, reuse) measured at k, ascending k
 
     def __post_init__(self) -> None:
         if not 0 <= self.reuse <= 1:
@@ -38,6 +42,11 @@ class CacheModel:
             raise ValueError(f"CacheModel.slots must be > 0, got {self.slots}")
         if self.pool is not None and not self.pool > 0:
             raise ValueError(f"CacheModel.pool must be > 0 or None, got {self.pool}")
+        ks = [k for k, _ in self.measured]
+        if ks != sorted(set(ks)) or not all(0 <= r <= 1 for _, r in self.measured):
+            raise ValueError(
+                f"CacheModel.measured must be ascending in k, reuse in [0, 1]: {self.measured}"
+            )
 
     @classmethod
     def from_miss_rate(cls, miss_rate: float) -> CacheModel:
@@ -56,14 +65,29 @@ class CacheModel:
         pool = cls.observed_pool(cfg, needs / len(cfg.moe_layers), tokens)
         return cls(cls(0.0, slots).observed_reuse(needs, new), slots, pool)
 
-    def observed_reuse(self, needs: float, new: float) -> float:
-        """The reuse a cycle showed: ``needs`` experts at verification, ``new`` of them copied
-        during the cycle. A window of twice the cache or more does not show it (nothing can be
-        kept); the current estimate stays."""
+    def observed_reuse(self, needs: float, new: float, k: int | None = None) -> float:
+        """The reuse a cycle of ``k`` drafts showed: ``needs`` experts at verification, ``new``
+        of them copied during the cycle. A window of twice the cache or more does not show it
+        (nothing can be kept); the current estimate (at ``k``) stays."""
         kept = self.kept(needs)
         if kept <= 0:
-            return self.reuse
+            return self.reuse if k is None else self.reuse_for(k)
         return min(1.0, max(0.0, (needs - new) / kept))
+
+    def reuse_for(self, k: int) -> float:
+        """The reuse of windows of ``k`` drafts: as measured at ``k``; between two measured k's,
+        linear in k; beyond them, the nearest one's; ``reuse`` where none was measured."""
+        if not self.measured:
+            return self.reuse
+        lower = [(j, r) for j, r in self.measured if j <= k] or [self.measured[0]]
+        upper = [(j, r) for j, r in self.measured if j >= k] or [self.measured[-1]]
+        (j0, r0), (j1, r1) = lower[-1], upper[0]
+        return r0 if j0 == j1 else r0 + (r1 - r0) * (k - j0) / (j1 - j0)
+
+    def measured_at(self, k: int, reuse: float) -> CacheModel:
+        """This model with ``reuse`` measured at ``k`` (replacing an earlier measurement there)."""
+        pairs = {**dict(self.measured), k: reuse}
+        return dataclasses.replace(self, reuse=reuse, measured=tuple(sorted(pairs.items())))
 
     def kept(self, window: float) -> float:
         """How many of a window's experts can be resident when its cycle starts and stay until
@@ -92,7 +116,7 @@ class CacheModel:
     def new_experts(self, cfg: MoEConfig, k: int) -> float:
         """E_new(k): expected experts copied during a cycle of k drafts."""
         w = self.window(cfg, k)
-        return w - self.reuse * self.kept(w)
+        return w - self.reuse_for(k) * self.kept(w)
 
     def largest_fitting_k(self, cfg: MoEConfig, k_max: int = K_MAX) -> int:
         """The largest k whose window fits in the cache (0: not even k = 1)."""
@@ -101,7 +125,10 @@ class CacheModel:
     def describe(self) -> str:
         slots = "unbounded" if math.isinf(self.slots) else f"{self.slots:g} slots"
         pool = "" if self.pool is None else f", windows routed over {self.pool:.1f} experts a layer"
-        return f"reuse {self.reuse:.2f} of the cache ({slots}){pool}"
+        reuse = f"reuse {self.reuse:.2f}"
+        if len(self.measured) > 1:
+            reuse = "reuse " + ", ".join(f"{r:.2f} at k = {k}" for k, r in self.measured)
+        return f"{reuse} of the cache ({slots}){pool}"
 
 
 def distinct_experts(cfg: MoEConfig, tokens: float, pool: float | None = None) -> float:

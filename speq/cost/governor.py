@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from speq.cost.roofline import Policy, estimate
@@ -29,11 +28,10 @@ class Governor:
             while len(self.acceptance) <= i:
                 self.acceptance.append(self.acceptance[-1])
             self.acceptance[i] += a * (float(ok) - self.acceptance[i])
-        if needs:
-            reuse = self.cache.reuse + a * (
-                self.cache.observed_reuse(needs, new) - self.cache.reuse
-            )
-            self.cache = dataclasses.replace(self.cache, reuse=reuse)
+        if needs:  # the reuse of windows of this k
+            was = self.cache.reuse_for(k)
+            reuse = was + a * (self.cache.observed_reuse(needs, new, k) - was)
+            self.cache = self.cache.measured_at(k, reuse)
         return self.best_k()
 
     def best_k(self) -> int:

@@ -55,7 +55,7 @@ class Calibrator:
         copy_s = VirtualLink(*engine.link_params).cost(engine.memory.expert_bytes)
         source = f"measured ({engine.backend.name})"
         hw = HardwareModel(draft_s, verify, copy_s, source, self.host_seconds())
-        k = probed = self.probe_k
+        k = self.probe_k
         n = self.probe_length(prompt, k)
         acceptance, needs, new, tokens = self.probe(prompt, k, n)
         cache = CacheModel.observed(cfg, engine.memory.slots, needs, new, tokens)
@@ -63,7 +63,9 @@ class Calibrator:
         if cache.kept(needs) < needs / 2 and fits:
             # the probe's windows overflowed the cache, which hides how much a window keeps from
             # the one before: probe again at the largest k whose window fits
-            cache, probed = self.reuse_at(cache, prompt, fits, n), fits
+            cache = self.reuse_at(cache, prompt, fits, n)
+        else:
+            cache = cache.measured_at(k, cache.reuse)
         plain_io_s, plain_host = self.plain(prompt, n, hw)
         ttft = engine.options.ttft_budget_ms
         calibration = Calibration(
@@ -74,34 +76,33 @@ class Calibrator:
             plain_host=plain_host,
             ttft_budget_s=math.inf if ttft is None else ttft / 1e3,
         )
-        return self.reprobed(calibration, prompt, probed)
+        return self.reprobed(calibration, prompt)
 
     def probe_length(self, prompt: torch.Tensor, k: int) -> int:
         """Tokens a probe at ``k`` decodes: `probe_tokens`, fewer where the context ends."""
         room = self.engine.config.max_seq_len - prompt.shape[0] - k - 1
         return max(1, min(self.probe_tokens, room))
 
-    def reprobed(self, calibration: Calibration, prompt: torch.Tensor, k: int) -> Calibration:
+    def reprobed(self, calibration: Calibration, prompt: torch.Tensor) -> Calibration:
         """The calibration with the cache's reuse measured at the k the governor picks: a
         window's reuse depends on its length (a short window's prefetches churn the cache more
-        per token than a long one's), so the reuse from a probe at another k misjudges it.
-        Probe at the governed k and govern again, until the pick was probed (at most
-        `REPROBES` probes; ``k``: the probe the reuse came from)."""
+        per token than a long one's), so a k that was not probed is judged by the reuse of the
+        probed k's around it (`CacheModel.reuse_for`). Probe at the governed k and govern
+        again, until the pick was probed (at most `REPROBES` probes)."""
         cfg = self.engine.config
-        seen = {k}
         for _ in range(REPROBES):
             k = calibration.govern(cfg).spec.k
-            if k in seen:
+            if k in dict(calibration.cache.measured):
                 break
-            seen.add(k)
             cache = self.reuse_at(calibration.cache, prompt, k, self.probe_length(prompt, k))
             calibration = dataclasses.replace(calibration, cache=cache)
         return calibration
 
     def reuse_at(self, cache: CacheModel, prompt: torch.Tensor, k: int, n: int) -> CacheModel:
-        """``cache`` with the reuse that a probe at ``k`` over ``n`` tokens shows."""
+        """``cache`` with the reuse that a probe at ``k`` over ``n`` tokens shows, measured at
+        ``k``."""
         _, needs, new, _ = self.probe(prompt, k, n)
-        return dataclasses.replace(cache, reuse=cache.observed_reuse(needs, new))
+        return cache.measured_at(k, cache.observed_reuse(needs, new, k))
 
     def host_seconds(self) -> float:
         """One expert computed on the host for one token, its share of a layer's latency

@@ -204,7 +204,7 @@ def test_calibration_probes_again_where_the_first_window_overflows(monkeypatch):
 def test_calibration_takes_the_reuse_from_a_probe_at_the_governed_k(monkeypatch):
     """A window's reuse depends on its length: the k = 8 probe's reuse misjudges a shorter
     window. When the governor picks another k, the calibration probes again at that k and
-    governs with the reuse it shows, until the k it picks was probed."""
+    governs with each probed k's own reuse, until the k it picks was probed."""
     from speq.runtime.calibrate import REPROBES
 
     model = tiny_model(torch.float64, num_layers=3)
@@ -215,10 +215,29 @@ def test_calibration_takes_the_reuse_from_a_probe_at_the_governed_k(monkeypatch)
     (k1, needs1, _), *later = probes
     assert k1 == 8 and governed.cache.kept(needs1) >= needs1 / 2  # no overflow: no refit probe
     assert 1 <= len(later) <= REPROBES and len({k for k, _, _ in probes}) == len(probes)
-    k, needs, new = later[-1]
-    assert governed.spec.k == k != 8
-    first = governed.cache.observed_reuse(needs1, probes[0][2])
-    assert governed.cache.reuse == governed.cache.observed_reuse(needs, new) != first
+    measured = dict(governed.cache.measured)
+    assert list(measured) == sorted(k for k, _, _ in probes)
+    assert all(measured[k] == governed.cache.observed_reuse(n, new) for k, n, new in probes)
+    assert len(set(measured.values())) > 1  # the window's length matters here
+    assert governed.spec.k in measured  # the pick is judged by the reuse measured at its k
+
+
+def test_each_k_is_judged_by_the_reuse_measured_at_its_window_length():
+    """Reuse measured at k = 2 and k = 16 (as where a calibration's picks alternated between
+    them, each judged by the other's reuse): each k's copies use its own measurement, the k's
+    between them a linear interpolation, the k's beyond them the nearest measurement."""
+    from speq.cost import CacheModel
+
+    cfg = tiny_model(torch.float64, num_layers=3).config
+    cache = CacheModel(0.5, slots=6).measured_at(16, 1.0).measured_at(2, 0.64)
+    assert cache.measured == ((2, 0.64), (16, 1.0)) and cache.reuse == 0.64
+    assert [cache.reuse_for(k) for k in (1, 2, 9, 16)] == pytest.approx([0.64, 0.64, 0.82, 1.0])
+    for k in (1, 2, 9, 16):
+        w = cache.window(cfg, k)
+        assert cache.new_experts(cfg, k) == w - cache.reuse_for(k) * cache.kept(w)
+    assert cache.measured_at(2, 0.5).measured == ((2, 0.5), (16, 1.0))
+    with pytest.raises(ValueError, match="ascending"):
+        CacheModel(0.5, measured=((4, 0.5), (2, 0.5)))
 
 
 def test_wall_clock_calibration_waits_for_the_device_around_every_timed_pass(monkeypatch):
