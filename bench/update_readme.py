@@ -186,7 +186,10 @@ def e2e_block(report: dict) -> str:
             "the governor's change (it probes again at the k it picks), with shared as the "
             "default: [bench/results/e2e_cpu_shared_default.md](../bench/results/"
             "e2e_cpu_shared_default.md) (shared slower at generous/pcie3, where its governor "
-            "picks k* = 2; README):",
+            "picked k* = 2), and the generous budget again after the cost model kept the "
+            "cache's reuse per k: [bench/results/e2e_cpu_generous.md](../bench/results/"
+            "e2e_cpu_generous.md) (shared at k* = 16, 1.40-1.71x faster than the separate "
+            "draft; README):",
             bench_e2e.shared_table(report),
             "TPOT of every contender, greedy (ms per token, median (min-max) over the rounds; "
             "perfect prediction and oracle (Belady) are bounds whose recording passes are not "
