@@ -81,6 +81,15 @@ def test_runtime_governor_follows_live_acceptance():
     assert k == 1 and g.acceptance[0] < 0.01 and g.cache.reuse == pytest.approx(0.5, abs=1e-3)
 
 
+def test_runtime_governor_keeps_the_reuse_of_each_k_it_ran():
+    """A cycle's reuse updates the estimate at its own k; the other k's measurements stay."""
+    cache = CacheModel(0.5, slots=20).measured_at(2, 0.5).measured_at(16, 1.0)
+    g = Governor(govern(CFG, FLAT, [1.0], cache), CFG, alpha=0.5)
+    w = cache.window(CFG, 2)
+    g.update([True, True], needs=w, new=w, k=2)  # copied every expert: reuse 0
+    assert g.cache.measured == ((2, 0.25), (16, 1.0))
+
+
 def test_a_window_larger_than_the_cache_evicts_what_it_kept():
     """A window that fits keeps ``reuse`` of its experts from the window before; a larger one
     evicts one kept expert for each it copies beyond the cache, and one of twice the cache or
