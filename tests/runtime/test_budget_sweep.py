@@ -79,10 +79,9 @@ def parts(name: str, label: str) -> tuple[int, int, int, int, int, int]:
 
 def boundaries(name: str, label: str) -> list[int]:
     fixed, expert, least, total, draft, floor = parts(name, label)
-    # where the slot count starts and changes, where every expert fits beside the draft, and
-    # where it would fit if the governor gave the draft's bytes to the cache
-    # (beside the floor, a governed speq's least budget without its draft, only where its slot
-    # count starts and where every expert fits: the hypothesis test samples in between)
+    # where the slot count starts and changes, where every expert fits beside the draft, and,
+    # above the floor (a governed speq's least budget, without its draft), where the slot count
+    # starts and where every expert fits (the hypothesis test samples in between)
     spare = total - draft // expert
     slots = {least, least + 1, (least + total) // 2, total, spare, spare + 1}
     starts = {(fixed, s) for s in slots} | {(floor, s) for s in (least, least + 1, total)}
