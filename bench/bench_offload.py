@@ -3,9 +3,11 @@
 The emulated link is calibrated so that one expert copy costs as many decode-layer times on this
 CPU as one Phi-3.5-MoE expert costs on an A100 over PCIe 4.0 (speq.compare.calibrate_link). Each
 budget is the same total device memory for every policy; speq (here at fixed k = 1, 2, 4, 8, 16,
-so no governor and no calibration) spends part of it on its resident INT4 draft, so it has fewer
-expert slots ("ondemand-same-cache" gets only speq's slots); "speq-shared" holds each expert once
-(draft_memory="shared": full precision while cached, INT4 otherwise), so it has more. Sizes are counted in bf16, as the
+so no governor and no calibration) holds each expert once (draft_memory="shared", the default:
+full precision while cached, INT4 otherwise) and spends part of the memory on the INT4 slots of
+the experts not cached, so it has fewer expert slots ("ondemand-same-cache" gets only speq's
+slots); "speq-separate" keeps an INT4 copy of every expert beside its cache
+(draft_memory="separate"), so it has fewer still. Sizes are counted in bf16, as the
 model would split the memory on a GPU (compute stays float64, so outputs compare exactly;
 CompileOptions.memory_dtype). "oracle" (Belady's fetches) is a bound: it first runs a recording
 pass (it needs the run's output before it can run), and that pass is not timed.
@@ -153,11 +155,11 @@ def run(args: argparse.Namespace) -> dict:
             opts = speq.CompileOptions(policy="speq", k=k, device_memory=budget, **link)
             configs.append((label, "speq", k, opts))
         draft = speq.compile(model, configs[-1][3]).draft_bytes
-        for k in args.ks:  # one copy per expert: more slots at full precision in the same bytes
+        for k in args.ks:  # an INT4 copy of every expert beside the cache: fewer slots
             opts = speq.CompileOptions(
-                policy="speq", k=k, device_memory=budget, draft_memory="shared", **link
+                policy="speq", k=k, device_memory=budget, draft_memory="separate", **link
             )
-            configs.append((label, "speq-shared", k, opts))
+            configs.append((label, "speq-separate", k, opts))
         same_cache = speq.CompileOptions(policy="ondemand", device_memory=budget - draft, **link)
         configs.append((label, "ondemand-same-cache", None, same_cache))
 

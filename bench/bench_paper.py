@@ -187,7 +187,7 @@ def results_table(rows: list[dict]) -> str:
             continue
         speq = c["speq"]
         k = choice(speq)
-        shared = c.get("speq-shared")
+        separate = c.get("speq-separate")
         best = min(
             (c[n]["tpot_ms"] for n in BASELINES if c[n]["tpot_ms"] is not None), default=None
         )
@@ -198,7 +198,7 @@ def results_table(rows: list[dict]) -> str:
                 f"{row['budget_gb']}",
                 f"{ms(speq)} ({k})" if speq["tpot_ms"] is not None else "does not fit",
                 ms(c["speq-no-host"]),
-                "-" if shared is None else f"{ms(shared)} ({choice(shared)})",
+                "-" if separate is None else f"{ms(separate)} ({choice(separate)})",
                 *(ms(c[n]) for n in BASELINES),
                 ms(c["oracle"]),
                 ms(c["resident"]),
@@ -213,7 +213,7 @@ def results_table(rows: list[dict]) -> str:
         "budget (GB)",
         "speq TPOT (ms)",
         "speq, no host compute",
-        "speq, shared draft memory",
+        "speq, separate draft",
         "Mixtral-Offl. SM",
         "Mixtral-Offl. SC",
         "Fiddler",

@@ -149,8 +149,9 @@ def headline(report: dict) -> str:
             f"{describe_code(s['code'])}.",
             bench_e2e.headline_table(report),
             f"Budget: device memory beyond the non-expert weights and KV cache, as a fraction of "
-            f"all expert bytes (speq's INT4 draft, {s['draft_share_of_expert_bytes']:.0%} of them, "
-            f"comes out of it). k*: tokens the governor drafts per cycle, chosen on the held-out "
+            f"all expert bytes (speq holds each expert once: the INT4 copies of the experts it does "
+            f"not cache, {s['draft_share_of_expert_bytes']:.0%} of an expert's bytes each, come "
+            f"out of it). k*: tokens the governor drafts per cycle, chosen on the held-out "
             f"prompt {s['calibration_prompt']['id']}. ms/token: decode time per new token, median "
             f"of the rounds. Speed-up: the fastest baseline's ms/token (ondemand: LRU cache; "
             f"nextgate: LRU and next-gate prefetch; fiddler: slots filled at load, misses "
@@ -179,17 +180,10 @@ def e2e_block(report: dict) -> str:
             bench_e2e.summary_table(report),
             "Sampled runs (TPOT and acceptance only):",
             bench_e2e.sampled_table(report),
-            'One copy per expert (`draft_memory="shared"`: full precision while cached, INT4 '
-            "otherwise) beside the separate draft (an INT4 copy of every expert beside the "
-            "cache), both governed, greedy runs; shared speed-up: separate's TPOT over shared's, "
-            "per round; shared vs Belady: the oracle's TPOT over shared's. A later run, after "
-            "the governor's change (it probes again at the k it picks), with shared as the "
-            "default: [bench/results/e2e_cpu_shared_default.md](../bench/results/"
-            "e2e_cpu_shared_default.md) (shared slower at generous/pcie3, where its governor "
-            "picked k* = 2), and the generous budget again after the cost model kept the "
-            "cache's reuse per k: [bench/results/e2e_cpu_generous.md](../bench/results/"
-            "e2e_cpu_generous.md) (shared at k* = 16, 1.40-1.71x faster than the separate "
-            "draft; README):",
+            'One copy per expert (`draft_memory="shared"`, the default: full precision while '
+            "cached, INT4 otherwise) beside the separate draft (an INT4 copy of every expert "
+            "beside the cache), both governed, greedy runs; shared speed-up: separate's TPOT "
+            "over shared's, per round; shared vs Belady: the oracle's TPOT over shared's:",
             bench_e2e.shared_table(report),
             "TPOT of every contender, greedy (ms per token, median (min-max) over the rounds; "
             "perfect prediction and oracle (Belady) are bounds whose recording passes are not "
@@ -223,9 +217,10 @@ def offload_block(report: dict) -> str:
         "new token. The two hit rates are equal for policies that decode one token per pass, "
         "while one copy at speq's verification serves every token of the window routed to that "
         "expert. ELB recall: the experts verification used that the draft predicted. "
-        'speq-shared holds each expert once (`draft_memory="shared"`): expert slots are its '
-        "full-precision ones, demotions the evicted experts it quantized into INT4 slots "
-        "while decoding (absent from runs before it existed).",
+        'speq holds each expert once (`draft_memory="shared"`, the default): expert slots are '
+        "its full-precision ones, demotions the evicted experts it quantized into INT4 slots "
+        "while decoding; speq-separate keeps an INT4 copy of every expert beside its cache "
+        '(`draft_memory="separate"`).',
         "",
     ]
     headers = [
@@ -465,20 +460,22 @@ PAPER_NOTE = (
     "accepted token): assumed, not measured on these models. The host's rates are assumed too: "
     "one server socket beside the A100 and H100 (100 GB/s, 2 TFLOP/s effective), a desktop "
     "beside the RTX 4090 (50 GB/s, 1 TFLOP/s). Mixtral-Offloading SM: an LRU expert cache in "
-    "all of speq's memory; SC: in the memory speq's cache has while it drafts; Fiddler: every "
+    "all of speq's memory; SC: in the memory a separate INT4 draft leaves (the paper's SC); "
+    "Fiddler: every "
     "slot filled at load with an equal share of each layer's experts (Fiddler places the most "
     "popular ones, profiled offline; no such profile here), each miss computed on the host "
     "where that is faster than a copy; host compute: every routed expert computed on the host "
     "(the layout of llama.cpp's --n-cpu-moe and KTransformers, here in bf16; those tools "
     "usually run quantized experts on the CPU, which reads fewer bytes); Transformers: whole MoE "
     "layers resident in order, every other layer's experts copied each step without overlap "
-    "(closed form); the Belady oracle copies, it does not compute on the host. Where speq has "
-    "no room for its draft (an INT4 copy of every expert, 27% of their bf16 bytes), it runs "
-    "without it; where the governor dropped the draft, speq runs ondemand's or Fiddler's policy, "
-    "whichever its calibration measured faster (Fiddler's in every row here). speq, shared draft "
-    "memory: each expert held once, at full precision while cached and as INT4 otherwise "
-    '(draft_memory="shared"); it frees too little here to make the draft pay: its governor '
-    "drops the draft in the same rows as speq's, so it runs the same. So speq's "
+    "(closed form); the Belady oracle copies, it does not compute on the host. speq holds each "
+    "expert once, at full precision while cached and as INT4 otherwise (the default, "
+    'draft_memory="shared"); where it has no room for its draft (INT4 copies of the experts '
+    "it does not cache, 27% of an expert's bf16 bytes each), it runs without it; where the "
+    "governor dropped the draft, speq runs ondemand's or Fiddler's policy, whichever its "
+    "calibration measured faster (Fiddler's in every row here). speq, separate draft: an INT4 "
+    'copy of every expert beside the cache (draft_memory="separate"); its governor drops the '
+    "draft in the same rows, so it runs the same. So speq's "
     "lead over the copying baselines here is host compute, not speculation: a missing "
     "Phi-3.5-MoE expert costs 1.6 ms read on the host against 9.8 ms over the link. Where this "
     "disagrees with the paper: (1) speculation does not pay at paper scale here; the governor "

@@ -186,8 +186,9 @@ def routing_for(
 CONTENDERS: dict[str, tuple[str | None, str, dict]] = {
     "speq": (
         "speq",
-        "speq: INT4 draft, prefetch, verification, misses on the host where faster; the "
-        "governor picks k and split",
+        "speq: INT4 draft, prefetch, verification, misses on the host where faster, each "
+        "expert held once (full precision while cached, INT4 otherwise); the governor picks k "
+        "and split",
         {},
     ),
     "speq-no-host": (
@@ -195,16 +196,16 @@ CONTENDERS: dict[str, tuple[str | None, str, dict]] = {
         "speq without host compute (host_compute=False)",
         {"host_compute": False},
     ),
-    "speq-shared": (
+    "speq-separate": (
         "speq",
-        "speq holding each expert once: full precision while cached, INT4 otherwise "
-        '(draft_memory="shared")',
-        {"draft_memory": "shared"},
+        "speq with a separate draft: an INT4 copy of every expert beside the cache "
+        '(draft_memory="separate")',
+        {"draft_memory": "separate"},
     ),
     "mixtral-offloading-sm": ("ondemand", "Mixtral-Offloading: LRU cache, same memory as speq", {}),
     "mixtral-offloading-sc": (
         "ondemand",
-        "Mixtral-Offloading: LRU, the cache speq has drafting",
+        "Mixtral-Offloading: LRU, the memory a separate INT4 draft leaves (the paper's SC)",
         {},
     ),
     "fiddler": ("fiddler", "Fiddler: LRU cache, misses computed on the host", {}),
@@ -287,7 +288,7 @@ def compare(
             out[name]["draft_fits"] = cm.engine.draft_fits
             # a draftless run may bring the draft back mid-run (None: it did not)
             out[name]["switched_to_draft_after"] = m.extra.get("switched_to_draft_after")
-            if name == "speq" and cm.engine.draft_fits:  # SC: the cache speq has drafting
+            if name == "speq" and cm.engine.draft_fits:  # SC: beside a separate draft
                 draft_bytes = cm.engine.draft.nbytes
     return {name: out[name] for name in contenders}
 

@@ -108,11 +108,13 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -
 
 @torch.no_grad()
 def speq_budget(model: MoEForCausalLM, slots: int) -> int:
-    """A device budget for ``policy="speq"`` with its default INT4 draft: the non-expert
-    weights, the KV cache, the draft and ``slots`` expert slots."""
+    """A device budget for ``policy="speq"`` with a separate INT4 draft: the non-expert
+    weights, the KV cache, the draft's INT4 copy of every expert and ``slots`` expert slots
+    (under shared draft memory, the default, the same bytes hold more slots)."""
     import speq
 
-    m = speq.compile(model, speq.CompileOptions(policy="speq", k=1)).memory  # k: keeps the draft
+    separate = speq.CompileOptions(policy="speq", k=1, draft_memory="separate")
+    m = speq.compile(model, separate).memory  # k: keeps the draft
     return m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
 
 

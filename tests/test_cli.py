@@ -85,11 +85,13 @@ def _metrics(out: str) -> dict[str, str]:
 
 
 def test_generate_offloads_under_a_policy_a_device_memory_and_a_link(capsys):
-    """The shipped model in 12 MB (float32: 2 expert slots beside speq's draft), a fixed k, on the
-    sim backend over a slow link: the text, then every metric with its unit and the setting."""
+    """The shipped model in 12 MB (float32: 2 expert slots beside speq's separate draft), a fixed
+    k, on the sim backend over a slow link: the text, then every metric with its unit and the
+    setting."""
     argv = ["generate", "--policy", "speq", "--device-memory", "12MB", "--k", "2"]
     argv += ["--prompt", "And it came to pass", "--max-new-tokens", "3", "--host-compute", "off"]
-    assert main([*argv, "--backend", "sim", "--link-gbps", "0.03"]) == 0
+    separate = ["--draft-memory", "separate"]
+    assert main([*argv, "--backend", "sim", "--link-gbps", "0.03", *separate]) == 0
     out = capsys.readouterr().out
     assert "And it came to pass" in out
     m = _metrics(out)
@@ -106,8 +108,8 @@ def test_generate_offloads_under_a_policy_a_device_memory_and_a_link(capsys):
     )
     assert re.fullmatch(slots, m["expert cache slots"])
     assert m["host"].startswith("0 (layer, expert) needs computed on the host")
-    # shared draft memory: the cache starts full, and each expert it evicts is demoted
-    assert main([*argv, "--backend", "sim", "--link-gbps", "0.03", "--draft-memory", "shared"]) == 0
+    # shared draft memory (the default): the cache starts full, each expert it evicts is demoted
+    assert main([*argv, "--backend", "sim", "--link-gbps", "0.03"]) == 0
     m = _metrics(capsys.readouterr().out)
     shared = re.fullmatch(r"(\d+) of 32 experts \(\d+ held at full precision at the end, (\d+) "
                           r"demoted to INT4 while decoding\)", m["expert cache slots"])  # fmt: skip

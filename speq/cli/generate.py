@@ -28,8 +28,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         error(f"--k {args.k}: applies to --policy speq only, not --policy {args.policy}")
     if args.host_compute == "on" and args.policy != "speq":
         error(f"--host-compute on: applies to --policy speq only, not --policy {args.policy}")
-    if args.draft_memory == "shared" and args.policy != "speq":
-        error(f"--draft-memory shared: applies to --policy speq only, not --policy {args.policy}")
+    if args.draft_memory is not None and args.policy != "speq":
+        error(
+            f"--draft-memory {args.draft_memory}: applies to --policy speq only, "
+            f"not --policy {args.policy}"
+        )
     if args.link_gbps is not None and args.backend == "cuda":
         error(f"--link-gbps {args.link_gbps:g}: applies to the cpu and sim backends (emulated)")
     if why := BACKENDS[args.backend].unavailable():
@@ -49,7 +52,9 @@ def _options(args: argparse.Namespace, model) -> tuple[speq.CompileOptions, str]
     host = {"auto": "auto", "on": True, "off": False}[args.host_compute]
     kw = dict(policy=args.policy, backend=args.backend, k=args.k, link_gbps=args.link_gbps)
     if args.policy == "speq":
-        kw.update(host_compute=host, draft_memory=args.draft_memory)
+        kw.update(host_compute=host)
+        if args.draft_memory is not None:  # else CompileOptions' default
+            kw.update(draft_memory=args.draft_memory)
     if args.device_memory is not None:
         return speq.CompileOptions(**kw, device_memory=args.device_memory), args.device_memory
     if args.budget is not None:

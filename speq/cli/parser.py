@@ -69,14 +69,10 @@ def _add_generate(sub, policies: tuple[str, ...], backends: tuple[str, ...]) -> 
     host_help += "the cost model says that is faster (auto, the default), always (on) or never "
     host_help += "(off: every miss is copied)"
     p.add_argument("--host-compute", choices=("auto", "on", "off"), default="auto", help=host_help)
-    shared_help = "--policy speq: shared holds each expert once (full precision while cached, "
-    shared_help += (
-        "INT4 otherwise; on cuda not yet run on a GPU); separate (the default) keeps the "
-    )
-    shared_help += "draft's INT4 copy of every expert beside the cache"
-    p.add_argument(
-        "--draft-memory", choices=("shared", "separate"), default="separate", help=shared_help
-    )
+    shared_help = "--policy speq: shared (the default) holds each expert once (full precision "
+    shared_help += "while cached, INT4 otherwise; on cuda not yet run on a GPU); separate keeps "
+    shared_help += "the draft's INT4 copy of every expert beside the cache"
+    p.add_argument("--draft-memory", choices=("shared", "separate"), help=shared_help)
     link_help = "bandwidth of the emulated host -> device link (cpu and sim backends; default: "
     link_help += "the hardware profile's, a100-40g-pcie4)"
     p.add_argument("--link-gbps", type=GBPS, help=link_help)

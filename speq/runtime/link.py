@@ -77,12 +77,15 @@ class FaultInjector:
         if not 0 <= rate <= 1:
             raise ValueError(f"fault rate must be in [0, 1], got {rate!r}")
         self.rate = rate
+        self.injected = 0  # copies made to fail so far
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
     def fails(self) -> bool:
         with self._lock:
-            return self._rng.random() < self.rate
+            fail = self._rng.random() < self.rate
+            self.injected += fail
+            return fail
 
 
 _faults: list[FaultInjector] = []  # the active inject_copy_faults blocks, innermost last

@@ -79,15 +79,15 @@ class CompileOptions:
       says that finishes first; ``True``, every one; ``False``, none (every miss is copied, as
       before host compute existed). Predicted experts are prefetched either way. Other policies
       ignore ``"auto"``; ``hostcompute`` and ``fiddler`` are the host-compute baselines.
-    - ``draft_memory``: under ``policy="speq"``, ``"separate"``: the draft's INT4 copy of every
-      expert stays on the device beside the expert cache (an expert the cache holds is held
-      twice); ``"shared"``: each expert is held once, at full precision while cached and as INT4
-      otherwise (an evicted expert is quantized on the device into an INT4 slot; the draft reads
+    - ``draft_memory``: under ``policy="speq"``, ``"shared"`` (the default): each expert is held
+      once, at full precision while cached and as INT4 otherwise (an evicted expert is quantized on the device into an INT4 slot; the draft reads
       each expert at the precision resident), so the same budget holds more experts at full
       precision (speq.runtime.draft_slots). The cache then starts filled at load, and a run
       whose governor dropped the draft does not bring it back mid-run. On ``cuda`` (not yet run
       on a GPU) the draft's MoE reads the two precisions in two kernel launches, outside
-      the replay regions (the host picks each expert's precision).
+      the replay regions (the host picks each expert's precision). ``"separate"``: the draft's
+      INT4 copy of every expert stays on the device beside the expert cache (an expert the
+      cache holds is held twice). Other policies have no draft and ignore the default.
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
       own; None: the model's, capped at `DEFAULT_MAX_SEQ_LEN` (Hugging Face models declare
       contexts of 32k-160k tokens, whose KV cache would take the device budget).
@@ -113,7 +113,7 @@ class CompileOptions:
     max_seq_len: int | None = None
     workspace_memory: int | str | None = None
     host_compute: bool | str = "auto"
-    draft_memory: str = "separate"
+    draft_memory: str = "shared"
 
     def __post_init__(self) -> None:
         """Every option checked before any work: a TypeError for a wrong type, a ValueError for
@@ -176,8 +176,10 @@ class CompileOptions:
             raise ValueError(
                 f"CompileOptions.draft_memory = {self.draft_memory!r}: expected one of {DRAFT_MEMORY}"
             )
-        if self.draft_memory == "shared" and not policy.drafts:
-            raise ValueError("CompileOptions.draft_memory = 'shared' applies to policy='speq' only")
+        if self.draft_memory == "separate" and not policy.drafts:
+            raise ValueError(
+                "CompileOptions.draft_memory = 'separate' applies to policy='speq' only"
+            )
         if self.draft_memory == "shared" and self.predictor == "oracle":
             # the recording pass's windows are replayed cycle by cycle; a shared draft reads each
             # expert at the precision resident when it runs, so its tokens (and the windows)

@@ -22,10 +22,12 @@ CONTENDERS = {
     "ondemand": dict(policy="ondemand"),
     "nextgate": dict(policy="nextgate"),
     "oracle": dict(policy="oracle"),
-    "speq-governed": dict(policy="speq"),
-    "speq-governed-no-host": dict(policy="speq", host_compute=False),
-    "speq-k4": dict(policy="speq", k=4),
-    "speq-k2-oracle-predictor": dict(policy="speq", k=2, predictor="oracle"),
+    "speq-governed": dict(policy="speq", draft_memory="separate"),
+    "speq-governed-no-host": dict(policy="speq", host_compute=False, draft_memory="separate"),
+    "speq-k4": dict(policy="speq", k=4, draft_memory="separate"),
+    "speq-k2-oracle-predictor": dict(
+        policy="speq", k=2, predictor="oracle", draft_memory="separate"
+    ),
     "speq-governed-shared": dict(policy="speq", draft_memory="shared"),
     "speq-k4-shared": dict(policy="speq", k=4, draft_memory="shared"),
     "fiddler": dict(policy="fiddler"),

@@ -56,8 +56,12 @@ def test_memory_dtype_counts_weights_as_deployed():
     """A float64 model counted as bf16: weights, KV and slots at a quarter of the bytes, the
     draft's INT4 codes and fp32 scales as they are; the output is unchanged."""
     model = tiny_model(torch.float64)
-    f64 = speq.compile(model, speq.CompileOptions(policy="speq", k=2)).memory
-    opts = speq.CompileOptions(policy="speq", k=2, memory_dtype=torch.bfloat16)
+    f64 = speq.compile(
+        model, speq.CompileOptions(policy="speq", draft_memory="separate", k=2)
+    ).memory
+    opts = speq.CompileOptions(
+        policy="speq", draft_memory="separate", k=2, memory_dtype=torch.bfloat16
+    )
     bf16 = speq.compile(model, opts).memory
     assert bf16.expert_bytes * 4 == f64.expert_bytes and bf16.kv_bytes * 4 == f64.kv_bytes
     assert bf16.non_expert_bytes * 4 == f64.non_expert_bytes
@@ -120,9 +124,13 @@ def test_every_byte_on_the_link_counts_in_the_deployment_dtype(monkeypatch):
         return dataclasses.replace(govern(sure, cfg), plain=free)
 
     monkeypatch.setattr(Calibration, "govern", misjudged)
-    plan = speq.compile(model, speq.CompileOptions(policy="speq", k=1, **bf16)).memory
+    plan = speq.compile(
+        model, speq.CompileOptions(policy="speq", draft_memory="separate", k=1, **bf16)
+    ).memory
     budget = plan.non_expert_bytes + plan.kv_bytes + plan.draft_bytes + 4 * plan.expert_bytes
-    opts = speq.CompileOptions(policy="speq", device_memory=budget, host_compute=False, **bf16)
+    opts = speq.CompileOptions(
+        policy="speq", draft_memory="separate", device_memory=budget, host_compute=False, **bf16
+    )
     sp = speq.compile(model, opts)  # misses copied (the host would take them off this link)
     sp.generate(prompt, 24)
     m = sp.metrics

@@ -64,7 +64,8 @@ def parts(name: str, label: str) -> tuple[int, int, int, int, int, int]:
     where the draft does not fit)."""
     policy, k = POLICIES[label]
     drafts = policy == "speq"
-    opts = speq.CompileOptions(policy="speq", k=1) if drafts else speq.CompileOptions()
+    separate = speq.CompileOptions(policy="speq", k=1, draft_memory="separate")
+    opts = separate if drafts else speq.CompileOptions()
     mem = speq.compile(model(name), opts).memory
     total = len(speq.compile(model(name)).store.keys())
     least = {"resident": total, "hostcompute": 0}.get(policy, model(name).config.top_k)
@@ -95,7 +96,7 @@ def check(name: str, label: str, budget: int, backend: str) -> None:
     policy, k = POLICIES[label]
     _, expert, least, total, _, floor = parts(name, label)
     minimum = floor + least * expert
-    memory = "shared" if label in SHARED else "separate"
+    memory = "shared" if label in SHARED or policy != "speq" else "separate"
     opts = speq.CompileOptions(
         policy=policy,
         k=k,

@@ -48,10 +48,12 @@ def test_copies_failing_at_20_percent_are_retried_and_the_output_is_unchanged(
     model, expected, policy, k, backend
 ):
     cm = _compile(model, policy, k, backend)
-    with inject_copy_faults(0.2, seed=1):
+    with inject_copy_faults(0.2, seed=1) as faults:
         assert torch.equal(cm.generate(PROMPT, N), expected)
     m = cm.metrics
-    assert (m.copy_retries > 0) == (m.experts_moved > 0)  # resident copies nothing
+    # faults hit the prefill's copies too, which the decode's metrics do not count
+    assert m.copy_retries <= faults.injected and (m.copy_retries > 0) <= (m.experts_moved > 0)
+    assert (faults.injected > 0) == (policy != "resident")  # resident copies nothing
     assert not _speq_threads()
 
 

@@ -237,10 +237,13 @@ def test_the_calibration_weighs_both_draftless_policies_and_keeps_the_faster():
     model = tiny_model(torch.float64, num_layers=2, num_experts=8, top_k=2)
     base = dict(backend="sim", memory_dtype=torch.bfloat16)
     mem = speq.compile(
-        model, speq.CompileOptions(**base, policy="speq", k=1)
+        model, speq.CompileOptions(**base, policy="speq", draft_memory="separate", k=1)
     ).memory  # k: the draft
     nbytes = mem.non_expert_bytes + mem.kv_bytes + mem.draft_bytes + 6 * mem.expert_bytes
-    cm = speq.compile(model, speq.CompileOptions(**base, policy="speq", device_memory=nbytes))
+    cm = speq.compile(
+        model,
+        speq.CompileOptions(**base, policy="speq", draft_memory="separate", device_memory=nbytes),
+    )
     from speq.runtime.policies import Fiddler, OnDemand
 
     calibrator = cm.engine.calibrator
@@ -253,7 +256,10 @@ def test_the_calibration_weighs_both_draftless_policies_and_keeps_the_faster():
     io_s, host = calibrator.plain(prompt, 16, hw)
     assert waits[host][0] <= waits[not host][0] and io_s == waits[host][1]
     off = speq.compile(
-        model, speq.CompileOptions(**base, policy="speq", device_memory=nbytes, host_compute=False)
+        model,
+        speq.CompileOptions(
+            **base, policy="speq", draft_memory="separate", device_memory=nbytes, host_compute=False
+        ),
     )
     off_hw = off.governed.hardware
     assert off.engine.calibrator.plain(prompt, 16, off_hw) == (waits[False][1], False)

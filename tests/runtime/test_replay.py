@@ -105,7 +105,9 @@ def test_dropping_the_draft_leaves_no_capture_holding_its_weights():
     """Captures hold the weights they read (and on CUDA their graphs' memory): a drop must let
     the draft's device memory go, so the larger pool is not allocated beside the old draft."""
     model = tiny_model(torch.float64, num_layers=3)
-    opts = speq.CompileOptions(policy="speq", k=2, device_memory=speq_budget(model, 4))
+    opts = speq.CompileOptions(
+        policy="speq", draft_memory="separate", k=2, device_memory=speq_budget(model, 4)
+    )
     cm = speq.compile(model, opts)
     engine = cm.engine
     engine.replayer = Replayer(capture=False)

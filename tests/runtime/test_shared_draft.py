@@ -108,16 +108,16 @@ def test_shared_memory_holds_more_experts_at_full_precision():
     budget; below the minimum the error names the INT4 experts."""
     model = tiny_model(torch.float64, num_layers=4, num_experts=8, top_k=2, hidden_size=64)
     bf16 = dict(policy="speq", k=2, memory_dtype=torch.bfloat16)
-    full = speq.compile(model, speq.CompileOptions(**bf16)).memory
+    full = speq.compile(model, speq.CompileOptions(**bf16, draft_memory="separate")).memory
     int4 = speq.compile(model, speq.CompileOptions(**bf16, draft_memory="shared")).engine.draft
     for slots in (2, 4, 8, 16):
         budget = (
             full.non_expert_bytes + full.kv_bytes + full.draft_bytes + slots * full.expert_bytes
         )
-        separate = speq.compile(model, speq.CompileOptions(**bf16, device_memory=budget))
-        shared = speq.compile(
-            model, speq.CompileOptions(**bf16, device_memory=budget, draft_memory="shared")
+        separate = speq.compile(
+            model, speq.CompileOptions(**bf16, device_memory=budget, draft_memory="separate")
         )
+        shared = speq.compile(model, speq.CompileOptions(**bf16, device_memory=budget))
         assert separate.memory.slots == slots
         # every slot past the first saves one INT4 expert: (slots - 1) * int4 more bytes
         saved = (slots - 1) * int4.expert_int4_bytes
@@ -167,7 +167,7 @@ def test_sampling_with_shared_draft_memory_keeps_the_targets_distribution():
     [
         (dict(policy="speq", draft_memory="both"), "draft_memory = 'both'"),
         (dict(policy="speq", draft_memory=None), "draft_memory = None"),
-        (dict(policy="ondemand", draft_memory="shared"), "applies to policy='speq' only"),
+        (dict(policy="ondemand", draft_memory="separate"), "applies to policy='speq' only"),
         (
             dict(policy="speq", draft_memory="shared", predictor="oracle"),
             "predictor = 'oracle' needs draft_memory = 'separate'",
@@ -177,6 +177,15 @@ def test_sampling_with_shared_draft_memory_keeps_the_targets_distribution():
 def test_bad_draft_memory_options_are_refused(options, error):
     with pytest.raises(ValueError, match=error):
         speq.CompileOptions(**options)
+
+
+def test_shared_draft_memory_is_the_default_and_policies_without_a_draft_ignore_it():
+    assert speq.CompileOptions().draft_memory == speq.CompileOptions(policy="speq").draft_memory
+    assert speq.CompileOptions(policy="speq").draft_memory == "shared"
+    model = tiny_model(torch.float64)
+    budget = speq_budget(model, 4)
+    ondemand = speq.compile(model, speq.CompileOptions(policy="ondemand", device_memory=budget))
+    assert ondemand.draft_bytes == 0 and ondemand.memory.int4_slots == 0
 
 
 def test_shared_draft_memory_simulates_at_paper_scale():

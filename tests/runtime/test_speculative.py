@@ -76,7 +76,9 @@ def test_exact_draft_is_always_accepted_and_predicts_every_expert():
 
 def test_speculation_metrics_are_consistent():
     model = tiny_model(torch.float64, num_layers=3)
-    cm = speq.compile(model, speq.CompileOptions(policy="speq", k=4, backend="sim"))
+    cm = speq.compile(
+        model, speq.CompileOptions(policy="speq", draft_memory="separate", k=4, backend="sim")
+    )
     cm.generate(PROMPT, 24)
     m = cm.metrics
     assert sum(m["k_per_cycle"]) >= m["cycles"]
@@ -130,7 +132,10 @@ def test_draft_that_does_not_fit_names_the_sizes():
     model = tiny_model(torch.float64)
     budget = speq_budget(model, model.config.top_k) - 1
     with pytest.raises(ValueError, match=r"quantized draft experts [0-9,]+ bytes") as e:
-        speq.compile(model, speq.CompileOptions(policy="speq", k=2, device_memory=budget))
+        speq.compile(
+            model,
+            speq.CompileOptions(policy="speq", draft_memory="separate", k=2, device_memory=budget),
+        )
     assert "below the minimum" in str(e.value)
 
 
@@ -158,7 +163,13 @@ def test_perfect_prediction_holds_exactly_what_each_window_verifies():
     model = tiny_model(torch.float64, **VARIANTS["top1"])
     cfg = model.config
     expected = speq.compile(model).generate(PROMPT, N)
-    opts = dict(policy="speq", k=3, predictor="oracle", device_memory=speq_budget(model, 3))
+    opts = dict(
+        policy="speq",
+        draft_memory="separate",
+        k=3,
+        predictor="oracle",
+        device_memory=speq_budget(model, 3),
+    )
     cm = speq.compile(model, speq.CompileOptions(backend="sim", **opts))
     windows = cm.engine.record_windows(Speq(SpecPolicy(k=3)), PROMPT[0], N, SamplingParams())
     rejected = 0
@@ -222,7 +233,9 @@ def test_a_window_larger_than_the_cache_streams_through_it_prefetched(monkeypatc
 
     model = tiny_model(torch.float64, num_layers=3)
     expected = speq.compile(model).generate(PROMPT, 20)
-    exact = speq.CompileOptions(policy="speq", k=8, draft_bits=8, draft_group_size=1)
+    exact = speq.CompileOptions(
+        policy="speq", draft_memory="separate", k=8, draft_bits=8, draft_group_size=1
+    )
     m = speq.compile(model, exact).memory
     slots = model.config.num_experts
     budget = m.non_expert_bytes + m.kv_bytes + m.draft_bytes + slots * m.expert_bytes
@@ -314,7 +327,12 @@ def test_router_choices_read_at_the_end_of_their_draft_pass_fill_the_same_elb(mo
     model = tiny_model(torch.float64, num_layers=3)
     expected = speq.compile(model).generate(PROMPT, N)
     opts = speq.CompileOptions(
-        policy="speq", k=4, device_memory=speq_budget(model, 4), link_gbps=0.05, backend="sim"
+        policy="speq",
+        draft_memory="separate",
+        k=4,
+        device_memory=speq_budget(model, 4),
+        link_gbps=0.05,
+        backend="sim",
     )
     queued, rows = [], []
     schedule, record = speculative.Speq.schedule, speculative.ExpertLookaheadBuffer.record
