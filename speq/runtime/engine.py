@@ -218,7 +218,10 @@ class Engine:
         )
 
     def host_rate(self, backend: Backend, link: Link) -> HostRate:
-        """The host's rate for a run on ``backend`` over ``link`` (`HostRate.over`)."""
+        """The host's rate for a run on ``backend`` over ``link`` (`HostRate.over`); a trace
+        backend run on measured node times keeps the recorded run's (its emulated host's)."""
+        if self.routing_trace is not None and self.measured_node_times:
+            return HostRate(self.profile, self.routing_trace.host_time_scale)
         emulated = not backend.modelled_time and backend.device_type == "cpu"
         return HostRate.over(self.profile, link, self.memory.expert_bytes, emulated)
 
@@ -393,6 +396,9 @@ class Engine:
             policy = self.policy_class.for_run(self, prompt, n, sampling)
         session = self.session(policy)
         session.runtime.recorder = self.recorder
+        if self.recorder is not None:
+            scale = self.host_rate(self.backend, session.link).time_scale
+            self.recorder.trace.host_time_scale = scale
         try:
             out = self.decode(prompt, n, sampling, session, callback, may_switch)
         except BaseException:  # an error or an interrupt: drop queued copies, stop the link

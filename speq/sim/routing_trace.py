@@ -8,7 +8,9 @@ goes, by absolute position (prompt positions first):
   equals the target's: a verification window accepts its longest run of such positions;
 * ``node_seconds`` / ``pass_overhead``: optionally, the node times (stalls excluded) and the
   host's time outside them (between nodes, and the decode loop's between passes) measured in
-  the recorded run, which a simulation can take instead of the cost model's;
+  the recorded run, which a simulation can take instead of the cost model's, and
+  ``host_time_scale``: the recorded run's host time over the profile's model (`HostRate`; on the
+  cpu backend the emulated host's slow-down, 1 where not recorded);
 * ``passes``: optionally, every forward pass of one recorded run in order, keyed by (graph,
   start position, tokens), with the routing of each of its tokens (experts and weights; the
   draft's weights feed the Expert Lookahead Buffer) and the next-layer predictions of its
@@ -55,6 +57,7 @@ class RoutingTrace:
     # (graph, node index, tokens), and the host's time between nodes per (graph, tokens)
     node_seconds: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
     pass_overhead: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    host_time_scale: float = 1.0
 
     @property
     def positions(self) -> int:
@@ -78,6 +81,7 @@ class RoutingTrace:
             accept={str(p): v for p, v in sorted(self.accept.items())},
             node_seconds=[[*k, *v] for k, v in sorted(self.node_seconds.items())],
             pass_overhead=[[*k, *v] for k, v in sorted(self.pass_overhead.items())],
+            host_time_scale=self.host_time_scale,
             passes=[
                 dict(
                     graph=k[0],
@@ -118,6 +122,7 @@ class RoutingTrace:
             ],
             {(g, i, t): [s, n] for g, i, t, s, n in d.get("node_seconds", [])},
             {(g, t): [s, n] for g, t, s, n in d.get("pass_overhead", [])},
+            d.get("host_time_scale", 1.0),
         )
 
     def save(self, path: str | Path) -> None:

@@ -76,3 +76,30 @@ def test_a_paper_scale_model_simulates_without_weights_in_seconds():
     m = simulate(cfg, trace, speq.CompileOptions(policy="ondemand", device_memory="40GB"), 20)
     assert time.perf_counter() - t0 < 60
     assert 0 < m.hit_rate < 1 and m.tpot_ms > 1 and m.bytes_moved > 0
+
+
+def test_a_measured_simulation_keeps_the_recorded_runs_emulated_host():
+    """The cpu backend slows its host lane as much as its emulated link; a simulation on the
+    run's measured node times takes that slow-down from the trace (with the profile's own rate
+    it computed the host's experts many times faster than the run it replays)."""
+    model = tiny_model(torch.float64, num_layers=2, num_experts=8)
+    m = speq.compile(model).memory
+    opts = speq.CompileOptions(
+        policy="hostcompute",
+        device_memory=m.non_expert_bytes + m.kv_bytes,
+        link_gbps=0.1,
+    )
+    cm = speq.compile(model, opts)
+    trace = record_trace(cm, PROMPT, 8)
+    assert trace.host_time_scale == cm.engine.host_rate(cm.engine.backend, _link(cm)).time_scale
+    assert trace.host_time_scale > 10
+    sim = simulated_model(model.config, trace, dataclasses.replace(opts, dtype=torch.float64),
+                          measured=True)  # fmt: skip
+    sim.generate(torch.zeros(trace.prompt_len, dtype=torch.int64), 8)
+    real_ms, sim_ms = cm.metrics.host_compute_ms, sim.metrics.host_compute_ms
+    # the emulated host waits out each job's modelled time, so it takes at least the simulation's
+    assert 0.5 * real_ms <= sim_ms <= real_ms * 1.001
+
+
+def _link(cm):
+    return cm.engine.backend.link(*cm.engine.link_params, cm.engine.device)
