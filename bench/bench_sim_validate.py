@@ -15,9 +15,11 @@ two budgets (tight and medium: 0.375 and 0.5 of all expert bytes), each round:
 It reports the simulated TPOT against the measured one (the error, median and spread over the
 rounds; the goal is within 15%), and whether the hit rate, the covered rate (hits and late
 prefetches) and the bytes moved are equal, with the largest gap. Policies whose copy decisions
-do not depend on when copies complete (resident, ondemand, oracle, speq) move exactly the same
-experts; nextgate issues a prefetch only when a slot is free of copies in flight, so its
-decisions follow the link's timing, which a simulation reproduces only on average. Whether a
+do not depend on when copies complete (resident, ondemand, oracle) move exactly the same
+experts; nextgate issues a prefetch only when a slot is free of copies in flight, and speq (its
+shared draft memory keeps one spare INT4 slot, so one copy whose victim it demotes is in flight
+at a time) may hold a prefetch back while a copy is in flight: their decisions can follow the
+link's timing, which a simulation reproduces only on average. Whether a
 prefetched expert is loaded in time (a hit) or still copying (late) is decided by microseconds
 on the real link, so the hit rate of prefetching policies may differ by a few points where the
 covered rate does not. About 8 minutes here.

@@ -475,7 +475,9 @@ PAPER_NOTE = (
     "governor dropped the draft, speq runs ondemand's or Fiddler's policy, whichever its "
     "calibration measured faster (Fiddler's in every row here). speq, separate draft: an INT4 "
     'copy of every expert beside the cache (draft_memory="separate"); its governor drops the '
-    "draft in the same rows, so it runs the same. So speq's "
+    "draft in the same rows, so it runs the same. Without host compute the governor drafts "
+    "in one row (qwen1.5-moe-a2.7b at 24 GB, k* = 8) and is slower there than the same LRU "
+    "cache without a draft (Mixtral-Offloading SM): a misprediction. So speq's "
     "lead over the copying baselines here is host compute, not speculation: a missing "
     "Phi-3.5-MoE expert costs 1.6 ms read on the host against 9.8 ms over the link. Where this "
     "disagrees with the paper: (1) speculation does not pay at paper scale here; the governor "
