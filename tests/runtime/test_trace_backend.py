@@ -91,7 +91,11 @@ def test_a_measured_simulation_keeps_the_recorded_runs_emulated_host():
     )
     cm = speq.compile(model, opts)
     trace = record_trace(cm, PROMPT, 8)
-    assert trace.host_time_scale == cm.engine.host_rate(cm.engine.backend, _link(cm)).time_scale
+    link = cm.engine.backend.link(*cm.engine.link_params, cm.engine.device)
+    try:
+        assert trace.host_time_scale == cm.engine.host_rate(cm.engine.backend, link).time_scale
+    finally:
+        link.close()  # the emulated link's thread
     assert trace.host_time_scale > 10
     sim = simulated_model(model.config, trace, dataclasses.replace(opts, dtype=torch.float64),
                           measured=True)  # fmt: skip
@@ -99,7 +103,3 @@ def test_a_measured_simulation_keeps_the_recorded_runs_emulated_host():
     real_ms, sim_ms = cm.metrics.host_compute_ms, sim.metrics.host_compute_ms
     # the emulated host waits out each job's modelled time, so it takes at least the simulation's
     assert 0.5 * real_ms <= sim_ms <= real_ms * 1.001
-
-
-def _link(cm):
-    return cm.engine.backend.link(*cm.engine.link_params, cm.engine.device)
