@@ -979,10 +979,10 @@ def how_measured(report: dict) -> str:
         f'not measured; "calibration (s)" is its wall time, outside TPOT) and chose k* (the '
         f"tokens drafted per cycle at the start; it re-solves k every cycle) or no draft (one "
         f"token per pass, the draft's memory as expert cache; with a separate draft, a run that "
-        f"copies more than the calibration foresaw may bring the draft back mid-run). Where no speq run drafted, speq and "
-        f"perfect prediction ran a baseline's policy (fiddler's): their ratios and the "
-        f'goals read "{NOT_APPLICABLE}" and are not counted as met. speq / perfect = TPOT with '
-        f"perfect expert prediction over speq's; speq / resident = TPOT of speq at the same k "
+        f"copies more than the calibration foresaw may bring the draft back mid-run). Where no "
+        f"speq run drafted, speq and perfect prediction ran a baseline's policy (fiddler's): "
+        f'their ratios and the goals read "{NOT_APPLICABLE}" and are not counted as met. '
+        f"speq / perfect = TPOT with perfect expert prediction over speq's; speq / resident = TPOT of speq at the same k "
         f"with every expert resident (without a draft: resident decoding) over speq's; resident "
         f"speq's speed-up = the best baseline's TPOT over that of speq with every expert resident "
         f"(how far ahead the compute side is); "
@@ -1025,8 +1025,8 @@ def draft_pass_sentence(d: dict | None) -> str:
 
 def shared_table(report: dict) -> str:
     """Markdown, greedy runs: speq holding each expert once (``draft_memory="shared"``, the
-    default) beside speq with a separate draft, per setting: slots at full precision, the draft's use and
-    acceptance, TPOT, shared's speed-up and its distance to the Belady oracle."""
+    default) beside speq with a separate draft, per setting: slots at full precision, the
+    draft's use and acceptance, TPOT, shared's speed-up and its distance to the Belady oracle."""
     headers = [
         "budget",
         "link",

@@ -223,6 +223,6 @@ def pipeline_options(options: CompileOptions) -> PipelineOptions:
     return PipelineOptions(
         kernels=get_backend(options.backend).kernels,
         draft=(options.draft_bits, options.draft_group_size) if policy.drafts else None,
-        shared_draft=policy.drafts and options.draft_memory == "shared",
+        shared_draft=options.shared_draft,
         next_layer_prefetch=policy.next_layer_prefetch,
     )

@@ -71,8 +71,7 @@ class Engine:
         self.device = self.backend.device
         self.store = ExpertStore(spec, params, pin=self.backend.pins_memory)
         self.params = {k: v.to(self.device) for k, v in self.store.resident.items()}
-        shared = options.draft_memory == "shared" and self.policy_class.drafts
-        self.draft = DraftWeights(program, self.store, self.device, shared)
+        self.draft = DraftWeights(program, self.store, self.device, options.shared_draft)
         self.draft_fits = True  # False: the governor's draft has no room beside the minimum cache
         try:
             self.memory = plan_engine_memory(self)

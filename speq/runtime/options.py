@@ -80,12 +80,13 @@ class CompileOptions:
       before host compute existed). Predicted experts are prefetched either way. Other policies
       ignore ``"auto"``; ``hostcompute`` and ``fiddler`` are the host-compute baselines.
     - ``draft_memory``: under ``policy="speq"``, ``"shared"`` (the default): each expert is held
-      once, at full precision while cached and as INT4 otherwise (an evicted expert is quantized on the device into an INT4 slot; the draft reads
-      each expert at the precision resident), so the same budget holds more experts at full
-      precision (speq.runtime.draft_slots). The cache then starts filled at load, and a run
-      whose governor dropped the draft does not bring it back mid-run. On ``cuda`` (not yet run
-      on a GPU) the draft's MoE reads the two precisions in two kernel launches, outside
-      the replay regions (the host picks each expert's precision). ``"separate"``: the draft's
+      once, at full precision while cached and as INT4 otherwise (an evicted expert is quantized
+      on the device into an INT4 slot; the draft reads each expert at the precision resident),
+      so the same budget holds more experts at full precision (speq.runtime.draft_slots). The
+      cache then starts filled at load, and a run whose governor dropped the draft does not
+      bring it back mid-run. On ``cuda`` (not yet run on a GPU) the draft's MoE reads the two
+      precisions in two kernel launches, outside the replay regions (the host picks each
+      expert's precision). ``"separate"``: the draft's
       INT4 copy of every expert stays on the device beside the expert cache (an expert the
       cache holds is held twice). Other policies have no draft and ignore the default.
     - ``max_seq_len``: the context the KV cache holds (prompt + new tokens), at most the model's
@@ -114,6 +115,12 @@ class CompileOptions:
     workspace_memory: int | str | None = None
     host_compute: bool | str = "auto"
     draft_memory: str = "shared"
+
+    @property
+    def shared_draft(self) -> bool:
+        """Whether the draft's INT4 experts share the experts' memory: ``draft_memory="shared"``
+        under a policy that drafts (the others have no draft and ignore the default)."""
+        return self.draft_memory == "shared" and POLICIES[self.policy].drafts
 
     def __post_init__(self) -> None:
         """Every option checked before any work: a TypeError for a wrong type, a ValueError for
